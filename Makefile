@@ -1,0 +1,50 @@
+# kd_trainer: every target creates the environment first if it is missing.
+#   make test                          the test suite (what CI runs)
+#   make demo                          SynthPEDES: teacher, student without/with KD, results table
+#   make train RECIPE=recipes/x.yaml [ARGS="key.sub=value ..."]
+#   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch build the project is tested with (pip takes it from local files where they exist).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.kd_trainer-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo train eval clean-runs help
+help:
+	@sed -n '1,6p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m kd_trainer demo
+
+RECIPE ?=
+ARGS ?=
+train: $(STAMP)
+	@test -n "$(RECIPE)" || (echo "usage: make train RECIPE=recipes/<name>.yaml [ARGS='key=value ...']"; exit 2)
+	$(VENV)/bin/accelerate launch kd_trainer/run.py $(RECIPE) $(ARGS)
+
+MODEL ?=
+DATASET ?=
+ROOT ?= ./data
+SPLIT ?= test
+eval: $(STAMP)
+	@test -n "$(MODEL)" -a -n "$(DATASET)" || (echo "usage: make eval MODEL=runs/<run> DATASET=<name> [ROOT=./data SPLIT=test]"; exit 2)
+	$(PY) -m kd_trainer eval $(MODEL) --dataset $(DATASET) --root $(ROOT) --split $(SPLIT)
+
+clean-runs:
+	rm -rf runs/demo

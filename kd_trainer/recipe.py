@@ -1,0 +1,212 @@
+"""The recipe: one YAML file that says everything about a run.
+
+A recipe holds the data, the student, the teacher (optional), the loss terms, and a
+``training:`` block that is passed as-is to ``transformers.TrainingArguments``.
+Every key is validated: an unknown key or a value of the wrong type is an error that
+names the key (``data.image_size``, ``training.learning_rate``), never a silent default.
+Any key can be overridden from the command line as ``key.sub=value`` (values are
+parsed as YAML, so ``training.num_train_epochs=3`` is an int and ``data.image_size=[64,32]``
+a list); list items are addressed by index, as in ``loss.terms.0.weight=0.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """Generate SynthPEDES under ``<root>/SynthPEDES`` when it is missing (demo and tests)."""
+
+    num_identities: int = 400
+    images_per_identity: tuple[int, int] = (3, 5)
+    image_size: tuple[int, int] = (96, 48)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    name: str = Field(description="cuhk_pedes | icfg_pedes | rstpreid | synth_pedes (case and -/_ insensitive)")
+    root: str = Field("./data", description="Folder holding the dataset folder (e.g. ./data/CUHK-PEDES).")
+    image_size: tuple[int, int] = Field((384, 128), description="(height, width) fed to the models.")
+    augment: bool = Field(True, description="IRRA's --img_aug: flip, pad+crop, random erasing.")
+    context_length: int = Field(77, description="Caption length in tokens (CLIP BPE).")
+    eval_split: Literal["val", "test"] = Field(
+        "val", description="Split evaluated during training; datasets without val (ICFG-PEDES) fall back to test.")
+    test_split: Literal["val", "test"] | None = Field("test", description="Split evaluated after training; null skips.")
+    skip_unreadable: bool = Field(False, description="Drop missing/undecodable images (counted and reported).")
+    synth: SynthConfig | None = Field(None, description="Only for synth_pedes: generate the data if missing.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) <= 0:
+            raise ValueError("image_size must be two positive ints (height, width)")
+        return v
+
+
+class ModelConfig(_Strict):
+    arch: str | dict[str, Any] = Field(description="Architecture name (kd_trainer/models/configs/*.json) or dict.")
+    checkpoint: str | None = Field(None, description="Weights to load: a kd_trainer run/output folder or a state-dict file.")
+
+
+class TermConfig(_Strict):
+    name: str = Field(description="A registered loss term (see `kd-trainer terms`).")
+    weight: float = 1.0
+    temperature: float | None = Field(None, description="Absolute temperature; null uses the term's default.")
+    side: Literal["image", "text", "both"] = "both"
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the term.")
+
+    @property
+    def key(self) -> str:
+        """The name the term is logged under: ``motis`` or, for one side only, ``motis[image]``."""
+        return self.name if self.side == "both" else f"{self.name}[{self.side}]"
+
+
+class LossConfig(_Strict):
+    terms: list[TermConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "LossConfig":
+        keys = [t.key for t in self.terms]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"terms listed twice: {dup}; merge them into one entry with the summed weight")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name, used in reports and model cards.")
+    seed: int = 42
+    data: DataConfig
+    student: ModelConfig
+    teacher: ModelConfig | None = None
+    loss: LossConfig
+    training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
+
+    @field_validator("training")
+    @classmethod
+    def _training_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        validate_training_args(v)
+        return v
+
+
+# --- TrainingArguments validation -------------------------------------------------------------
+
+def _training_fields() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def validate_training_args(training: dict[str, Any]) -> None:
+    """Check each key of the ``training:`` block against ``TrainingArguments``' fields and types.
+
+    ``TrainingArguments`` itself would raise a bare ``TypeError`` on an unknown key and accept
+    a string where a float belongs until much later; here both fail at once, naming the key.
+    """
+    fields = _training_fields()
+    for key, value in training.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown TrainingArguments field 'training.{key}'.{hint}")
+        if value is None:
+            continue
+        try:
+            TypeAdapter(fields[key]).validate_python(value, strict=False)
+        except ValidationError as e:
+            raise ValueError(f"'training.{key}' = {value!r} has the wrong type (expected {fields[key]}): "
+                             f"{e.errors()[0]['msg']}") from None
+        except Exception:  # a type pydantic cannot build a validator for: let TrainingArguments judge it
+            continue
+    if training.get("remove_unused_columns"):
+        raise ValueError("'training.remove_unused_columns' must be false: images are decoded and captions "
+                         "tokenised on the fly, so the raw columns must reach the transform")
+
+
+# --- loading and overrides --------------------------------------------------------------------
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"Invalid recipe {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"  - {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key.sub=value")
+        path, _, text = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(text) if text.strip() else None
+        node: Any = raw
+        for i, k in enumerate(keys[:-1]):
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise RecipeError(f"override {item!r}: {where!r} is not an index of a list of {len(node)}")
+                node = node[int(k)]
+            else:
+                if node.get(k) is None:
+                    node[k] = {}
+                node = node[k]
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override {item!r}: {where!r} holds a value, not a mapping")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override {item!r}: {last!r} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe {source} must be a YAML mapping at top level, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        apply_overrides(raw, overrides)
+    return parse_recipe(raw, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (saved beside every run, so a run can be repeated)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Run one recipe: data -> teacher -> student -> distillation -> metrics.
+
+    accelerate launch kd_trainer/run.py recipes/ours_3stage.yaml [key.sub=value ...]
+    python -m kd_trainer recipes/finetune_itc.yaml training.num_train_epochs=1
+
+Reads top to bottom like the method section of a paper: load the data, build the
+student (and the frozen teacher if a term needs one), train with the recipe's terms,
+evaluate on the test split, save the student, its metrics and the resolved recipe.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a file (accelerate launch kd_trainer/run.py): Python put kd_trainer/ itself on
+    # sys.path, where our subpackages (data, models, losses) would shadow same-named modules.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kd_trainer.recipe import ModelConfig, Recipe, dump_recipe, load_recipe
+
+logger = logging.getLogger("kd_trainer")
+
+
+def prepare_data(recipe: Recipe) -> Any:
+    """The dataset as a DatasetDict with on-the-fly IRRA transforms and tokenised captions."""
+    from accelerate import PartialState
+
+    from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
+
+    cfg = recipe.data
+    name = canonical_dataset_name(cfg.name)
+    if cfg.synth is not None:
+        if name != "synth_pedes":
+            raise ValueError(f"data.synth is only for synth_pedes, but data.name is {cfg.name!r}")
+        from kd_trainer.data.synth import make_synth_pedes
+
+        with PartialState().main_process_first():  # one process writes, the others wait and reuse
+            make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
+    raw = load_pedes(name, cfg.root, skip_unreadable=cfg.skip_unreadable)
+    return with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
+                                     context_length=cfg.context_length, dataset_name=name)
+
+
+def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None) -> Any:
+    """A model of the recipe's image size and caption length, with its checkpoint loaded."""
+    from kd_trainer.models.checkpoint import load_weights
+    from kd_trainer.models.factory import create_model
+
+    model = create_model(cfg.arch, image_size=tuple(recipe.data.image_size),
+                         context_length=recipe.data.context_length, projection_dim=projection_dim)
+    if cfg.checkpoint:
+        load_weights(model, cfg.checkpoint)
+    return model
+
+
+def split(dsd: Any, which: str) -> Any:
+    """The gallery/query pair of ``which`` (val or test); datasets without val fall back to test."""
+    from kd_trainer.distill.trainer import RetrievalSplit
+
+    if f"{which}_gallery" not in dsd:
+        if which == "val" and "test_gallery" in dsd:
+            logger.warning("The dataset has no val split; evaluating on test during training (as IRRA does).")
+            which = "test"
+        else:
+            raise ValueError(f"The dataset has no {which!r} split; it has {sorted(dsd)}")
+    return RetrievalSplit(which, dsd[f"{which}_gallery"], dsd[f"{which}_queries"])
+
+
+def training_arguments(recipe: Recipe) -> Any:
+    from transformers import TrainingArguments
+
+    defaults: dict[str, Any] = {
+        "output_dir": str(Path("runs") / recipe.name),
+        "seed": recipe.seed,
+        "report_to": "none",
+        "per_device_eval_batch_size": 256,
+    }
+    args = {**defaults, **recipe.training}
+    args["remove_unused_columns"] = False  # transforms need the raw columns (validated in recipe.py)
+    return TrainingArguments(**args)
+
+
+def run(recipe: Recipe) -> dict[str, float]:
+    """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
+    from transformers import set_seed
+
+    from kd_trainer.distill.trainer import DistillationTrainer, resolve_terms
+
+    set_seed(recipe.seed)
+    args = training_arguments(recipe)
+    dsd = prepare_data(recipe)
+
+    terms = resolve_terms(recipe.loss.terms)
+    teacher = None
+    if any(t.spec.needs_teacher for t in terms):
+        if recipe.teacher is None:
+            raise ValueError(f"terms {[t.key for t in terms if t.spec.needs_teacher]} need a `teacher:` in the recipe")
+        teacher = build_model(recipe.teacher, recipe)
+    direct = any(t.spec.direct_compare for t in terms)
+    student = build_model(recipe.student, recipe,
+                          projection_dim=teacher.embed_dim if teacher is not None and direct else None)
+
+    eval_split = split(dsd, recipe.data.eval_split)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        terms=recipe.loss.terms,
+        teacher=teacher,
+        train_dataset=dsd["train"],
+        eval_dataset=eval_split,
+    )
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+
+    metrics: dict[str, float] = {}
+    if recipe.data.test_split is not None:
+        test = split(dsd, recipe.data.test_split)
+        metrics = trainer.evaluate(test, metric_key_prefix="test")
+        trainer.save_metrics("test", metrics)
+        if trainer.is_world_process_zero():
+            logger.info("test metrics: %s", json.dumps(metrics))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="kd_trainer/run.py",
+        description="Run a kd_trainer recipe. Overrides are key.sub=value (YAML values), e.g. "
+                    "data.name=rstpreid data.root=./data training.num_train_epochs=1",
+    )
+    parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    recipe = load_recipe(ns.recipe, ns.overrides)
+    return run(recipe)
+
+
+if __name__ == "__main__":
+    main()
