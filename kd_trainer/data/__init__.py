@@ -1,0 +1,42 @@
+"""Person-retrieval datasets as ``datasets.DatasetDict``, IRRA's transforms, CLIP tokenisation.
+
+    dsd = load_pedes("CUHK-PEDES", "./data")            # raw rows, see formats.py
+    print(summarize(dsd))                                # identities / images / captions
+    dsd = with_retrieval_transforms(dsd, image_size=(384, 128), augment=True)
+    loader = DataLoader(dsd["train"], batch_size=64, collate_fn=collate_retrieval)
+
+The synthetic dataset generator lives in ``kd_trainer.data.synth`` (imported on its own).
+"""
+
+from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.data.formats import (
+    DATASETS,
+    DatasetFormat,
+    DatasetFormatError,
+    canonical_dataset_name,
+    last_skipped,
+    load_pedes,
+    open_image,
+    summarize,
+)
+from kd_trainer.data.pipeline import RetrievalTransform, with_retrieval_transforms
+from kd_trainer.data.tokenizer import tokenize
+from kd_trainer.data.transforms import CLIP_MEAN, CLIP_STD, build_image_transform
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASETS",
+    "DatasetFormat",
+    "DatasetFormatError",
+    "RetrievalTransform",
+    "build_image_transform",
+    "canonical_dataset_name",
+    "collate_retrieval",
+    "last_skipped",
+    "load_pedes",
+    "open_image",
+    "summarize",
+    "tokenize",
+    "with_retrieval_transforms",
+]

@@ -1,0 +1,59 @@
+"""IRRA's image transforms for person images (tall crops, 384x128 by default).
+
+Written out here rather than taken from open_clip, whose default transforms resize the
+short side and centre-crop a square: that cuts the head and feet off a pedestrian.
+
+- train, augment (IRRA ``--img_aug``): Resize((H, W)), RandomHorizontalFlip(0.5), Pad(10),
+  RandomCrop((H, W)), ToTensor, Normalize, RandomErasing(scale=(0.02, 0.4), value=mean)
+- train, no augment: Resize, RandomHorizontalFlip(0.5), ToTensor, Normalize
+- evaluation: Resize, ToTensor, Normalize
+
+Resize uses torchvision's default (bilinear, antialiased) because IRRA calls
+``T.Resize((h, w))`` without an interpolation argument. RandomErasing runs after
+Normalize with ``value=mean``, as in IRRA, so erased pixels hold the numbers of the CLIP
+mean in normalised units (not the mean colour); kept as is to reproduce IRRA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ToRGB", "build_image_transform"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ToRGB:
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16 ...) to RGB; a module-level class so it pickles."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def build_image_transform(
+    image_size: tuple[int, int], *, train: bool, augment: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised float tensor ``3 x H x W``; ``image_size`` is ``(height, width)``.
+
+    ``augment`` only matters when ``train`` is true.
+    """
+    if len(image_size) != 2 or min(image_size) <= 0:
+        raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
+    height, width = int(image_size[0]), int(image_size[1])
+    steps: list[Callable] = [ToRGB(), T.Resize((height, width))]
+    if train:
+        steps.append(T.RandomHorizontalFlip(0.5))
+        if augment:
+            steps += [T.Pad(10), T.RandomCrop((height, width))]
+    steps += [T.ToTensor(), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
+    if train and augment:
+        steps.append(T.RandomErasing(scale=(0.02, 0.4), value=list(CLIP_MEAN)))
+    return T.Compose(steps)
