@@ -1,0 +1,38 @@
+"""Loss terms of ``losses.md``, registered by the names users type (``kd-trainer terms`` lists them).
+
+Importing this package registers every term: task terms in :mod:`.task`, distillation terms in
+:mod:`.contrastive`, :mod:`.relational` and :mod:`.feature`.
+"""
+
+from kd_trainer.losses.registry import (
+    KINDS,
+    SIDES,
+    STUDENT_TOWERS,
+    TEACHER_TOWERS,
+    TERMS,
+    Features,
+    TermSpec,
+    UnknownTermError,
+    available_terms,
+    compute_term,
+    get_term,
+    register_term,
+)
+
+# Imported for their side effect: each module registers its terms.
+from kd_trainer.losses import task, contrastive, relational, feature  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Features",
+    "TermSpec",
+    "UnknownTermError",
+    "register_term",
+    "get_term",
+    "available_terms",
+    "compute_term",
+    "TERMS",
+    "KINDS",
+    "SIDES",
+    "STUDENT_TOWERS",
+    "TEACHER_TOWERS",
+]

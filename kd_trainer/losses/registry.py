@@ -1,0 +1,253 @@
+"""The registry of loss terms: every term of ``losses.md`` under the name users type.
+
+A term is a pure function ``fn(features, *, temperature, side, **kwargs) -> scalar`` registered
+with :func:`register_term`, which also records what the trainer needs to know about it: which
+towers it reads and trains for each side, whether it needs a teacher, and whether it compares
+student and teacher embeddings directly (and so needs a projection when widths differ).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+__all__ = [
+    "Features",
+    "TermSpec",
+    "UnknownTermError",
+    "register_term",
+    "get_term",
+    "available_terms",
+    "compute_term",
+    "TERMS",
+    "STUDENT_TOWERS",
+    "TEACHER_TOWERS",
+    "SIDES",
+    "KINDS",
+]
+
+STUDENT_TOWERS = frozenset({"student_image", "student_text"})
+TEACHER_TOWERS = frozenset({"teacher_image", "teacher_text"})
+SIDES = ("image", "text", "both")
+KINDS = ("task", "distill")
+# losses.md: task temperature 0.02 (--temperature), distillation temperatures 0.5.
+DEFAULT_TEMPERATURE = {"task": 0.02, "distill": 0.5}
+
+
+@dataclass
+class Features:
+    """Embeddings of one batch. Row i of each is sample i; positives on the diagonal."""
+
+    student_image: torch.Tensor | None = None  # vs, B x Ds
+    student_text: torch.Tensor | None = None  # ts, B x Ds
+    teacher_image: torch.Tensor | None = None  # vt, B x Dt
+    teacher_text: torch.Tensor | None = None  # tt, B x Dt
+    pids: torch.Tensor | None = None  # B, int64 (sdm needs it)
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """A registered term and what the trainer needs to know to run it.
+
+    ``reads`` maps each allowed side to the towers the term reads for it; :meth:`towers` and
+    :meth:`trains` answer from it (every student tower a term reads receives gradient; teacher
+    embeddings are detached inside every term).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    kind: str
+    sides: tuple[str, ...]
+    default_temperature: float
+    needs_teacher: bool
+    direct_compare: bool
+    batch_dependent: bool
+    reads: Mapping[str, frozenset[str]] = field(hash=False)
+    needs_pids: bool = False
+
+    def _check_side(self, side: str) -> None:
+        if side not in self.sides:
+            raise ValueError(
+                f"term {self.name!r} has no side {side!r}; allowed sides: {', '.join(self.sides)}"
+            )
+
+    def towers(self, side: str) -> frozenset[str]:
+        """The embeddings (of ``student_image``, ``student_text``, ``teacher_image``,
+        ``teacher_text``) this term reads when called with ``side``."""
+        self._check_side(side)
+        return self.reads[side]
+
+    def trains(self, side: str) -> frozenset[str]:
+        """The student towers that receive gradient from this term for ``side``."""
+        return self.towers(side) & STUDENT_TOWERS
+
+
+class UnknownTermError(KeyError, ValueError):
+    """An unknown term name. A ``KeyError`` for lookups, a ``ValueError`` for validators."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+_REGISTRY: dict[str, TermSpec] = {}
+TERMS: Mapping[str, TermSpec] = MappingProxyType(_REGISTRY)
+"""Read-only view of every registered term, by name."""
+
+
+def register_term(
+    name: str,
+    *,
+    kind: str,
+    reads: Mapping[str, Iterable[str]],
+    sides: tuple[str, ...] = ("both",),
+    default_temperature: float | None = None,
+    needs_teacher: bool | None = None,
+    direct_compare: bool = False,
+    batch_dependent: bool = True,
+    needs_pids: bool = False,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register the decorated function as loss term ``name``; returns the function unchanged.
+
+    Args:
+        name: The name recipes use. Stack two decorators to register an alias.
+        kind: ``"task"`` or ``"distill"``.
+        reads: For each side, the towers the term reads. ``"both"`` may be left out when
+            ``"image"`` and ``"text"`` are given: it is then their union.
+        sides: The values of ``side`` the term accepts.
+        default_temperature: Used when a recipe gives none; by default 0.02 for task terms
+            and 0.5 for distillation terms (losses.md).
+        needs_teacher: Defaults to whether any side reads a teacher tower (and must agree).
+        direct_compare: The term compares student with teacher embeddings directly, so a
+            student narrower or wider than the teacher needs a projection.
+        batch_dependent: A sample's loss depends on the other samples of the batch.
+        needs_pids: The term reads ``features.pids``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    bad_sides = [s for s in sides if s not in SIDES]
+    if not sides or bad_sides:
+        raise ValueError(f"term {name!r}: sides must be a non-empty subset of {SIDES}, got {sides}")
+    table = {side: frozenset(towers) for side, towers in reads.items()}
+    if "both" in sides and "both" not in table and {"image", "text"} <= table.keys():
+        table["both"] = table["image"] | table["text"]
+    for side in sides:
+        if side not in table:
+            raise ValueError(f"term {name!r}: no towers given for side {side!r}")
+        unknown = table[side] - STUDENT_TOWERS - TEACHER_TOWERS
+        if unknown:
+            raise ValueError(f"term {name!r}: unknown towers {sorted(unknown)}")
+    reads_teacher = any(table[s] & TEACHER_TOWERS for s in sides)
+    if needs_teacher is None:
+        needs_teacher = reads_teacher
+    elif needs_teacher != reads_teacher:
+        raise ValueError(f"term {name!r}: needs_teacher={needs_teacher} but its towers say {reads_teacher}")
+
+    def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"loss term {name!r} is already registered")
+        _REGISTRY[name] = TermSpec(
+            name=name,
+            fn=fn,
+            kind=kind,
+            sides=tuple(sides),
+            default_temperature=float(
+                DEFAULT_TEMPERATURE[kind] if default_temperature is None else default_temperature
+            ),
+            needs_teacher=needs_teacher,
+            direct_compare=direct_compare,
+            batch_dependent=batch_dependent,
+            reads=MappingProxyType({s: table[s] for s in sides}),
+            needs_pids=needs_pids,
+        )
+        return fn
+
+    return decorator
+
+
+def available_terms(kind: str | None = None) -> list[str]:
+    """Sorted names of the registered terms, optionally only those of one kind."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, not {kind!r}")
+    return sorted(n for n, spec in _REGISTRY.items() if kind is None or spec.kind == kind)
+
+
+def get_term(name: str) -> TermSpec:
+    """The spec of term ``name``; an unknown name raises :class:`UnknownTermError` listing all."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        pass
+    names = available_terms()
+    close = difflib.get_close_matches(str(name).lower(), names, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UnknownTermError(f"unknown loss term {name!r}{hint} Valid terms: {', '.join(names)}")
+
+
+def _extra_parameters(fn: Callable[..., torch.Tensor]) -> set[str] | None:
+    """Keyword arguments ``fn`` takes beyond the common ones; ``None`` if it takes any."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params} - {"features", "temperature", "side"}
+
+
+def _check_features(spec: TermSpec, side: str, features: Features) -> None:
+    towers = sorted(spec.towers(side))
+    missing = [t for t in towers if getattr(features, t) is None]
+    if missing:
+        raise ValueError(
+            f"term {spec.name!r} (side={side}) needs {' and '.join(missing)} embeddings, "
+            f"but the features have none"
+        )
+    if spec.needs_pids and features.pids is None:
+        raise ValueError(f"term {spec.name!r} (side={side}) needs pids, but the features have none")
+    shapes = {t: tuple(getattr(features, t).shape) for t in towers}
+    if any(len(s) != 2 for s in shapes.values()):
+        raise ValueError(f"term {spec.name!r}: embeddings must be B x D matrices, got {shapes}")
+    if len({s[0] for s in shapes.values()}) > 1:
+        raise ValueError(f"term {spec.name!r}: embeddings of different batch sizes: {shapes}")
+    if spec.needs_pids and features.pids.numel() != next(iter(shapes.values()))[0]:
+        raise ValueError(f"term {spec.name!r}: {features.pids.numel()} pids for a batch of {shapes}")
+    groups = [towers] if spec.direct_compare else [
+        [t for t in towers if t in STUDENT_TOWERS], [t for t in towers if t in TEACHER_TOWERS]
+    ]
+    for group in groups:
+        if len({shapes[t][1] for t in group}) > 1:
+            hint = " (project the student embeddings to the teacher's width)" if spec.direct_compare else ""
+            raise ValueError(
+                f"term {spec.name!r} (side={side}) compares embeddings of different widths: "
+                f"{ {t: shapes[t][1] for t in group} }{hint}"
+            )
+
+
+def compute_term(
+    name: str,
+    features: Features,
+    *,
+    temperature: float | None = None,
+    side: str = "both",
+    **kwargs: object,
+) -> torch.Tensor:
+    """Compute term ``name`` on ``features`` after checking the side, features and arguments.
+
+    ``temperature`` is absolute (logits = cosine / temperature); ``None`` uses the term's
+    default. Extra keyword arguments go to the term (e.g. ``teacher_temperature`` of ``crd``).
+    """
+    spec = get_term(name)
+    spec.towers(side)  # validates the side
+    _check_features(spec, side, features)
+    tau = spec.default_temperature if temperature is None else float(temperature)
+    if not tau > 0:
+        raise ValueError(f"term {name!r}: temperature must be positive, got {temperature}")
+    allowed = _extra_parameters(spec.fn)
+    if allowed is not None and set(kwargs) - allowed:
+        raise ValueError(
+            f"term {name!r} got unexpected arguments {sorted(set(kwargs) - allowed)}; "
+            f"it accepts {sorted(allowed) if allowed else 'no extra arguments'}"
+        )
+    return spec.fn(features, temperature=tau, side=side, **kwargs)

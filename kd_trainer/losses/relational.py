@@ -1,0 +1,268 @@
+"""Relational distillation terms: the student matches the teacher's similarity structure.
+
+Two families, both on similarity matrices of the batch:
+
+- distribution matching (``cross_kd``, ``cross_kl``, ``cross_rkl``, ``inter_*_kl``, ``crd``,
+  ``affinity``): row-wise softmax distributions compared by (soft) cross-entropy or KL;
+- similarity distance (the ``*_sd`` terms, ConaCLIP): MSE between raw cosine matrices.
+
+Notation as in ``losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
+all L2-normalised; ``T`` the distillation temperature; ``P(X, Y; T)`` the row-wise softmax of
+``X Y^T / T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kd_trainer.losses.notation import frozen_unit, kl, log_p, mse, p, per_side, sce, sim, unit
+from kd_trainer.losses.registry import Features, register_term
+
+__all__ = [
+    "cross_kd",
+    "cross_kl",
+    "cross_rkl",
+    "inter_ts_kl",
+    "inter_ss_kl",
+    "inter_ts_sym_kl",
+    "crd",
+    "affinity",
+    "intra_ss_sd",
+    "intra_ts_sd",
+    "intra_ts_sym_sd",
+    "inter_ss_sd",
+    "inter_ts_sd",
+]
+
+_ALL_TOWERS = ("student_image", "student_text", "teacher_image", "teacher_text")
+_SIDES = ("image", "text", "both")
+
+
+def _four(f: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``vs, ts, vt, tt``, normalised (teacher detached)."""
+    return unit(f.student_image), unit(f.student_text), frozen_unit(f.teacher_image), frozen_unit(f.teacher_text)
+
+
+# --- distribution matching ---------------------------------------------------------------------
+
+
+@register_term("cross_kd", kind="distill", reads={"both": _ALL_TOWERS})
+def cross_kd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Hinton KD across models, on the inter-modal (S-S vs T-T) distributions.
+
+    ``T^2/2 [SCE(ts vs^T/T, P(tt,vt;T)) + SCE(vs ts^T/T, P(vt,tt;T))]``
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    return t**2 / 2 * (sce(sim(ts, vs, t), p(tt, vt, t)) + sce(sim(vs, ts, t), p(vt, tt, t)))
+
+
+@register_term("cross_kl", kind="distill", reads={"both": _ALL_TOWERS})
+def cross_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Forward KL from the teacher's to the student's inter-modal distributions.
+
+    ``T^2/2 [KL(P(tt,vt;T) || P(ts,vs;T)) + KL(P(vt,tt;T) || P(vs,ts;T))]``
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    return t**2 / 2 * (kl(log_p(tt, vt, t), log_p(ts, vs, t)) + kl(log_p(vt, tt, t), log_p(vs, ts, t)))
+
+
+@register_term("cross_rkl", kind="distill", reads={"both": _ALL_TOWERS})
+def cross_rkl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Reverse KL: ``cross_kl`` with the KL arguments swapped.
+
+    ``T^2/2 [KL(P(ts,vs;T) || P(tt,vt;T)) + KL(P(vs,ts;T) || P(vt,tt;T))]``
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    return t**2 / 2 * (kl(log_p(ts, vs, t), log_p(tt, vt, t)) + kl(log_p(vs, ts, t), log_p(vt, tt, t)))
+
+
+@register_term(
+    "inter_ts_kl",
+    kind="distill",
+    sides=_SIDES,
+    reads={
+        "image": ("student_image", "teacher_image", "teacher_text"),
+        "text": ("student_text", "teacher_image", "teacher_text"),
+    },
+    direct_compare=True,
+)
+def inter_ts_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Inter-modal teacher-student KL: a student tower queried against the teacher's other modality.
+
+    text side ``KL(P(ts,vt;T) || P(tt,vt;T))``; image side ``KL(P(vs,tt;T) || P(vt,tt;T))``;
+    both: their mean.
+
+    Fixes a defect of the original code, whose image side took its target from the *student*
+    image (``vs tt^T``), so that branch was identically zero. To reproduce the published
+    numbers, leave the image side out of the recipe (that is what the original trained).
+    """
+    t = temperature
+    vt, tt = frozen_unit(features.teacher_image), frozen_unit(features.teacher_text)
+
+    def image() -> torch.Tensor:
+        vs = unit(features.student_image)
+        return kl(log_p(vs, tt, t), log_p(vt, tt, t))
+
+    def text() -> torch.Tensor:
+        ts = unit(features.student_text)
+        return kl(log_p(ts, vt, t), log_p(tt, vt, t))
+
+    return per_side(side, image, text)
+
+
+@register_term("inter_ss_kl", kind="distill", reads={"both": _ALL_TOWERS})
+def inter_ss_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Inter-modal student-student KL against the teacher's, both directions summed (no ``T^2``).
+
+    ``KL(P(ts,vs;T) || P(tt,vt;T)) + KL(P(vs,ts;T) || P(vt,tt;T))``
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    return kl(log_p(ts, vs, t), log_p(tt, vt, t)) + kl(log_p(vs, ts, t), log_p(vt, tt, t))
+
+
+@register_term("inter_ts_sym_kl", kind="distill", reads={"both": _ALL_TOWERS}, direct_compare=True)
+def inter_ts_sym_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Symmetric KL between the two hybrid (teacher-student) inter-modal distributions.
+
+    ``A = P(ts,vt;T)``, ``C = P(vs,tt;T)``: ``KL(A || C) + KL(C || A)``.
+    Not zero when the student equals the teacher (``A`` and ``C`` are then the two directions
+    of the teacher's own similarity matrix).
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    a, c = log_p(ts, vt, t), log_p(vs, tt, t)
+    return kl(a, c) + kl(c, a)
+
+
+@register_term("crd", kind="distill", reads={"both": _ALL_TOWERS})
+def crd(
+    features: Features,
+    *,
+    temperature: float,
+    side: str = "both",
+    teacher_temperature: float | None = None,
+) -> torch.Tensor:
+    """CLIP-KD contrastive relational distillation.
+
+    ``1/2 [KL(P(vt,tt;tau_t) || P(vs,ts;tau_s)) + KL(P(tt,vt;tau_t) || P(ts,vs;tau_s))]`` with
+    ``tau_s = temperature`` and ``tau_t = teacher_temperature`` (default: ``tau_s``).
+    """
+    vs, ts, vt, tt = _four(features)
+    tau_s = temperature
+    tau_t = temperature if teacher_temperature is None else float(teacher_temperature)
+    return (kl(log_p(vt, tt, tau_t), log_p(vs, ts, tau_s)) + kl(log_p(tt, vt, tau_t), log_p(ts, vs, tau_s))) / 2
+
+
+@register_term("affinity", kind="distill", reads={"both": _ALL_TOWERS})
+def affinity(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """TinyCLIP affinity mimicking (``cross_kd`` without the ``T^2``).
+
+    ``1/2 [SCE(vs ts^T/tau, P(vt,tt;tau)) + SCE(ts vs^T/tau, P(tt,vt;tau))]``
+    """
+    vs, ts, vt, tt = _four(features)
+    t = temperature
+    return (sce(sim(vs, ts, t), p(vt, tt, t)) + sce(sim(ts, vs, t), p(tt, vt, t))) / 2
+
+
+# --- similarity distance (ConaCLIP); the temperature is ignored --------------------------------
+
+
+@register_term(
+    "intra_ss_sd",
+    kind="distill",
+    sides=_SIDES,
+    reads={"image": ("student_image", "teacher_image"), "text": ("student_text", "teacher_text")},
+)
+def intra_ss_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Intra-modal student-student similarity distance.
+
+    image ``MSE(vs vs^T, vt vt^T)``; text ``MSE(ts ts^T, tt tt^T)``; both: their mean.
+    """
+
+    def image() -> torch.Tensor:
+        vs, vt = unit(features.student_image), frozen_unit(features.teacher_image)
+        return mse(vs @ vs.T, vt @ vt.T)
+
+    def text() -> torch.Tensor:
+        ts, tt = unit(features.student_text), frozen_unit(features.teacher_text)
+        return mse(ts @ ts.T, tt @ tt.T)
+
+    return per_side(side, image, text)
+
+
+@register_term(
+    "intra_ts_sd",
+    kind="distill",
+    sides=_SIDES,
+    reads={"image": ("student_image", "teacher_image"), "text": ("student_text", "teacher_text")},
+    direct_compare=True,
+)
+def intra_ts_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Intra-modal teacher-student similarity distance.
+
+    image ``MSE(vs vt^T, vt vt^T)``; text ``MSE(ts tt^T, tt tt^T)``; both: their mean.
+    """
+
+    def image() -> torch.Tensor:
+        vs, vt = unit(features.student_image), frozen_unit(features.teacher_image)
+        return mse(vs @ vt.T, vt @ vt.T)
+
+    def text() -> torch.Tensor:
+        ts, tt = unit(features.student_text), frozen_unit(features.teacher_text)
+        return mse(ts @ tt.T, tt @ tt.T)
+
+    return per_side(side, image, text)
+
+
+@register_term("intra_ts_sym_sd", kind="distill", reads={"both": _ALL_TOWERS}, direct_compare=True)
+def intra_ts_sym_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Cross-tower intra-modal teacher-student similarity distance: ``MSE(ts tt^T, vs vt^T)``.
+
+    Not zero when the student equals the teacher (it then compares ``tt tt^T`` with ``vt vt^T``).
+    """
+    vs, ts, vt, tt = _four(features)
+    return mse(ts @ tt.T, vs @ vt.T)
+
+
+@register_term("inter_ss_sd", kind="distill", reads={"both": _ALL_TOWERS})
+def inter_ss_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Inter-modal student-student similarity distance.
+
+    ``1/2 [MSE(ts vs^T, tt vt^T) + MSE(vs ts^T, vt tt^T)]`` (the two halves are transposes, so
+    equal; kept as written in losses.md).
+    """
+    vs, ts, vt, tt = _four(features)
+    return (mse(ts @ vs.T, tt @ vt.T) + mse(vs @ ts.T, vt @ tt.T)) / 2
+
+
+@register_term(
+    "inter_ts_sd",
+    kind="distill",
+    sides=_SIDES,
+    reads={
+        "image": ("student_image", "teacher_image", "teacher_text"),
+        "text": ("student_text", "teacher_image", "teacher_text"),
+    },
+    direct_compare=True,
+)
+def inter_ts_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
+    """Inter-modal teacher-student similarity distance.
+
+    ``1/2 [MSE(ts vt^T, tt vt^T) + MSE(vs tt^T, vt tt^T)]``: side ``text`` is the first MSE
+    alone, side ``image`` the second (each trains one student tower), ``both`` their mean.
+    """
+    vt, tt = frozen_unit(features.teacher_image), frozen_unit(features.teacher_text)
+
+    def image() -> torch.Tensor:
+        vs = unit(features.student_image)
+        return mse(vs @ tt.T, vt @ tt.T)
+
+    def text() -> torch.Tensor:
+        ts = unit(features.student_text)
+        return mse(ts @ vt.T, tt @ vt.T)
+
+    return per_side(side, image, text)
