@@ -34,7 +34,6 @@ from torch import nn
 from transformers import Trainer
 
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.losses import Features, TermSpec, compute_term, get_term
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.recipe import TermConfig
@@ -213,6 +212,8 @@ class DistillationTrainer(Trainer):
         split = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not isinstance(split, RetrievalSplit):
             raise TypeError(f"DistillationTrainer.evaluate needs a RetrievalSplit, got {type(split).__name__}")
+        from kd_trainer.evaluation import evaluate_retrieval
+
         self._memory_tracker.start()
         model = self.accelerator.unwrap_model(self.model)
         metrics = evaluate_retrieval(
