@@ -6,14 +6,16 @@ The top of this module holds the metrics alone, on embeddings already computed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rank_metrics"]
+__all__ = ["rank_metrics", "embed_dataset", "evaluate_retrieval", "format_metrics"]
 
 # ============================================================================================
 # Retrieval metrics (IRRA protocol)
@@ -55,12 +57,14 @@ def rank_metrics(
     each averaged over queries and reported as a percentage under the keys ``"r{k}"`` (one per
     entry of ``ks``), ``"mAP"`` and ``"mINP"``.
 
-    Memory: similarities are computed ``chunk_size`` queries at a time, so at most two
+    Cost: similarities are computed ``chunk_size`` queries at a time, so at most two
     ``chunk_size x G`` float32 buffers exist at once (160 MB for 1024 x 20,000). Each chunk's
-    rows are sorted by value (numpy's vectorised sort, one block of rows per torch thread) and
-    the matches' ranks are read off by binary search; only matches whose similarity equals some
-    other item's need the gallery-order count, done exactly on those rows alone. The result is
-    the same for every ``chunk_size``.
+    rows are sorted by value (numpy's vectorised sort, blocks of rows on ``torch.get_num_threads()``
+    threads) and the matches' ranks are read off by binary search; only a match whose similarity
+    equals another item's needs the gallery-order count, an O(G) scan of its row. 20,000 x 20,000
+    at D = 512 takes about 5.5 s on 2 CPU cores, two thirds of it the matrix product. Given the
+    same similarities, the result does not depend on ``chunk_size`` (BLAS may round the product
+    differently for differently shaped chunks, which can only matter between near-equal values).
 
     Raises ``ValueError`` when the shapes disagree, a feature is not finite, ``ks`` or
     ``chunk_size`` is not positive, or some query has no match in the gallery (its AP and INP
@@ -104,9 +108,11 @@ def rank_metrics(
 
             sorted_sims = _sort_rows(sims, sorted_buf[:c], pool, workers)
             at_or_below = torch.searchsorted(sorted_sims, match_sims, right=True)
-            below = torch.searchsorted(sorted_sims, match_sims, right=False)
             ahead = num_g - at_or_below  # strictly greater similarity
-            tied = valid & (at_or_below - below > 1)  # another item has exactly this similarity
+            # The match itself sits at at_or_below - 1 in its sorted row; it ties with another
+            # item exactly when the value just below that slot is equal too.
+            just_below = sorted_sims.gather(1, (at_or_below - 2).clamp_(min=0))
+            tied = valid & (at_or_below >= 2) & (just_below == match_sims)
             if bool(tied.any()):
                 r, j = tied.nonzero(as_tuple=True)
                 ahead[r, j] += _equal_before(sims, r, match_idx[r, j], match_sims[r, j])
@@ -114,8 +120,9 @@ def rank_metrics(
             ranks = torch.where(valid, ahead + 1, num_g + 1)  # padding sorts after every match
             ranks = ranks.sort(dim=1).values
             j1 = (slots + 1).to(torch.float64)
-            ap[start:stop] = (torch.where(valid, j1 / ranks, 0.0)).sum(1) / n
-            inp[start:stop] = n / ranks.gather(1, (n - 1)[:, None]).squeeze(1)
+            ap[start:stop] = torch.where(valid, j1 / ranks, 0.0).sum(1) / n
+            hardest = ranks.gather(1, (n - 1)[:, None]).squeeze(1)
+            inp[start:stop] = n.to(torch.float64) / hardest
             best_rank[start:stop] = ranks[:, 0]
 
     out = {f"r{k}": 100.0 * int((best_rank <= k).sum()) / num_q for k in ks}
@@ -231,3 +238,102 @@ def _equal_before(sims: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, va
         same &= gallery_index < cols[lo:hi, None]
         out[lo:hi] = same.sum(1)
     return out
+
+
+# ============================================================================================
+# Running models over a split
+# ============================================================================================
+@torch.no_grad()
+def embed_dataset(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Any,
+    input_key: str,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    collate_fn: Callable | None = None,
+    accelerator: Any = None,
+    num_workers: int = 0,
+    desc: str = "embedding",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every item of ``dataset`` (``input_key`` -> ``encode``), with its pid.
+
+    With an ``accelerator`` the items are sharded over processes and gathered back with
+    ``gather_for_metrics``, which drops the padding added to even out the last batch, so
+    every item appears exactly once, in dataset order.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        num_workers=num_workers)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+    show = accelerator is None or accelerator.is_local_main_process
+    feats, pids = [], []
+    for batch in tqdm(loader, desc=desc, disable=not show, leave=False):
+        emb = encode(batch[input_key].to(device)).float()
+        pid = batch["pids"].to(device)
+        if accelerator is not None:
+            emb, pid = accelerator.gather_for_metrics((emb, pid))
+        feats.append(emb.cpu())
+        pids.append(pid.cpu())
+    if accelerator is not None and loader in getattr(accelerator, "_dataloaders", []):
+        accelerator._dataloaders.remove(loader)  # prepared per evaluation; don't let them pile up
+    return torch.cat(feats), torch.cat(pids)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    image_model: Any,
+    gallery: Any,
+    queries: Any,
+    *,
+    text_model: Any = None,
+    batch_size: int = 64,
+    collate_fn: Callable | None = None,
+    accelerator: Any = None,
+    num_workers: int = 0,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Text-to-image retrieval metrics of a dual encoder on one split (IRRA protocol).
+
+    ``text_model`` defaults to ``image_model``; giving another model evaluates a hybrid
+    pairing (e.g. student image tower with teacher text tower). Both need
+    ``encode_image``/``encode_text`` returning embeddings (normalised here regardless).
+    """
+    text_model = image_model if text_model is None else text_model
+    modes = [(m, m.training) for m in {id(image_model): image_model, id(text_model): text_model}.values()]
+    for m, _ in modes:
+        m.eval()
+    try:
+        autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+        with autocast:
+            g_feats, g_pids = embed_dataset(image_model.encode_image, gallery, "pixel_values",
+                                            device=_model_device(image_model), batch_size=batch_size,
+                                            collate_fn=collate_fn, accelerator=accelerator,
+                                            num_workers=num_workers, desc="gallery")
+            q_feats, q_pids = embed_dataset(text_model.encode_text, queries, "input_ids",
+                                            device=_model_device(text_model), batch_size=batch_size,
+                                            collate_fn=collate_fn, accelerator=accelerator,
+                                            num_workers=num_workers, desc="queries")
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    return rank_metrics(q_feats, g_feats, q_pids, g_pids, chunk_size=chunk_size)
+
+
+def format_metrics(rows: dict[str, dict[str, float]]) -> str:
+    """A Markdown table, one row per model: R@1, R@5, R@10, mAP, mINP (in %)."""
+    cols = ["r1", "r5", "r10", "mAP", "mINP"]
+    heads = ["R@1", "R@5", "R@10", "mAP", "mINP"]
+    width = max([len("model")] + [len(k) for k in rows])
+    lines = [f"| {'model':<{width}} | " + " | ".join(f"{h:>6}" for h in heads) + " |",
+             f"|{'-' * (width + 2)}|" + "|".join("-" * 8 for _ in heads) + "|"]
+    for name, m in rows.items():
+        lines.append(f"| {name:<{width}} | " + " | ".join(f"{m[c]:6.2f}" for c in cols) + " |")
+    return "\n".join(lines)

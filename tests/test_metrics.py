@@ -1,153 +1,284 @@
-"""Retrieval metrics against rankings worked out by hand, ties included, and a sort-based reference."""
+"""Retrieval metrics (``rank_metrics``) against rankings worked out by hand and a full-sort reference.
+
+Features in these tests are built so that every cosine similarity is a dyadic fraction computed
+exactly, whatever the summation order of the matrix product: then ties are real ties (not
+rounding accidents), the order they are broken in is the only thing that decides the ranking,
+and results can be compared across chunk sizes for exact equality.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from kd_trainer import evaluation
 from kd_trainer.evaluation import rank_metrics
 
+# --------------------------------------------------------------------------------------------
+# Building features with chosen similarities
+# --------------------------------------------------------------------------------------------
 
-def feats_for_sims(sims: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query/gallery features whose cosine similarities are exactly ``sims``-ordered.
 
-    Gallery item g is the unit vector at angle a_g; a query at angle 0 sees cos(a_g), so a
-    larger given similarity gives a larger cosine, and equal ones give exactly equal cosines.
-    One 2-D plane per query keeps queries independent.
+def features_from_scores(scores: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features whose cosine similarity (i, j) is exactly ``scores[i][j] / 32``.
+
+    Scores are even integers in [-16, 16]; at most 4 queries. Query i is the indicator of its own
+    block of 16 dims (unit norm: entries 1/4); every gallery vector has 64 entries of +-1 (unit
+    norm: entries +-1/8), with ``(16 - s) / 2`` minus signs in block i. The cosine is then
+    ``(1/32) * (sum of the signs in block i) = s / 32``, a sum of multiples of 1/32: exact.
     """
-    q, g = len(sims), len(sims[0])
-    qf = torch.zeros(q, 2 * q, dtype=torch.float64)
-    gf = torch.zeros(g, 2 * q, dtype=torch.float64)
-    for i, row in enumerate(sims):
-        qf[i, 2 * i] = 1.0
+    num_q, num_g = len(scores), len(scores[0])
+    assert num_q <= 4
+    q = torch.zeros(num_q, 64)
+    g = torch.ones(num_g, 64)
+    for i, row in enumerate(scores):
+        q[i, 16 * i : 16 * (i + 1)] = 1.0
         for j, s in enumerate(row):
-            gf[j, 2 * i] = s
-            gf[j, 2 * i + 1] = math.sqrt(max(0.0, 1.0 - s * s))
-    # Unnormalised gallery rows mix planes; compare the planes separately instead.
-    return qf, gf
+            assert s % 2 == 0 and -16 <= s <= 16
+            g[j, 16 * i : 16 * i + (16 - s) // 2] = -1.0
+    return q, g
 
 
-def metrics_per_query(sims, q_pids, g_pids, **kw):
-    """Metrics averaged over queries evaluated one at a time (each with its own plane)."""
-    out = []
-    for i, row in enumerate(sims):
-        qf, gf = feats_for_sims([row])
-        out.append(rank_metrics(qf, gf, torch.tensor([q_pids[i]]), torch.tensor(g_pids), **kw))
-    return {k: sum(m[k] for m in out) / len(out) for k in out[0]}
+def test_features_from_scores_gives_the_scores() -> None:
+    scores = [[16, -16, 0, 6], [2, 2, -4, 10]]
+    q, g = features_from_scores(scores)
+    sims = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
+    assert torch.equal(sims, torch.tensor(scores, dtype=torch.float32) / 32)
 
 
-def test_hand_worked_two_queries():
-    # Gallery pids:        g0=1  g1=2  g2=1  g3=3  g4=2
-    # Query A (pid 1) sims: .9   .8    .1    .7    .2  -> order g0 g1 g3 g4 g2; matches g0 (rank 1), g2 (rank 5)
-    #   R@1 = 1, R@5 = 1; AP = (1/1 + 2/5)/2 = 0.7; INP = 2/5 = 0.4
-    # Query B (pid 2) sims: .3   .2    .9    .8    .6  -> order g2 g3 g4 g0 g1; matches g4 (rank 3), g1 (rank 5)
-    #   R@1 = 0, R@5 = 1; AP = (1/3 + 2/5)/2 = 11/30; INP = 2/5 = 0.4
-    g_pids = [1, 2, 1, 3, 2]
-    sims = [[0.9, 0.8, 0.1, 0.7, 0.2], [0.3, 0.2, 0.9, 0.8, 0.6]]
-    m = metrics_per_query(sims, [1, 2], g_pids, ks=(1, 5))
-    assert m["r1"] == pytest.approx(50.0)
-    assert m["r5"] == pytest.approx(100.0)
-    assert m["mAP"] == pytest.approx(100 * (0.7 + 11 / 30) / 2)
-    assert m["mINP"] == pytest.approx(40.0)
+def metrics_for(scores, query_pids, gallery_pids, **kwargs) -> dict[str, float]:
+    q, g = features_from_scores(scores)
+    return rank_metrics(q, g, torch.tensor(query_pids), torch.tensor(gallery_pids), **kwargs)
 
 
-def test_ties_are_broken_by_gallery_order():
-    # Query pid 7; g0 (pid 5) and g1 (pid 7) tie at .5, everything else lower.
-    # Stable order: g0 (rank 1), g1 (rank 2) -> R@1 = 0, AP = 1/2, INP = 1/2.
-    m = metrics_per_query([[0.5, 0.5, 0.1]], [7], [5, 7, 9], ks=(1, 2))
-    assert (m["r1"], m["r2"], m["mAP"], m["mINP"]) == pytest.approx((0.0, 100.0, 50.0, 50.0))
-    # Swap the gallery order: now the match comes first among the tied pair -> R@1 = 1, AP = 1.
-    m = metrics_per_query([[0.5, 0.5, 0.1]], [7], [7, 5, 9], ks=(1, 2))
-    assert (m["r1"], m["mAP"], m["mINP"]) == pytest.approx((100.0, 100.0, 100.0))
+# --------------------------------------------------------------------------------------------
+# Rankings worked out by hand. Scores stand for similarities (score / 32).
+# --------------------------------------------------------------------------------------------
 
 
-def test_two_tied_matches_and_a_tied_distractor():
-    # pids: g0=4 g1=1 g2=4 g3=4; sims .6 .6 .6 .2 for a query of pid 4.
-    # Stable order: g0 (1, match) g1 (2) g2 (3, match) g3 (4, match)
-    # AP = (1/1 + 2/3 + 3/4)/3 = 29/36; INP = 3/4; R@1 = 1.
-    m = metrics_per_query([[0.6, 0.6, 0.6, 0.2]], [4], [4, 1, 4, 4], ks=(1,))
-    assert m["r1"] == pytest.approx(100.0)
-    assert m["mAP"] == pytest.approx(100 * 29 / 36)
-    assert m["mINP"] == pytest.approx(75.0)
+def test_two_queries_without_ties() -> None:
+    # gallery:          g0  g1  g2  g3  g4
+    # gallery pids:      1   2   1   3   2
+    #
+    # query 0, pid 1, scores  4   8  -2   6   0
+    #   ranking: g1 (8), g3 (6), g0 (4), g4 (0), g2 (-2)
+    #   matches g0, g2 at ranks 3 and 5 (the hardest match is last of the whole gallery)
+    #   R@1 = 0, R@5 = 1;  AP = (1/3 + 2/5) / 2 = 11/30;  INP = 2/5
+    # query 1, pid 2, scores  2  10   0  -4   8
+    #   ranking: g1 (10), g4 (8), g0 (2), g2 (0), g3 (-4)
+    #   matches g1, g4 at ranks 1 and 2
+    #   R@1 = 1, R@5 = 1;  AP = (1/1 + 2/2) / 2 = 1;  INP = 2/2 = 1
+    #
+    # mean: R@1 = 1/2, R@5 = R@10 = 1, mAP = (11/30 + 1)/2 = 41/60, mINP = (2/5 + 1)/2 = 7/10
+    m = metrics_for([[4, 8, -2, 6, 0], [2, 10, 0, -4, 8]], [1, 2], [1, 2, 1, 3, 2])
+    assert m == pytest.approx(
+        {"r1": 50.0, "r5": 100.0, "r10": 100.0, "mAP": 100 * 41 / 60, "mINP": 100 * 7 / 10}
+    )
+    assert list(m) == ["r1", "r5", "r10", "mAP", "mINP"]
 
 
-def test_last_match_at_the_end_of_the_gallery():
-    # Query pid 2, only match g3 has the lowest similarity: rank 4 of 4.
-    # R@1 = R@3 = 0; AP = 1/4; INP = 1/4.
-    m = metrics_per_query([[0.9, 0.8, 0.7, -0.5]], [2], [1, 3, 1, 2], ks=(1, 3))
-    assert (m["r1"], m["r3"], m["mAP"], m["mINP"]) == pytest.approx((0.0, 0.0, 25.0, 25.0))
+def test_ties_are_broken_by_gallery_order() -> None:
+    # gallery:          g0  g1  g2  g3
+    # gallery pids:      7   8   7   9
+    #
+    # query 0, pid 8, scores  6   6   6   2
+    #   g0, g1, g2 tie; the lower gallery index goes first: ranking g0, g1, g2, g3
+    #   match g1 at rank 2: the tie with g0 costs it R@1
+    #   R@1 = 0, R@2 = 1, R@4 = 1;  AP = 1/2;  INP = 1/2
+    # query 1, pid 7, same scores, same ranking
+    #   matches g0, g2 at ranks 1 and 3: here the tie wins R@1
+    #   R@1 = 1, R@2 = 1, R@4 = 1;  AP = (1/1 + 2/3) / 2 = 5/6;  INP = 2/3
+    # query 2, pid 9, scores  0   0   0   0
+    #   everything ties: ranking g0, g1, g2, g3; match g3 (last gallery item) at rank 4
+    #   R@1 = 0, R@2 = 0, R@4 = 1;  AP = 1/4;  INP = 1/4
+    #
+    # mean: R@1 = 1/3, R@2 = 2/3, R@4 = 1,
+    #       mAP = (1/2 + 5/6 + 1/4)/3 = 19/36, mINP = (1/2 + 2/3 + 1/4)/3 = 17/36
+    m = metrics_for([[6, 6, 6, 2], [6, 6, 6, 2], [0, 0, 0, 0]], [8, 7, 9], [7, 8, 7, 9], ks=(1, 2, 4))
+    assert m == pytest.approx(
+        {"r1": 100 / 3, "r2": 200 / 3, "r4": 100.0, "mAP": 100 * 19 / 36, "mINP": 100 * 17 / 36}
+    )
 
 
-def reference_metrics(q, g, q_pids, g_pids, ks=(1, 5, 10)):
-    """The obvious way (IRRA's): a full stable sort of every row, then cumulative counts."""
-    q = torch.nn.functional.normalize(q.float(), dim=-1)
-    g = torch.nn.functional.normalize(g.float(), dim=-1)
+def test_matches_interleaved_with_ties_and_last_match_at_the_end() -> None:
+    # gallery:          g0  g1  g2  g3  g4  g5
+    # gallery pids:      1   2   1   2   2   1
+    #
+    # query 0, pid 1, scores  0   4   4   4   4  -6
+    #   g1, g2, g3, g4 tie at 4 and keep gallery order: ranking g1, g2, g3, g4, g0, g5
+    #   matches: g2 at rank 2 (behind the tied non-match g1, ahead of the tied g3 and g4),
+    #            g0 at rank 5, g5 (the last gallery item) at rank 6, the last rank
+    #   R@1 = 0, R@2 = 1, R@5 = 1;  AP = (1/2 + 2/5 + 3/6) / 3 = 7/15;  INP = 3/6 = 1/2
+    m = metrics_for([[0, 4, 4, 4, 4, -6]], [1], [1, 2, 1, 2, 2, 1], ks=(1, 2, 5))
+    assert m == pytest.approx({"r1": 0.0, "r2": 100.0, "r5": 100.0, "mAP": 100 * 7 / 15, "mINP": 50.0})
+
+
+def test_every_query_first_scores_100() -> None:
+    # Each query's matches are its top items: every AP and INP is 1.
+    m = metrics_for([[8, 8, 0, -4], [0, -2, 6, 6]], [3, 5], [3, 3, 5, 5], ks=(1,))
+    assert m == pytest.approx({"r1": 100.0, "mAP": 100.0, "mINP": 100.0})
+
+
+# --------------------------------------------------------------------------------------------
+# A straightforward reference: full stable sort of every row, IRRA's cumulative-count formulas
+# --------------------------------------------------------------------------------------------
+
+
+def reference_rank_metrics(
+    query_feats: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    query_pids: torch.Tensor,
+    gallery_pids: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Rank the whole gallery for every query at once with a stable descending sort, then
+    compute CMC, AP and INP from the match indicator in rank order, the way IRRA's code does."""
+    q = F.normalize(query_feats.float(), dim=1)
+    g = F.normalize(gallery_feats.float(), dim=1)
     order = torch.sort(q @ g.T, dim=1, descending=True, stable=True).indices
-    matches = (g_pids[order] == q_pids[:, None]).double()
-    hits = matches.cumsum(1)
-    out = {f"r{k}": 100 * float((hits[:, k - 1] > 0).double().mean()) for k in ks}
-    pos = torch.arange(1, matches.shape[1] + 1, dtype=torch.float64)
-    ap = (hits / pos * matches).sum(1) / matches.sum(1)
-    last = torch.stack([row.nonzero().max() + 1 for row in matches]).double()
+    matches = (gallery_pids[order] == query_pids[:, None]).double()  # Q x G, in rank order
+    found = matches.cumsum(1)  # matches among the top r, for r = 1..G
+    ranks = torch.arange(1, matches.shape[1] + 1, dtype=torch.float64)
+    num_rel = matches.sum(1)
+    out = {f"r{k}": 100 * float((found[:, min(k, matches.shape[1]) - 1] > 0).double().mean()) for k in ks}
+    ap = (found / ranks * matches).sum(1) / num_rel
+    hardest = (matches * ranks).max(1).values  # rank of the last match
     out["mAP"] = 100 * float(ap.mean())
-    out["mINP"] = 100 * float((matches.sum(1) / last).mean())
+    out["mINP"] = 100 * float((num_rel / hardest).mean())
     return out
 
 
-def exact_tie_features(n: int, dim: int = 8) -> torch.Tensor:
-    """Vectors of four +-1 entries: normalised entries are exactly +-0.5, so every cosine is a
-    multiple of 0.25 computed exactly in any summation order, and exact ties are everywhere."""
-    out = torch.zeros(n, dim)
+def tied_features(n: int, nonzeros: int, generator: torch.Generator) -> torch.Tensor:
+    """n vectors in 16 dims with ``nonzeros`` entries of +-1 (4 or 16, so the norm is 2 or 4 and
+    normalised entries are +-1/2 or +-1/4): cosines are multiples of 1/4 or 1/8, exact, and
+    many of them are equal."""
+    out = torch.zeros(n, 16)
     for i in range(n):
-        cols = torch.randperm(dim)[:4]
-        out[i, cols] = torch.randint(0, 2, (4,)).float() * 2 - 1
+        cols = torch.randperm(16, generator=generator)[:nonzeros]
+        out[i, cols] = torch.randint(0, 2, (nonzeros,), generator=generator).float() * 2 - 1
     return out
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_matches_sort_reference_with_many_ties(seed, chunk):
-    torch.manual_seed(seed)
-    g, q = exact_tie_features(60), exact_tie_features(45)
-    g_pids = torch.randint(0, 9, (60,))
-    q_pids = g_pids[torch.randint(0, 60, (45,))]
-    got = rank_metrics(q, g, q_pids, g_pids, chunk_size=chunk)
-    want = reference_metrics(q, g, q_pids, g_pids)
-    assert got == pytest.approx(want, abs=1e-9)
+def tied_problem(seed: int, nonzeros: int, num_q: int = 37, num_g: int = 53):
+    gen = torch.Generator().manual_seed(seed)
+    q = tied_features(num_q, nonzeros, gen)
+    g = tied_features(num_g, nonzeros, gen)
+    g_pids = torch.randint(0, 8, (num_g,), generator=gen)
+    q_pids = g_pids[torch.randint(0, num_g, (num_q,), generator=gen)]  # every query has a match
+    return q, g, q_pids, g_pids
 
 
-def test_matches_reference_on_continuous_features_and_is_invariant():
-    torch.manual_seed(0)
-    g, q = torch.randn(300, 16), torch.randn(200, 16)
-    g_pids = torch.arange(300) // 4
-    q_pids = g_pids[torch.randint(0, 300, (200,))]
-    got = rank_metrics(q, g, q_pids, g_pids, chunk_size=64)
-    assert got == pytest.approx(reference_metrics(q, g, q_pids, g_pids), abs=1e-9)
-    perm = torch.randperm(200)
-    assert rank_metrics(q[perm] * 3.0, g * 0.5, q_pids[perm], g_pids) == pytest.approx(got, abs=1e-9)
+def test_reference_agrees_with_a_hand_worked_case() -> None:
+    q, g = features_from_scores([[0, 4, 4, 4, 4, -6]])
+    want = reference_rank_metrics(q, g, torch.tensor([1]), torch.tensor([1, 2, 1, 2, 2, 1]), ks=(1, 2))
+    assert want == pytest.approx({"r1": 0.0, "r2": 100.0, "mAP": 100 * 7 / 15, "mINP": 50.0})
 
 
-def test_perfect_retrieval_scores_100():
-    g = torch.eye(6)
-    g_pids = torch.tensor([0, 0, 1, 1, 2, 2])
-    q = g[[0, 2, 4]] + g[[1, 3, 5]]  # each query equally close to both images of its pid
-    m = rank_metrics(q, g, torch.tensor([0, 1, 2]), g_pids)
-    assert m == pytest.approx({"r1": 100.0, "r5": 100.0, "r10": 100.0, "mAP": 100.0, "mINP": 100.0})
+@pytest.mark.parametrize("nonzeros", [4, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_agrees_with_reference_under_ties_for_every_chunk_size(seed: int, nonzeros: int) -> None:
+    q, g, q_pids, g_pids = tied_problem(seed, nonzeros)
+    ks = (1, 3, 5, 10, 100)
+    want = reference_rank_metrics(q, g, q_pids, g_pids, ks)
+    results = [rank_metrics(q, g, q_pids, g_pids, ks=ks, chunk_size=c) for c in (1, 3, 1000)]
+    assert results[0] == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert results[1] == results[0]
+    assert results[2] == results[0]
 
 
-def test_query_without_match_is_refused():
-    with pytest.raises(ValueError, match="1 queries have no matching image"):
-        rank_metrics(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 9]), torch.tensor([0, 1, 2]))
+def test_agrees_with_reference_on_a_wider_gallery_with_tie_counting_in_small_batches(monkeypatch) -> None:
+    # Wide enough that several blocks of rows are sorted in parallel; the tie counter is made to
+    # take one (query, match) pair per batch so its batching is exercised too.
+    monkeypatch.setattr(evaluation, "_TIE_BATCH_ELEMENTS", 1)
+    q, g, q_pids, g_pids = tied_problem(7, 4, num_q=30, num_g=700)
+    want = reference_rank_metrics(q, g, q_pids, g_pids)
+    assert rank_metrics(q, g, q_pids, g_pids, chunk_size=16) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_single_thread_gives_the_same_result() -> None:
+    q, g, q_pids, g_pids = tied_problem(3, 16)
+    want = rank_metrics(q, g, q_pids, g_pids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert rank_metrics(q, g, q_pids, g_pids) == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Invariances
+# --------------------------------------------------------------------------------------------
+
+
+def test_permuting_the_queries_changes_nothing() -> None:
+    q, g, q_pids, g_pids = tied_problem(11, 4)
+    want = rank_metrics(q, g, q_pids, g_pids, chunk_size=5)
+    perm = torch.randperm(q.shape[0], generator=torch.Generator().manual_seed(0))
+    assert rank_metrics(q[perm], g, q_pids[perm], g_pids, chunk_size=5) == pytest.approx(want, rel=1e-12)
+
+
+def test_scaling_the_features_changes_nothing() -> None:
+    q, g, q_pids, g_pids = tied_problem(12, 16)
+    want = rank_metrics(q, g, q_pids, g_pids)
+    assert rank_metrics(q * 3.0, g * 0.25, q_pids, g_pids) == pytest.approx(want, rel=1e-12)
+
+
+def test_any_float_dtype_is_accepted() -> None:
+    # These features are exact in float64 and bfloat16 as well, so the result is the same.
+    q, g, q_pids, g_pids = tied_problem(13, 4)
+    want = rank_metrics(q, g, q_pids, g_pids)
+    assert rank_metrics(q.double(), g.double(), q_pids, g_pids) == want
+    assert rank_metrics(q.bfloat16(), g.bfloat16(), q_pids, g_pids) == want
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_query_without_a_match_is_refused_with_its_index() -> None:
+    q, g = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"2 of 4 queries have no match in the gallery \(query indices 1, 3;"):
+        rank_metrics(q, g, torch.tensor([0, 5, 1, 6]), torch.tensor([0, 1, 1]))
+
+
+def test_an_empty_gallery_is_refused() -> None:
+    with pytest.raises(ValueError, match="2 of 2 queries have no match"):
+        rank_metrics(torch.randn(2, 8), torch.randn(0, 8), torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long))
 
 
 @pytest.mark.parametrize(
-    "shapes",
-    [((2, 4), (3, 5), 2, 3), ((2, 4), (3, 4), 3, 3), ((2, 4), (3, 4), 2, 2)],
+    ("q_shape", "g_shape", "num_q_pids", "num_g_pids", "named"),
+    [
+        ((2, 4), (3, 5), 2, 3, r"query_feats \(2, 4\), gallery_feats \(3, 5\)"),
+        ((2, 4), (3, 4), 3, 3, r"query_feats \(2, 4\).*query_pids \(3,\)"),
+        ((2, 4), (3, 4), 2, 2, r"gallery_feats \(3, 4\).*gallery_pids \(2,\)"),
+        ((8,), (3, 8), 1, 3, r"query_feats \(8,\)"),
+    ],
 )
-def test_shape_mismatches_are_named(shapes):
-    qs, gs, nq, ng = shapes
-    with pytest.raises(ValueError, match=r"\("):
-        rank_metrics(torch.randn(*qs), torch.randn(*gs), torch.zeros(nq, dtype=torch.long),
-                     torch.zeros(ng, dtype=torch.long))
+def test_mismatched_shapes_are_refused_naming_them(q_shape, g_shape, num_q_pids, num_g_pids, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        rank_metrics(
+            torch.randn(*q_shape),
+            torch.randn(*g_shape),
+            torch.zeros(num_q_pids, dtype=torch.long),
+            torch.zeros(num_g_pids, dtype=torch.long),
+        )
+
+
+@pytest.mark.parametrize("kwargs", [{"ks": ()}, {"ks": (0, 5)}, {"chunk_size": 0}])
+def test_bad_ks_or_chunk_size_are_refused(kwargs) -> None:
+    q, g, q_pids, g_pids = tied_problem(0, 4)
+    with pytest.raises(ValueError, match="ks|chunk_size"):
+        rank_metrics(q, g, q_pids, g_pids, **kwargs)
+
+
+def test_non_finite_features_are_refused() -> None:
+    q, g, q_pids, g_pids = tied_problem(0, 4)
+    g[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="gallery_feats contains NaN"):
+        rank_metrics(q, g, q_pids, g_pids)
