@@ -18,6 +18,14 @@ from pathlib import Path
 COMMANDS = ("train", "eval", "demo", "terms", "archs")
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from kd_trainer.data.formats import DatasetFormatError
+    from kd_trainer.models.checkpoint import CheckpointError
+    from kd_trainer.recipe import RecipeError
+
+    return (RecipeError, DatasetFormatError, CheckpointError)
+
+
 def _eval(ns: argparse.Namespace) -> None:
     from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
     from kd_trainer.data.collator import collate_retrieval
@@ -63,7 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("archs", help="list the named architectures")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        _dispatch(ns)
+    except _input_errors() as e:  # a bad recipe, dataset or checkpoint: the message says it all
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
+
+def _dispatch(ns: argparse.Namespace) -> None:
     if ns.command == "train":
         from kd_trainer.run import main as run_main
 

@@ -255,6 +255,7 @@ def embed_dataset(
     accelerator: Any = None,
     num_workers: int = 0,
     desc: str = "embedding",
+    progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item of ``dataset`` (``input_key`` -> ``encode``), with its pid.
 
@@ -269,7 +270,7 @@ def embed_dataset(
                         num_workers=num_workers)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
-    show = accelerator is None or accelerator.is_local_main_process
+    show = (accelerator is None or accelerator.is_local_main_process) and progress
     feats, pids = [], []
     for batch in tqdm(loader, desc=desc, disable=not show, leave=False):
         emb = encode(batch[input_key].to(device)).float()
@@ -299,6 +300,7 @@ def evaluate_retrieval(
     accelerator: Any = None,
     num_workers: int = 0,
     chunk_size: int = 1024,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Text-to-image retrieval metrics of a dual encoder on one split (IRRA protocol).
 
@@ -316,11 +318,11 @@ def evaluate_retrieval(
             g_feats, g_pids = embed_dataset(image_model.encode_image, gallery, "pixel_values",
                                             device=_model_device(image_model), batch_size=batch_size,
                                             collate_fn=collate_fn, accelerator=accelerator,
-                                            num_workers=num_workers, desc="gallery")
+                                            num_workers=num_workers, desc="gallery", progress=progress)
             q_feats, q_pids = embed_dataset(text_model.encode_text, queries, "input_ids",
                                             device=_model_device(text_model), batch_size=batch_size,
                                             collate_fn=collate_fn, accelerator=accelerator,
-                                            num_workers=num_workers, desc="queries")
+                                            num_workers=num_workers, desc="queries", progress=progress)
     finally:
         for m, was_training in modes:
             m.train(was_training)

@@ -146,8 +146,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    recipe = load_recipe(ns.recipe, ns.overrides)
-    return run(recipe)
+    from kd_trainer.cli import _input_errors
+
+    try:
+        recipe = load_recipe(ns.recipe, ns.overrides)
+        return run(recipe)
+    except _input_errors() as e:  # bad recipe, data or checkpoint: the message names it; no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -224,6 +224,7 @@ class DistillationTrainer(Trainer):
             collate_fn=self.data_collator,
             accelerator=self.accelerator,
             num_workers=self.args.dataloader_num_workers,
+            progress=not self.args.disable_tqdm,
         )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)

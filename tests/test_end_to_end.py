@@ -1,0 +1,147 @@
+"""The vertical slice on real files: SynthPEDES on disk -> teacher -> distilled student -> metrics.
+
+Tiny models and a tiny generated dataset, but every layer is the real one: recipe files,
+loaders, transforms, DistillationTrainer, retrieval evaluation, saving and reloading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_trainer.data import load_pedes, with_retrieval_transforms
+from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.data.synth import make_synth_pedes
+from kd_trainer.evaluation import evaluate_retrieval
+from kd_trainer.models.checkpoint import CheckpointError, load_model
+from kd_trainer.recipe import load_recipe
+from kd_trainer.run import run
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_synth_pedes(root / "SynthPEDES", num_identities=24, images_per_identity=(2, 3), image_size=(64, 32), seed=3)
+    return root
+
+
+def write_recipe(folder: Path, name: str, *, out: Path, data_root: Path, terms: list, teacher: dict | None = None,
+                 arch: str = "micro", training: dict | None = None) -> Path:
+    recipe = {
+        "name": name,
+        "seed": 0,
+        "data": {"name": "synth_pedes", "root": str(data_root), "image_size": [32, 16], "context_length": 64},
+        "student": {"arch": arch},
+        "loss": {"terms": terms},
+        "training": {"output_dir": str(out), "num_train_epochs": 2, "per_device_train_batch_size": 16,
+                     "learning_rate": 1e-3, "report_to": "none", "disable_tqdm": True, "use_cpu": True,
+                     **(training or {})},
+    }
+    if teacher:
+        recipe["teacher"] = teacher
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data_root) -> Path:
+    work = tmp_path_factory.mktemp("teacher")
+    out = work / "out"
+    path = write_recipe(work, "teacher", out=out, data_root=data_root,
+                        terms=[{"name": "itc", "temperature": 0.05}, {"name": "sdm", "temperature": 0.05}],
+                        training={"eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True,
+                                  "metric_for_best_model": "r1", "save_total_limit": 1})
+    run(load_recipe(path))
+    return out
+
+
+def test_teacher_run_evaluates_each_epoch_and_saves_everything(teacher_run: Path):
+    for name in ("model.safetensors", "kd_trainer_model.json", "recipe.yaml", "test_results.json"):
+        assert (teacher_run / name).is_file(), name
+    state = json.loads(next(teacher_run.glob("checkpoint-*/trainer_state.json")).read_text())
+    evals = [h for h in state["log_history"] if "eval_r1" in h]
+    assert [h["epoch"] for h in evals] == [1.0, 2.0], "eval_strategy: epoch must evaluate after every epoch"
+    assert state["best_metric"] == max(h["eval_r1"] for h in evals), "metric_for_best_model: r1 selects on eval R@1"
+    metrics = json.loads((teacher_run / "test_results.json").read_text())
+    assert set(metrics) >= {"test_r1", "test_r5", "test_r10", "test_mAP", "test_mINP"}
+    assert 0 <= metrics["test_r1"] <= metrics["test_r5"] <= metrics["test_r10"] <= 100
+
+
+def test_saved_model_reloads_to_identical_metrics(teacher_run: Path, data_root: Path):
+    model = load_model(teacher_run)
+    dsd = with_retrieval_transforms(load_pedes("synth_pedes", data_root), image_size=(32, 16), augment=False,
+                                    context_length=64)
+    again = evaluate_retrieval(model, dsd["test_gallery"], dsd["test_queries"], collate_fn=collate_retrieval,
+                               progress=False)
+    saved = json.loads((teacher_run / "test_results.json").read_text())
+    for k, v in again.items():
+        assert saved[f"test_{k}"] == pytest.approx(v, abs=1e-9), k
+
+
+def test_distilled_student_from_the_teacher_run(tmp_path: Path, teacher_run: Path, data_root: Path):
+    out = tmp_path / "student"
+    path = write_recipe(tmp_path, "student", out=out, data_root=data_root,
+                        terms=[{"name": "itc", "temperature": 0.05}, {"name": "cross_kd"},
+                               {"name": "motis", "side": "both"}],
+                        teacher={"arch": "micro", "checkpoint": str(teacher_run)},
+                        training={"logging_steps": 1})
+    metrics = run(load_recipe(path))
+    assert "test_r1" in metrics
+    state_logs = json.loads((out / "test_results.json").read_text())
+    assert state_logs["test_r1"] == metrics["test_r1"]
+    # The student folder holds the student alone: it reloads as a micro model, no teacher inside.
+    student = load_model(out)
+    assert sum(p.numel() for p in student.parameters()) == sum(
+        p.numel() for p in load_model(teacher_run).parameters())
+
+
+def test_wrong_teacher_architecture_is_a_clear_error(tmp_path: Path, teacher_run: Path, data_root: Path):
+    path = write_recipe(tmp_path, "bad", out=tmp_path / "o", data_root=data_root,
+                        terms=[{"name": "motis"}], teacher={"arch": "tiny-student", "checkpoint": str(teacher_run)})
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        run(load_recipe(path))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def test_python_dash_m_runs_a_recipe_with_overrides(tmp_path: Path, data_root: Path):
+    path = write_recipe(tmp_path, "cli", out=tmp_path / "ignored", data_root=data_root, terms=[{"name": "itc"}])
+    out = tmp_path / "cli_out"
+    proc = subprocess.run([sys.executable, "-m", "kd_trainer", str(path), f"training.output_dir={out}",
+                           "training.max_steps=2", "loss.terms.0.temperature=0.1"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "test_results.json").is_file()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["loss"]["terms"][0]["temperature"] == 0.1
+
+
+def test_accelerate_launch_runs_the_entry_script(tmp_path: Path, data_root: Path):
+    out = tmp_path / "acc_out"
+    path = write_recipe(tmp_path, "acc", out=out, data_root=data_root, terms=[{"name": "itc"}],
+                        training={"max_steps": 2})
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "kd_trainer/run.py", str(path)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "test_results.json").is_file()
+
+
+def test_bad_recipe_key_exits_2_naming_the_key(tmp_path: Path, data_root: Path):
+    path = write_recipe(tmp_path, "bad", out=tmp_path / "o", data_root=data_root, terms=[{"name": "itc"}])
+    proc = subprocess.run([sys.executable, "kd_trainer/run.py", str(path), "training.learning_rat=0.1"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "training.learning_rat" in proc.stderr and "Traceback" not in proc.stderr
