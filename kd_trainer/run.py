@@ -122,6 +122,7 @@ def run(recipe: Recipe) -> dict[str, float]:
         Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the whole log history, every term and evaluation
 
     metrics: dict[str, float] = {}
     if recipe.data.test_split is not None:

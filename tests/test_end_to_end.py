@@ -66,9 +66,10 @@ def teacher_run(tmp_path_factory, data_root) -> Path:
 
 
 def test_teacher_run_evaluates_each_epoch_and_saves_everything(teacher_run: Path):
-    for name in ("model.safetensors", "kd_trainer_model.json", "recipe.yaml", "test_results.json"):
+    for name in ("model.safetensors", "kd_trainer_model.json", "recipe.yaml", "test_results.json",
+                 "trainer_state.json"):
         assert (teacher_run / name).is_file(), name
-    state = json.loads(next(teacher_run.glob("checkpoint-*/trainer_state.json")).read_text())
+    state = json.loads((teacher_run / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_r1" in h]
     assert [h["epoch"] for h in evals] == [1.0, 2.0], "eval_strategy: epoch must evaluate after every epoch"
     assert state["best_metric"] == max(h["eval_r1"] for h in evals), "metric_for_best_model: r1 selects on eval R@1"
