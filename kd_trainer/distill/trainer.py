@@ -35,12 +35,11 @@ from transformers import Trainer
 
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.losses import Features, TermSpec, compute_term, get_term
+from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.recipe import TermConfig
 
 logger = logging.getLogger("kd_trainer")
-
-MODEL_CONFIG_NAME = "kd_trainer_model.json"
 
 
 @dataclass
