@@ -108,7 +108,6 @@ class DistillationTrainer(Trainer):
         self._towers = frozenset().union(*(t.spec.towers(t.config.side) for t in self.active_terms))
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
-        self._eval_loaders: dict[tuple[int, str], Any] = {}
 
     # --- teacher -------------------------------------------------------------------------------
 

@@ -63,8 +63,8 @@ def create_clip(
     ``image_size`` is ``(height, width)``; the visual position grid is ``(H/patch, W/patch)``.
     """
     cfg = get_architecture(arch)
-    size = _hw(image_size if image_size is not None else cfg.pop("image_size", 224))
-    cfg.pop("image_size", None)
+    default_size = cfg.pop("image_size", 224)  # ours, not an open_clip CLIP argument
+    size = _hw(image_size if image_size is not None else default_size)
     patch = _hw(cfg["vision_cfg"].get("patch_size", 16))
     if size[0] % patch[0] or size[1] % patch[1]:
         raise ValueError(f"image_size {size} (H, W) is not divisible by the patch size {patch} of {arch!r}; "
