@@ -15,10 +15,12 @@ import dataclasses
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from kd_trainer.distill.schedules import ScheduleLike
 
 
 class RecipeError(ValueError):
@@ -65,9 +67,11 @@ class ModelConfig(_Strict):
 
 class TermConfig(_Strict):
     name: str = Field(description="A registered loss term (see `kd-trainer terms`).")
-    weight: float = 1.0
+    weight: ScheduleLike = Field(1.0, description="A number, or a schedule (see kd_trainer/distill/schedules.py).")
     temperature: float | None = Field(None, description="Absolute temperature; null uses the term's default.")
     side: Literal["image", "text", "both"] = "both"
+    group: Literal["task", "distill"] | None = Field(
+        None, description="Which side of the alpha mix the term is on; null takes the term's kind (`kd-trainer terms`).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the term.")
 
     @property
@@ -78,6 +82,9 @@ class TermConfig(_Strict):
 
 class LossConfig(_Strict):
     terms: list[TermConfig] = Field(min_length=1)
+    alpha: ScheduleLike | None = Field(
+        None, description="If set: total = alpha * (distill terms) + (1 - alpha) * (task terms), as the original "
+                          "mixes them; each term's own weight applies inside its group. Null: a plain weighted sum.")
 
     @model_validator(mode="after")
     def _unique(self) -> "LossConfig":
@@ -88,13 +95,46 @@ class LossConfig(_Strict):
         return self
 
 
+Trainable = Union[Literal["image", "text", "all"], list[str]]
+
+
+class StageConfig(_Strict):
+    """One stage of a sequential method: its length, what trains, and its loss.
+
+    Every stage starts with a fresh optimizer and learning-rate schedule (see
+    ``kd_trainer/distill/stages.py``), as the original's sequential training does.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Used in logs (`<name>/loss_<term>`) and reports.")
+    epochs: int | None = Field(None, gt=0, description="Length in epochs (exactly one of epochs/steps).")
+    steps: int | None = Field(None, gt=0, description="Length in optimizer steps (exactly one of epochs/steps).")
+    trainable: Trainable = Field(
+        "all", description="image | text | all, or a list of parameter-name prefixes of the student "
+                           "(e.g. clip.visual.transformer.resblocks.9). Everything else is frozen.")
+    learning_rate: float | None = Field(None, gt=0, description="This stage's peak LR; null: training.learning_rate.")
+    eval_hybrids: list[Literal["image", "text"]] | None = Field(
+        None, description="Hybrid pairings evaluated in this stage: image = student image x teacher text, "
+                          "text = teacher image x student text. Null: the tower this stage trains, if only one.")
+    loss: LossConfig
+
+    @model_validator(mode="after")
+    def _length(self) -> "StageConfig":
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"stage {self.name!r} needs exactly one of `epochs` or `steps`")
+        if isinstance(self.trainable, list) and not self.trainable:
+            raise ValueError(f"stage {self.name!r}: `trainable` is an empty list; nothing would train")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name, used in reports and model cards.")
+    method: str | None = Field(None, description="Display label in reports, e.g. 'MoTIS (2 stages)'.")
     seed: int = 42
     data: DataConfig
     student: ModelConfig
     teacher: ModelConfig | None = None
-    loss: LossConfig
+    loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
+    stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
 
     @field_validator("training")
@@ -102,6 +142,31 @@ class Recipe(_Strict):
     def _training_args(cls, v: dict[str, Any]) -> dict[str, Any]:
         validate_training_args(v)
         return v
+
+    @model_validator(mode="after")
+    def _loss_or_stages(self) -> "Recipe":
+        if (self.loss is None) == (self.stages is None):
+            raise ValueError("give exactly one of `loss:` (one stage) or `stages:` (a sequential method)")
+        if self.stages is not None:
+            if not self.stages:
+                raise ValueError("`stages:` is empty")
+            names = [s.name for s in self.stages]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"stage names must be unique, {dup} repeat")
+            fixed = [k for k in ("num_train_epochs", "max_steps") if k in self.training]
+            if fixed:
+                raise ValueError(f"training.{fixed[0]} conflicts with `stages:`: each stage sets its own length "
+                                 "(stages.N.epochs or stages.N.steps)")
+        return self
+
+    @property
+    def all_terms(self) -> list[TermConfig]:
+        """Every term of every stage (the single stage of a `loss:` recipe)."""
+        if self.stages is None:
+            assert self.loss is not None
+            return list(self.loss.terms)
+        return [t for s in self.stages for t in s.loss.terms]
 
 
 # --- TrainingArguments validation -------------------------------------------------------------

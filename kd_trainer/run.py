@@ -98,9 +98,10 @@ def run(recipe: Recipe) -> dict[str, float]:
     args = training_arguments(recipe)
     dsd = prepare_data(recipe)
 
-    terms = resolve_terms(recipe.loss.terms)
+    terms = resolve_terms(recipe.all_terms)
     teacher = None
-    if any(t.spec.needs_teacher for t in terms):
+    hybrids = any(s.eval_hybrids != [] for s in recipe.stages or [])  # null: the stage's trained tower
+    if any(t.spec.needs_teacher for t in terms) or (hybrids and recipe.teacher is not None):
         if recipe.teacher is None:
             raise ValueError(f"terms {[t.key for t in terms if t.spec.needs_teacher]} need a `teacher:` in the recipe")
         teacher = build_model(recipe.teacher, recipe)
@@ -112,7 +113,8 @@ def run(recipe: Recipe) -> dict[str, float]:
     trainer = DistillationTrainer(
         model=student,
         args=args,
-        terms=recipe.loss.terms,
+        terms=recipe.loss,
+        stages=recipe.stages,
         teacher=teacher,
         train_dataset=dsd["train"],
         eval_dataset=eval_split,

@@ -34,10 +34,22 @@ from torch import nn
 from transformers import Trainer
 
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.distill.schedules import evaluate as schedule_value
+from kd_trainer.distill.stages import (
+    Stage,
+    StagedOptimizer,
+    StagedScheduler,
+    StagePlan,
+    StageScheduler,
+    towers_of,
+    trainable_names,
+)
 from kd_trainer.losses import Features, TermSpec, compute_term, get_term
 from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME
 from kd_trainer.models.factory import RetrievalModel
-from kd_trainer.recipe import TermConfig
+from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
+
+STAGES_FILE = "stages.json"
 
 logger = logging.getLogger("kd_trainer")
 
@@ -82,6 +94,8 @@ class DistillationTrainer(Trainer):
 
     The Trainer's ``model`` is the student (with its projections, if any); the teacher is
     *not* a submodule, so checkpoints and ``save_model`` never contain teacher weights.
+    Give either ``terms`` (or a ``LossConfig``) for a plain run, or ``stages`` for a sequential
+    method; the stage machinery is described in :mod:`kd_trainer.distill.stages`.
     """
 
     # compute_loss returns a micro-batch mean: let the Trainer divide by the accumulation steps.
@@ -92,22 +106,111 @@ class DistillationTrainer(Trainer):
         model: RetrievalModel,
         args: Any = None,
         *,
-        terms: Sequence[TermConfig],
+        terms: Sequence[TermConfig] | LossConfig | None = None,
+        stages: Sequence[StageConfig] | None = None,
         teacher: RetrievalModel | None = None,
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.active_terms = resolve_terms(terms)
-        needs_teacher = [t.key for t in self.active_terms if t.spec.needs_teacher]
+        if (terms is None) == (stages is None):
+            raise ValueError("give exactly one of `terms` (a single-stage run) or `stages`")
+        if stages is not None:
+            self.plan = StagePlan.from_configs(stages, has_teacher=teacher is not None)
+        else:
+            loss = terms if isinstance(terms, LossConfig) else LossConfig(terms=list(terms or []))
+            self.plan = StagePlan.single(loss)
+        self.stage_terms = {s.index: resolve_terms(s.loss.terms) for s in self.plan.stages}
+        all_terms = [t for ts in self.stage_terms.values() for t in ts]
+        needs_teacher = [t.key for t in all_terms if t.spec.needs_teacher]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss terms {needs_teacher} need a teacher, but the recipe has no `teacher:`")
-        super().__init__(model=model, args=args, data_collator=data_collator or collate_retrieval, **kwargs)
+        self.stage_params = {s.index: trainable_names(model, s.trainable) for s in self.plan.stages}
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not self.plan.is_single:
+            callbacks.append(StageScheduler(self.plan))
+        super().__init__(model=model, args=args, data_collator=data_collator or collate_retrieval,
+                         callbacks=callbacks, **kwargs)
+        if not self.plan.is_single and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("multi-stage recipes need the staged optimizer, which DeepSpeed and FSDP replace with "
+                             "their own; run each stage as its own recipe, chained with student.checkpoint")
         # No ``**kwargs`` in RetrievalModel.forward already implies this; say it, so no refactor flips it.
         self.model_accepts_loss_kwargs = False
-        self.teacher = self._place_teacher(teacher) if teacher is not None and needs_teacher else None
-        self._towers = frozenset().union(*(t.spec.towers(t.config.side) for t in self.active_terms))
+        wants_teacher = needs_teacher or any(s.eval_hybrids for s in self.plan.stages)
+        self.teacher = self._place_teacher(teacher) if teacher is not None and wants_teacher else None
         self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_count = 0
+        self._term_counts: dict[str, int] = {}
+
+    @property
+    def active_terms(self) -> list[ActiveTerm]:
+        """The terms of the stage the next training step belongs to."""
+        return self.stage_terms[self.current_stage.index]
+
+    @property
+    def current_stage(self) -> Stage:
+        return self.plan.stage_at(self.state.global_step)
+
+    # --- stages: length, optimizer, schedule -----------------------------------------------------
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
+        """Lay the stages out on the step axis once the epoch length is known; the run's length
+        is their sum (a single-stage run keeps the Trainer's own length)."""
+        epochs, per_epoch, examples, samples, total_bs, steps_in_epoch, max_steps = \
+            super().set_initial_training_values(args, dataloader)
+        total = self.plan.resolve(per_epoch, default_steps=max_steps)
+        if total != max_steps:
+            epochs = -(-total // per_epoch)
+            samples = total * total_bs
+        return epochs, per_epoch, examples, samples, total_bs, steps_in_epoch, total
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.plan.is_single or self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = StagedOptimizer(self._stage_optimizer, stage=self.current_stage.index)
+        return self.optimizer
+
+    def _stage_optimizer(self, index: int) -> torch.optim.Optimizer:
+        """A fresh optimizer (the recipe's type and hyper-parameters) over one stage's parameters."""
+        stage = self.plan.stages[index]
+        chosen = set(self.stage_params[index])
+        decay = set(self.get_decay_parameter_names(self.model))
+        named = [(n, p) for n, p in self.model.named_parameters() if n in chosen]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        if stage.learning_rate is not None:
+            kwargs = {**kwargs, "lr": stage.learning_rate}
+        return cls([g for g in groups if g["params"]], **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        staged = optimizer if optimizer is not None else self.optimizer
+        while staged is not None and not isinstance(staged, StagedOptimizer):
+            staged = getattr(staged, "optimizer", None)
+        if staged is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            from transformers import get_scheduler
+
+            def build(index: int, inner: torch.optim.Optimizer) -> Any:
+                n = self.plan.stages[index].num_steps
+                return get_scheduler(self.args.lr_scheduler_type, optimizer=inner,
+                                     num_warmup_steps=self.args.get_warmup_steps(n), num_training_steps=n,
+                                     scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+
+            self.lr_scheduler = StagedScheduler(staged, build)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """Clip only what this stage trains: parameters frozen by name inside a trained tower still
+        get autograd gradients, which are dropped here so they neither count nor move."""
+        if not self.plan.is_single:
+            chosen = set(self.stage_params[self.current_stage.index])
+            for n, p in self.model.named_parameters():
+                if n not in chosen:
+                    p.grad = None
+        return super()._clip_grad_norm(model)
 
     # --- teacher -------------------------------------------------------------------------------
 
@@ -123,14 +226,15 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         return teacher.to(self.accelerator.device)
 
-    def _teacher_features(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        assert self.teacher is not None
-        self.teacher.eval()  # guard against a caller's .train() on everything
+    def _teacher_features(self, inputs: dict[str, torch.Tensor], towers: frozenset[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        if self.teacher is None:
+            return out
+        self.teacher.eval()  # guard against a caller's .train() on everything
         with torch.no_grad():
-            if "teacher_image" in self._towers:
+            if "teacher_image" in towers:
                 out["teacher_image"] = self.teacher.clip.encode_image(inputs["pixel_values"])
-            if "teacher_text" in self._towers:
+            if "teacher_text" in towers:
                 out["teacher_text"] = self.teacher.clip.encode_text(inputs["input_ids"])
         return out
 
@@ -143,13 +247,16 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        need_image = "student_image" in self._towers
-        need_text = "student_text" in self._towers
+        stage = self.current_stage
+        active = self.stage_terms[stage.index]
+        towers = frozenset().union(*(t.spec.towers(t.config.side) for t in active))
+        frozen = {"image", "text"} - towers_of(self.stage_params[stage.index])
         outputs = model(
-            pixel_values=inputs["pixel_values"] if need_image else None,
-            input_ids=inputs["input_ids"] if need_text else None,
+            pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
+            input_ids=inputs["input_ids"] if "student_text" in towers else None,
+            no_grad=tuple(sorted(frozen)),
         )
-        teacher = self._teacher_features(inputs) if self.teacher is not None else {}
+        teacher = self._teacher_features(inputs, towers)
         pids = inputs.get("pids")
         plain = Features(
             student_image=outputs.get("image_embeds"), student_text=outputs.get("text_embeds"), pids=pids, **teacher
@@ -162,18 +269,26 @@ class DistillationTrainer(Trainer):
             pids=pids,
             **teacher,
         )
+        clock = self.plan.clock(self.state.global_step)
+        alpha = schedule_value(stage.loss.alpha, clock) if stage.loss.alpha is not None else None
         total = None
         values: dict[str, torch.Tensor] = {}
-        for term in self.active_terms:
+        for term in active:
             cfg = term.config
             feats = projected if term.spec.direct_compare else plain
             value = compute_term(cfg.name, feats, temperature=cfg.temperature, side=cfg.side, **cfg.kwargs)
-            weighted = cfg.weight * value
+            coef = schedule_value(cfg.weight, clock)
+            if alpha is not None:
+                coef *= alpha if (cfg.group or term.spec.kind) == "distill" else 1.0 - alpha
+            weighted = coef * value
             total = weighted if total is None else total + weighted
             values[term.key] = value.detach()
             values[f"{term.key}_weighted"] = weighted.detach()
+        if alpha is not None:
+            values["alpha"] = torch.tensor(alpha, device=total.device)
         if model.training:
-            self._record(values)
+            prefix = "" if self.plan.is_single else f"{stage.name}/"
+            self._record({prefix + k: v for k, v in values.items()})
         assert total is not None
         return (total, outputs) if return_outputs else total
 
@@ -181,16 +296,27 @@ class DistillationTrainer(Trainer):
         for k, v in values.items():
             v = v.float()
             self._term_sums[k] = self._term_sums[k] + v if k in self._term_sums else v.clone()
-        self._term_count += 1
+            self._term_counts[k] = self._term_counts.get(k, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the per-term means since the last log to a training log (averaged over processes)."""
-        if "loss" in logs and self._term_count:
+        """Add the per-term means since the last log to a training log (averaged over processes).
+
+        Term keys are ``loss_<term>`` and ``loss_<term>_weighted``; in a staged run they carry
+        the stage's name (``image/loss_motis[image]``) and the log says which ``stage`` (1-based)
+        the step belongs to. A window that spans a stage boundary averages each key over its own
+        micro-batches only.
+        """
+        if "loss" in logs and self._term_sums:
             keys = list(self._term_sums)
-            stacked = torch.stack([self._term_sums[k] for k in keys]) / self._term_count
+            stacked = torch.stack([self._term_sums[k] / self._term_counts[k] for k in keys])
             stacked = self.accelerator.reduce(stacked, reduction="mean")
-            logs.update({f"loss_{k}": round(float(v), 6) for k, v in zip(keys, stacked.tolist())})
-            self._term_sums, self._term_count = {}, 0
+            for k, v in zip(keys, stacked.tolist()):
+                stage, _, name = k.rpartition("/")
+                key = name if name == "alpha" else f"loss_{name}"
+                logs[f"{stage}/{key}" if stage else key] = round(float(v), 6)
+            if not self.plan.is_single:
+                logs["stage"] = self.plan.stage_done_at(self.state.global_step).index + 1
+            self._term_sums, self._term_counts = {}, {}
         super().log(logs, start_time)
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -214,17 +340,19 @@ class DistillationTrainer(Trainer):
 
         self._memory_tracker.start()
         model = self.accelerator.unwrap_model(self.model)
-        metrics = evaluate_retrieval(
-            model,
-            split.gallery,
-            split.queries,
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=self.data_collator,
-            accelerator=self.accelerator,
-            num_workers=self.args.dataloader_num_workers,
-            progress=not self.args.disable_tqdm,
-        )
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        common = dict(batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator,
+                      accelerator=self.accelerator, num_workers=self.args.dataloader_num_workers,
+                      progress=not self.args.disable_tqdm)
+        metrics = {f"{metric_key_prefix}_{k}": v
+                   for k, v in evaluate_retrieval(model, split.gallery, split.queries, **common).items()}
+        # Hybrid pairings show whether the tower this stage trains has converged on its own.
+        stage = self.plan.stage_done_at(self.state.global_step)
+        for tower in stage.eval_hybrids if self.teacher is not None else []:
+            image_model, text_model = (model, self.teacher) if tower == "image" else (self.teacher, model)
+            hybrid = evaluate_retrieval(image_model, split.gallery, split.queries, text_model=text_model, **common)
+            metrics.update({f"{metric_key_prefix}_hybrid_{tower}_{k}": v for k, v in hybrid.items()})
+        if not self.plan.is_single:
+            metrics[f"{metric_key_prefix}_stage"] = stage.index + 1
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
@@ -240,6 +368,9 @@ class DistillationTrainer(Trainer):
             model = self.accelerator.unwrap_model(self.model)
             with open(os.path.join(output_dir, MODEL_CONFIG_NAME), "w") as f:
                 json.dump(model_config(model), f, indent=2)
+            if self.plan.steps_per_epoch is not None:  # laid out by a train() call
+                with open(os.path.join(output_dir, STAGES_FILE), "w") as f:
+                    json.dump(self.plan.to_json(), f, indent=2)
 
 
 def model_config(model: RetrievalModel) -> dict[str, Any]:

@@ -7,11 +7,12 @@ Architectures are data, as in open_clip: one small JSON per name, in open_clip's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import open_clip
 import torch
@@ -116,17 +117,24 @@ class RetrievalModel(nn.Module):
         return self.clip.encode_text(input_ids, normalize=normalize)
 
     def forward(
-        self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        no_grad: Collection[str] = (),
     ) -> dict[str, torch.Tensor]:
+        """Embed whichever inputs are given. Towers named in ``no_grad`` (``image``/``text``) run
+        without autograd: a frozen tower of a staged run builds no graph and gets no gradient."""
         out: dict[str, torch.Tensor] = {}
         if pixel_values is not None:
-            out["image_embeds"] = self.clip.encode_image(pixel_values)
-            if self.image_proj is not None:
-                out["image_embeds_proj"] = self.image_proj(out["image_embeds"])
+            with torch.no_grad() if "image" in no_grad else contextlib.nullcontext():
+                out["image_embeds"] = self.clip.encode_image(pixel_values)
+                if self.image_proj is not None:
+                    out["image_embeds_proj"] = self.image_proj(out["image_embeds"])
         if input_ids is not None:
-            out["text_embeds"] = self.clip.encode_text(input_ids)
-            if self.text_proj is not None:
-                out["text_embeds_proj"] = self.text_proj(out["text_embeds"])
+            with torch.no_grad() if "text" in no_grad else contextlib.nullcontext():
+                out["text_embeds"] = self.clip.encode_text(input_ids)
+                if self.text_proj is not None:
+                    out["text_embeds_proj"] = self.text_proj(out["text_embeds"])
         return out
 
 
