@@ -62,7 +62,12 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: str | dict[str, Any] = Field(description="Architecture name (kd_trainer/models/configs/*.json) or dict.")
-    checkpoint: str | None = Field(None, description="Weights to load: a kd_trainer run/output folder or a state-dict file.")
+    checkpoint: str | None = Field(
+        None, description="Weights to load: a kd_trainer run/output folder (continue from an earlier run), an "
+                          "open_clip/OpenAI/TinyCLIP state dict, a Hugging Face CLIPModel folder, or IRRA's best.pth.")
+    config: str | None = Field(
+        None, description="IRRA's configs.yaml for an IRRA checkpoint (the seed's --teacher_model_config); "
+                          "null: the configs.yaml next to the checkpoint.")
 
 
 class TermConfig(_Strict):
@@ -185,7 +190,10 @@ def validate_training_args(training: dict[str, Any]) -> None:
     a string where a float belongs until much later; here both fail at once, naming the key.
     """
     fields = _training_fields()
-    for key, value in training.items():
+    for key, value in list(training.items()):
+        if value is False and "Strategy" in str(fields.get(key)):
+            # YAML 1.1 reads an unquoted `no` as false: `eval_strategy: no` means the strategy "no".
+            training[key] = value = "no"
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
