@@ -3,6 +3,7 @@
 #   make demo                          SynthPEDES: teacher, student without/with KD, results table
 #   make train RECIPE=recipes/x.yaml [ARGS="key.sub=value ..."]
 #   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
+#   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,9 +12,9 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.kd_trainer-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo train eval clean-runs help
+.PHONY: install test test-fast demo train eval report clean-runs help
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,12 @@ SPLIT ?= test
 eval: $(STAMP)
 	@test -n "$(MODEL)" -a -n "$(DATASET)" || (echo "usage: make eval MODEL=runs/<run> DATASET=<name> [ROOT=./data SPLIT=test]"; exit 2)
 	$(PY) -m kd_trainer eval $(MODEL) --dataset $(DATASET) --root $(ROOT) --split $(SPLIT)
+
+RUNS ?= runs
+OUT ?= reports
+REPORT_ARGS ?=
+report: $(STAMP)
+	$(PY) -m kd_trainer report $(RUNS) --out $(OUT) $(REPORT_ARGS)
 
 clean-runs:
 	rm -rf runs/demo

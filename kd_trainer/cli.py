@@ -5,6 +5,7 @@
     kd-trainer eval RUN_DIR --dataset NAME --root DIR [--split test]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
     kd-trainer terms | archs                      list the loss terms / named architectures
+    kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "demo", "terms", "archs")
+COMMANDS = ("train", "eval", "demo", "terms", "archs", "report")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
@@ -46,6 +47,35 @@ def _eval(ns: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _report(ns: argparse.Namespace) -> None:
+    """Table to stdout, files under --out; skipped runs as warnings, bad input as exit 2 (no traceback)."""
+    import warnings
+
+    from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedRunWarning)
+        try:
+            written = write_report(ns.runs, ns.out, with_minp=ns.minp, duplicates=ns.duplicates,
+                                   plots=not ns.no_plots, weighted=ns.weighted)
+        except (ReportError, PlotDependencyError) as e:
+            error: BaseException | None = e
+        else:
+            error = None
+    for w in caught:
+        if issubclass(w.category, SkippedRunWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    print(written["table"])
+    print(f"wrote {written['results']}")
+    for path in written["plots"].values():
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -69,6 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to all three recipes")
     sub.add_parser("terms", help="list the registered loss terms")
     sub.add_parser("archs", help="list the named architectures")
+    p = sub.add_parser("report", help="results table (methods x datasets) and loss-curve plots of finished runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR",
+                   help="run folders, or folders searched recursively for them")
+    p.add_argument("--out", default="reports", help="folder for results.md and <run>_losses.png (default: reports)")
+    p.add_argument("--minp", action="store_true", help="append mINP to each table cell")
+    p.add_argument("--duplicates", choices=["error", "split"], default="error",
+                   help="two runs with one method label on one dataset: stop (default) or give each its own row")
+    p.add_argument("--weighted", action="store_true", help="plot the weighted loss terms")
+    p.add_argument("--no-plots", action="store_true", help="only results.md (no matplotlib needed)")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -89,6 +128,8 @@ def _dispatch(ns: argparse.Namespace) -> None:
         from kd_trainer.demo import run_demo
 
         run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
+    elif ns.command == "report":
+        _report(ns)
     elif ns.command == "terms":
         from kd_trainer.losses import TERMS
 

@@ -1,0 +1,339 @@
+"""kd_trainer.report: the results table, loss-curve data and plots, write_report and `kd-trainer report`.
+
+Every run folder here is written to disk by hand in the exact layout kd_trainer.run leaves
+(recipe.yaml, test_results.json, trainer_state.json, stages.json), with numbers chosen so a
+wrong cell, a swapped column or a misplaced boundary fails a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_trainer.cli import main as cli_main
+from kd_trainer.report import (
+    ReportError,
+    SkippedRunWarning,
+    collect_runs,
+    loss_figure,
+    loss_series,
+    plot_loss_curves,
+    read_curves,
+    read_stages,
+    results_table,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# --------------------------------------------------------------------------- fixtures on disk
+
+
+def write_run(folder: Path, *, name: str, dataset: str, method: str | None = None,
+              results: dict | None = None, history: list[dict] | None = None,
+              stages: list[dict] | None = None, steps_per_epoch: int = 10) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": name, **({"method": method} if method else {}),
+              "data": {"name": dataset, "root": "./data"}, "training": {"output_dir": str(folder)}}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if results is not None:
+        (folder / "test_results.json").write_text(json.dumps(results, indent=2))
+    if history is not None:
+        state = {"global_step": max((h["step"] for h in history), default=0), "log_history": history,
+                 "best_metric": None, "epoch": history[-1]["epoch"] if history else 0}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if stages is not None:
+        (folder / "stages.json").write_text(json.dumps({"steps_per_epoch": steps_per_epoch, "stages": stages}))
+    return folder
+
+
+def metrics_json(r1: float, r5: float, r10: float, mAP: float, mINP: float, **extra: float) -> dict:
+    return {"test_r1": r1, "test_r5": r5, "test_r10": r10, "test_mAP": mAP, "test_mINP": mINP,
+            "test_runtime": 1.5, "test_samples_per_second": 100.0, "epoch": 3.0, **extra}
+
+
+def single_stage_history() -> list[dict]:
+    """A plain run: loss_<term> / loss_<term>_weighted every 5 steps, two evaluations, the summary entry."""
+    h: list[dict] = []
+    for i, step in enumerate([5, 10, 15, 20]):
+        itc, fd = 4.0 - 0.5 * i, 1.0 - 0.1 * i
+        h.append({"epoch": step / 10, "step": step, "loss": round(itc + 0.5 * fd, 6), "learning_rate": 1e-4,
+                  "grad_norm": 2.0, "loss_itc": itc, "loss_itc_weighted": itc,
+                  "loss_fd": fd, "loss_fd_weighted": 0.5 * fd})
+        if step in (10, 20):
+            h.append({"epoch": step / 10, "step": step, "eval_r1": 10.0 + step, "eval_r5": 30.0,
+                      "eval_r10": 40.0, "eval_mAP": 9.0, "eval_mINP": 2.0, "eval_runtime": 0.3})
+    h.append({"epoch": 2.0, "step": 20, "train_loss": 3.1, "train_runtime": 9.9, "total_flos": 0.0})
+    return h
+
+
+THREE_STAGES = [
+    {"index": 1, "name": "image", "start_step": 0, "end_step": 40, "trainable": "image", "epochs": 4},
+    {"index": 2, "name": "text", "start_step": 40, "end_step": 80, "trainable": "text", "epochs": 4},
+    {"index": 3, "name": "joint", "start_step": 80, "end_step": 120, "trainable": "all", "epochs": 4},
+]
+STAGE_TERMS = {  # term -> (unweighted value at log i, weight)
+    "image": ["motis[image]", "st_itc"],
+    "text": ["motis[text]", "ss_itc"],
+    "joint": ["ss_itc", "inter_ss_kl", "st_itc"],  # ss_itc continues from `text`; st_itc comes back
+}
+
+
+def term_value(term: str, step: int) -> float:
+    """A distinct, exactly representable value per (term, step), so any mix-up shows."""
+    return round(sum(map(ord, term)) % 97 / 10 + step / 1000, 6)
+
+
+def multi_stage_history() -> list[dict]:
+    h: list[dict] = []
+    for stage in THREE_STAGES:
+        for step in range(stage["start_step"] + 10, stage["end_step"] + 1, 10):
+            entry = {"epoch": step / 10, "step": step, "learning_rate": 1e-5, "grad_norm": 1.0,
+                     "stage": stage["index"], f"{stage['name']}/alpha": 0.9}
+            total = 0.0
+            for term in STAGE_TERMS[stage["name"]]:
+                v = term_value(term, step)
+                entry[f"{stage['name']}/loss_{term}"] = v
+                entry[f"{stage['name']}/loss_{term}_weighted"] = round(0.9 * v, 6)
+                total += 0.9 * v
+            entry["loss"] = round(total, 6)
+            h.append(entry)
+        h.append({"epoch": stage["end_step"] / 10, "step": stage["end_step"], "eval_r1": 20.0 + stage["index"],
+                  "eval_r5": 40.0, "eval_r10": 50.0, "eval_mAP": 18.0, "eval_mINP": 5.0,
+                  "eval_stage": stage["index"],
+                  **({f"eval_hybrid_{stage['trainable']}_{m}": 30.0 + stage["index"]
+                      for m in ("r1", "r5", "r10", "mAP", "mINP")} if stage["trainable"] != "all" else {})})
+    h.append({"epoch": 12.0, "step": 120, "train_loss": 2.0, "train_runtime": 10.0})
+    return h
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """runs/{clip_kd (single stage, RSTPReid), motis3 (3 stages, RSTPReid), motis_cuhk (CUHK-PEDES),
+    unfinished (recipe and log, no test results)}."""
+    root = tmp_path / "runs"
+    write_run(root / "clip_kd", name="clip_kd_rstp", method="CLIP-KD", dataset="rstpreid",
+              results=metrics_json(41.25, 65.5, 75.125, 33.0, 12.5), history=single_stage_history())
+    write_run(root / "motis3", name="motis3_rstp", method="MoTIS (3 stages)", dataset="rstpreid",
+              results=metrics_json(50.2, 73.78, 82.31, 46.306, 21.0, test_hybrid_text_r1=48.5,
+                                   test_hybrid_text_mAP=44.25),
+              history=multi_stage_history(), stages=THREE_STAGES)
+    write_run(root / "nested" / "motis_cuhk", name="motis3_cuhk", method="MoTIS (3 stages)",
+              dataset="CUHK-PEDES",  # as a user may write it: the report canonicalises
+              results=metrics_json(60.0, 80.004, 87.996, 55.555, 30.0), history=single_stage_history())
+    write_run(root / "unfinished", name="still_training", method="Ours", dataset="icfg_pedes",
+              history=single_stage_history()[:2])
+    return root
+
+
+def parse_table(table: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(column heads, {row label: {column head: cell}}) from a Markdown table."""
+    lines = table.strip().splitlines()
+    split = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    head = split[0]
+    assert set(lines[1]) <= set("|-: "), lines[1]
+    return head, {row[0]: dict(zip(head[1:], row[1:])) for row in split[2:]}
+
+
+# --------------------------------------------------------------------------- collecting runs
+
+
+def test_collect_finds_nested_runs_and_warns_about_the_unfinished_one(runs: Path) -> None:
+    with pytest.warns(SkippedRunWarning, match=r"unfinished.*test_results\.json") as rec:
+        found = collect_runs([runs])
+    assert [r.name for r in found] == ["clip_kd_rstp", "motis3_rstp", "motis3_cuhk"]
+    assert any(str(runs / "unfinished") in str(w.message) for w in rec)
+    cuhk = found[2]
+    assert (cuhk.label, cuhk.dataset, cuhk.dataset_name) == ("MoTIS (3 stages)", "cuhk_pedes", "CUHK-PEDES")
+    assert cuhk.metrics["r1"] == 60.0 and cuhk.folder == runs / "nested" / "motis_cuhk"
+    assert found[1].hybrid == {"text": {"r1": 48.5, "mAP": 44.25}}
+    # a run folder named directly, twice, is one run; the label falls back to the recipe name
+    write_run(runs / "plain", name="itc_only", dataset="rstpreid", results=metrics_json(1, 2, 3, 4, 5))
+    again = collect_runs([runs / "plain", runs / "plain" / "test_results.json"])
+    assert [(r.label, r.name) for r in again] == [("itc_only", "itc_only")]
+
+
+def test_malformed_json_names_the_file(runs: Path) -> None:
+    bad = runs / "motis3" / "test_results.json"
+    bad.write_text('{"test_r1": 50.2,')
+    with pytest.raises(ReportError, match=r"motis3/test_results\.json is not valid JSON"):
+        collect_runs([runs / "motis3"])
+    with pytest.raises(ReportError, match="no such file or folder"):
+        collect_runs([runs / "nope"])
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_results_table_cells(runs: Path) -> None:
+    with pytest.warns(SkippedRunWarning):
+        found = collect_runs([runs])
+    head, rows = parse_table(results_table(found))
+    assert head == ["Method (R@1 / R@5 / R@10 / mAP)", "CUHK-PEDES", "RSTPReid"]  # DATASETS order
+    assert list(rows) == ["CLIP-KD", "MoTIS (3 stages)"]  # order first seen
+    assert rows["MoTIS (3 stages)"]["RSTPReid"] == "50.20 / 73.78 / 82.31 / 46.31"
+    assert rows["MoTIS (3 stages)"]["CUHK-PEDES"] == "60.00 / 80.00 / 88.00 / 55.55"  # 55.555 -> 55.55 (binary)
+    assert rows["CLIP-KD"]["RSTPReid"] == "41.25 / 65.50 / 75.12 / 33.00"
+    assert rows["CLIP-KD"]["CUHK-PEDES"] == "–"
+
+    head, rows = parse_table(results_table(found, with_minp=True, order=["MoTIS (3 stages)", "Ours"],
+                                           datasets=["rstpreid"]))
+    assert head == ["Method (R@1 / R@5 / R@10 / mAP / mINP)", "RSTPReid", "CUHK-PEDES"]
+    assert list(rows) == ["MoTIS (3 stages)", "Ours", "CLIP-KD"]  # given order, a run-less row, the rest
+    assert rows["MoTIS (3 stages)"]["RSTPReid"] == "50.20 / 73.78 / 82.31 / 46.31 / 21.00"
+    assert rows["Ours"] == {"RSTPReid": "–", "CUHK-PEDES": "–"}
+
+
+def test_duplicate_label_and_dataset_is_an_error_or_split_rows(runs: Path) -> None:
+    write_run(runs / "motis3_seed2", name="motis3_rstp_seed2", method="MoTIS (3 stages)", dataset="rstpreid",
+              results=metrics_json(49.0, 72.0, 81.0, 45.0, 20.0))
+    with pytest.warns(SkippedRunWarning):
+        found = collect_runs([runs])
+    with pytest.raises(ReportError) as e:
+        results_table(found)
+    msg = str(e.value)
+    assert "MoTIS (3 stages)" in msg and "RSTPReid" in msg
+    assert str(runs / "motis3") in msg and str(runs / "motis3_seed2") in msg
+
+    _, rows = parse_table(results_table(found, duplicates="split"))
+    assert list(rows) == ["CLIP-KD", "MoTIS (3 stages) [motis3_rstp]", "MoTIS (3 stages) [motis3_rstp_seed2]",
+                          "MoTIS (3 stages)"]  # first seen: runs/motis3_seed2 sorts before runs/nested
+    assert rows["MoTIS (3 stages) [motis3_rstp]"]["RSTPReid"] == "50.20 / 73.78 / 82.31 / 46.31"
+    assert rows["MoTIS (3 stages) [motis3_rstp_seed2]"]["RSTPReid"] == "49.00 / 72.00 / 81.00 / 45.00"
+    assert rows["MoTIS (3 stages)"] == {"CUHK-PEDES": "60.00 / 80.00 / 88.00 / 55.55", "RSTPReid": "–"}
+
+
+# --------------------------------------------------------------------------- loss curves
+
+
+def test_loss_series_multi_stage_matches_the_log(runs: Path) -> None:
+    run = runs / "motis3"
+    series = loss_series(run)
+    assert list(series) == ["motis[image]", "st_itc", "motis[text]", "ss_itc", "inter_ss_kl"]
+    expected_steps = {"motis[image]": [10, 20, 30, 40], "st_itc": [10, 20, 30, 40, 90, 100, 110, 120],
+                      "motis[text]": [50, 60, 70, 80], "ss_itc": [50, 60, 70, 80, 90, 100, 110, 120],
+                      "inter_ss_kl": [90, 100, 110, 120]}
+    for term, (steps, values) in series.items():
+        assert steps == expected_steps[term], term
+        assert values == [term_value(term, s) for s in steps], term
+    weighted = loss_series(run, weighted=True)
+    assert weighted["ss_itc"][1] == [round(0.9 * term_value("ss_itc", s), 6) for s in expected_steps["ss_itc"]]
+
+    curves = read_curves(run)
+    assert curves.boundaries == [40, 80]  # start_step of stages 2 and 3
+    assert [s.name for s in curves.stages] == ["image", "text", "joint"]
+    assert curves.total[0] == list(range(10, 121, 10))
+    assert curves.evals["r1"] == ([40, 80, 120], [21.0, 22.0, 23.0])
+    assert curves.evals["hybrid_image_r1"] == ([40], [31.0])
+    assert curves.evals["hybrid_text_r1"] == ([80], [32.0])
+
+
+def test_stages_inferred_without_stages_json(runs: Path) -> None:
+    (runs / "motis3" / "stages.json").unlink()
+    stages = read_stages(runs / "motis3")
+    assert [(s.index, s.name, s.start_step, s.end_step) for s in stages] == \
+        [(1, "image", 0, 40), (2, "text", 40, 80), (3, "joint", 80, 120)]
+    assert read_stages(runs / "clip_kd") == []  # a plain run has no stages
+
+
+def test_a_window_across_a_boundary_keeps_both_points_in_stage_order(tmp_path: Path) -> None:
+    stages = THREE_STAGES[1:]
+    history = [{"step": 45, "epoch": 4.5, "loss": 1.0, "stage": 2, "text/loss_ss_itc": 2.0},
+               {"step": 85, "epoch": 8.5, "loss": 1.0, "stage": 3,  # joint's key first on purpose
+                "joint/loss_ss_itc": 4.0, "text/loss_ss_itc": 3.0}]
+    run = write_run(tmp_path / "r", name="r", dataset="rstpreid", history=history, stages=stages)
+    assert loss_series(run) == {"ss_itc": ([45, 85, 85], [2.0, 3.0, 4.0])}
+
+
+def test_figure_lines_are_the_series_and_boundaries_are_stage_starts(runs: Path) -> None:
+    run = runs / "motis3"
+    fig = loss_figure(run)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_gid() != "stage-boundary"}
+    series = loss_series(run)
+    assert set(lines) == {*series, "loss (total)"}
+    for term, (steps, values) in series.items():
+        xs, ys = lines[term].get_xdata(), lines[term].get_ydata()
+        kept = [(x, y) for x, y in zip(xs, ys) if not math.isnan(x)]
+        assert kept == list(zip(map(float, steps), values)), term
+    # st_itc is absent from the text stage: its line is broken there, not drawn across it
+    st = list(lines["st_itc"].get_xdata())
+    assert math.isnan(st[4]) and st[3] == 40 and st[5] == 90
+    assert lines["loss (total)"].get_linewidth() > lines["ss_itc"].get_linewidth()
+    vlines = [ln for ln in ax.get_lines() if ln.get_gid() == "stage-boundary"]
+    assert sorted(ln.get_xdata()[0] for ln in vlines) == [40, 80]
+    labels = [t.get_text().strip() for t in ax.texts if t.get_gid() == "stage-label"]
+    assert labels == ["1: image, image", "2: text, text", "3: joint, all"]
+    eval_lines = {ln.get_label(): ln for ln in fig.axes[1].get_lines()}
+    assert list(eval_lines["eval R@1"].get_ydata()) == [21.0, 22.0, 23.0]
+
+
+def test_plot_single_stage_png(runs: Path, tmp_path: Path) -> None:
+    out = plot_loss_curves(runs / "clip_kd", tmp_path / "png" / "clip.png", weighted=True)
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    fig = loss_figure(runs / "clip_kd", total=False)
+    ax = fig.axes[0]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["itc", "fd"]  # no total, no boundaries
+    assert list(ax.get_lines()[1].get_ydata()) == [1.0, 0.9, 0.8, 0.7]
+    assert not ax.texts
+
+
+# --------------------------------------------------------------------------- report and CLI
+
+
+def test_write_report(runs: Path, tmp_path: Path) -> None:
+    with pytest.warns(SkippedRunWarning, match="unfinished"):
+        written = write_report([runs], tmp_path / "reports", with_minp=True)
+    md = written["results"].read_text(encoding="utf-8")
+    assert "| MoTIS (3 stages)" in md and "50.20 / 73.78 / 82.31 / 46.31 / 21.00" in md
+    assert str(runs / "unfinished") in md  # the skipped run is listed, not silently dropped
+    assert "hybrid text (teacher image + student text): R@1 48.50, mAP 44.25" in md
+    assert "last evaluation with hybrid image (student image + teacher text), step 40: R@1 31.00" in md
+    assert sorted(p.name for p in written["plots"].values()) == \
+        ["clip_kd_rstp_losses.png", "motis3_cuhk_losses.png", "motis3_rstp_losses.png"]
+    for p in written["plots"].values():
+        assert p.parent == tmp_path / "reports" and p.read_bytes()[:8] == PNG_MAGIC
+        assert f"]({p.name})" in md
+
+
+def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    cli_main(["report", str(runs), "--out", str(out), "--no-plots"])
+    captured = capsys.readouterr()
+    _, rows = parse_table("\n".join(ln for ln in captured.out.splitlines() if ln.startswith("|")))
+    assert rows["CLIP-KD"]["CUHK-PEDES"] == "–"
+    assert rows["MoTIS (3 stages)"]["RSTPReid"] == "50.20 / 73.78 / 82.31 / 46.31"
+    assert f"wrote {out / 'results.md'}" in captured.out
+    assert "warning: skipped" in captured.err and str(runs / "unfinished") in captured.err
+    assert not list(out.glob("*.png"))
+
+    with pytest.raises(SystemExit) as e:  # only an unfinished run: exit 2 with a message, no traceback
+        cli_main(["report", str(runs / "unfinished"), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: no finished run" in err and "Traceback" not in err
+
+    write_run(runs / "dup", name="again", method="CLIP-KD", dataset="rstpreid", results=metrics_json(1, 2, 3, 4, 5))
+    with pytest.raises(SystemExit) as e:
+        cli_main(["report", str(runs), "--out", str(out), "--no-plots"])
+    assert e.value.code == 2 and str(runs / "dup") in capsys.readouterr().err
+
+
+def test_missing_matplotlib_says_what_to_install(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from kd_trainer.report import PlotDependencyError
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `import matplotlib.figure` now fails
+    with pytest.raises(PlotDependencyError, match=r"pip install 'kd_trainer\[plot\]'"):
+        plot_loss_curves(runs / "clip_kd", tmp_path / "x.png")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["report", str(runs / "clip_kd"), "--out", str(tmp_path / "rep")])
+    assert e.value.code == 2 and "kd_trainer[plot]" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()  # checked before anything is written
