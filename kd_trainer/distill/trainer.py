@@ -16,8 +16,10 @@ when a model accepts loss kwargs and the batch carries ``labels``, the Trainer i
 Batch-dependent terms (every contrastive or relational term: itc, sdm, cross_kd, motis, the KL
 and similarity-distance terms, icl, crd, affinity) compare each sample with the others of its
 micro-batch, so accumulation changes *what they optimise* (k softmaxes over b instead of one
-over k*b): raise ``per_device_train_batch_size``, or use more processes (their features are
-gathered across processes), rather than accumulating, when the batch matters.
+over k*b): raise ``per_device_train_batch_size``, or use more processes, rather than
+accumulating, when the batch matters. Across processes they *are* exact: their features are
+gathered into the global batch (:mod:`kd_trainer.distill.gather`), so N processes of batch b
+optimise what one process of batch N*b does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 from transformers import Trainer
 
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.distill.gather import gather_features
 from kd_trainer.distill.schedules import evaluate as schedule_value
 from kd_trainer.distill.stages import (
     Stage,
@@ -269,13 +272,26 @@ class DistillationTrainer(Trainer):
             pids=pids,
             **teacher,
         )
+        # Batch-dependent terms see the global batch (every process's samples); per-sample terms
+        # keep the local mean, which DDP's gradient averaging turns into the global mean.
+        if self.accelerator.num_processes > 1 and any(t.spec.batch_dependent for t in active):
+            plain_global = gather_features(plain)
+            proj = gather_features(Features(student_image=projected.student_image,
+                                            student_text=projected.student_text))
+            projected_global = Features(**{**vars(plain_global), "student_image": proj.student_image,
+                                           "student_text": proj.student_text})
+        else:
+            plain_global, projected_global = plain, projected
         clock = self.plan.clock(self.state.global_step)
         alpha = schedule_value(stage.loss.alpha, clock) if stage.loss.alpha is not None else None
         total = None
         values: dict[str, torch.Tensor] = {}
         for term in active:
             cfg = term.config
-            feats = projected if term.spec.direct_compare else plain
+            if term.spec.batch_dependent:
+                feats = projected_global if term.spec.direct_compare else plain_global
+            else:
+                feats = projected if term.spec.direct_compare else plain
             value = compute_term(cfg.name, feats, temperature=cfg.temperature, side=cfg.side, **cfg.kwargs)
             coef = schedule_value(cfg.weight, clock)
             if alpha is not None:
