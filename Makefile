@@ -4,6 +4,7 @@
 #   make train RECIPE=recipes/x.yaml [ARGS="key.sub=value ..."]
 #   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
 #   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
+#   make compare                       every method on SynthPEDES (recipes/synth/), then the report
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,9 +13,9 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.kd_trainer-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo train eval report clean-runs help
+.PHONY: install test test-fast demo train eval compare report clean-runs help
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,8p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,14 @@ OUT ?= reports
 REPORT_ARGS ?=
 report: $(STAMP)
 	$(PY) -m kd_trainer report $(RUNS) --out $(OUT) $(REPORT_ARGS)
+
+# The demo's teacher, then every method's SynthPEDES twin (ours_from_motis continues from
+# motis_2stage, so order matters), then one table of all of them.
+SYNTH_METHODS := finetune_itc cross_kd clip_kd motis_2stage conaclip_2stage ours_3stage ours_from_motis
+compare: $(STAMP)
+	@test -f runs/demo/teacher/model.safetensors || $(PY) -m kd_trainer recipes/demo/teacher.yaml
+	@for m in $(SYNTH_METHODS); do echo "== $$m"; $(PY) -m kd_trainer recipes/synth/$$m.yaml || exit 1; done
+	$(PY) -m kd_trainer report runs/demo/teacher runs/synth --out runs/synth/report --minp
 
 clean-runs:
 	rm -rf runs/demo
