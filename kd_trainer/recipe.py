@@ -207,6 +207,9 @@ def validate_training_args(training: dict[str, Any]) -> None:
                              f"{e.errors()[0]['msg']}") from None
         except Exception:  # a type pydantic cannot build a validator for: let TrainingArguments judge it
             continue
+    if training.get("push_to_hub") and not training.get("hub_model_id"):
+        raise ValueError("'training.push_to_hub' needs 'training.hub_model_id' (e.g. your-name/tinyclip-rstpreid-kd): "
+                         "the student's open_clip folder is pushed there at the end of the run")
     if training.get("remove_unused_columns"):
         raise ValueError("'training.remove_unused_columns' must be false: images are decoded and captions "
                          "tokenised on the fly, so the raw columns must reach the transform")

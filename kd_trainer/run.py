@@ -4,8 +4,9 @@
     python -m kd_trainer recipes/finetune_itc.yaml training.num_train_epochs=1
 
 Reads top to bottom like the method section of a paper: load the data, build the
-student (and the frozen teacher if a term needs one), train with the recipe's terms,
-evaluate on the test split, save the student, its metrics and the resolved recipe.
+student (and the frozen teacher if a term needs one), train with the recipe's terms (or
+its stages), evaluate on the test split, save the student, its metrics and the resolved
+recipe, and export it in open_clip's Hub layout (pushed when the recipe asks).
 """
 
 from __future__ import annotations
@@ -85,7 +86,32 @@ def training_arguments(recipe: Recipe) -> Any:
     }
     args = {**defaults, **recipe.training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in recipe.py)
+    # The Trainer's own push would upload checkpoints in our training layout and swap nothing for
+    # open_clip users; export_student pushes the open_clip folder instead, once, at the end.
+    args["push_to_hub"] = False
     return TrainingArguments(**args)
+
+
+def export_student(trainer: Any, recipe: Recipe) -> list[Path]:
+    """Write the student into ``output_dir`` in open_clip's Hub layout (config, safetensors, model
+    card) and push that folder when the recipe's ``training.push_to_hub`` asks for it."""
+    from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
+
+    out = trainer.args.output_dir
+    teacher = None
+    if recipe.teacher is not None:
+        teacher = recipe.teacher.arch if isinstance(recipe.teacher.arch, str) else "custom architecture"
+        if recipe.teacher.checkpoint:
+            teacher += f" ({recipe.teacher.checkpoint})"
+    repo_id = recipe.training.get("hub_model_id")
+    card = ModelCardInfo.from_run_dir(out, teacher=teacher, repo_id=repo_id)
+    files = export_open_clip(trainer.accelerator.unwrap_model(trainer.model), out, card=card)
+    if recipe.training.get("push_to_hub"):
+        url = push_export_to_hub(out, repo_id, token=recipe.training.get("hub_token"),
+                                 private=recipe.training.get("hub_private_repo"),
+                                 revision=recipe.training.get("hub_revision"))
+        logger.info("pushed %s to %s", out, url)
+    return files
 
 
 def run(recipe: Recipe) -> dict[str, float]:
@@ -133,6 +159,8 @@ def run(recipe: Recipe) -> dict[str, float]:
         trainer.save_metrics("test", metrics)
         if trainer.is_world_process_zero():
             logger.info("test metrics: %s", json.dumps(metrics))
+    if trainer.is_world_process_zero():
+        export_student(trainer, recipe)
     trainer.accelerator.wait_for_everyone()
     return metrics
 

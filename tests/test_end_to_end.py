@@ -106,6 +106,65 @@ def test_distilled_student_from_the_teacher_run(tmp_path: Path, teacher_run: Pat
         p.numel() for p in load_model(teacher_run).parameters())
 
 
+def test_output_is_an_open_clip_folder_that_reloads_identically(teacher_run: Path, data_root: Path):
+    import open_clip
+    import torch
+
+    model = load_model(teacher_run)
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{teacher_run}")
+    dsd = with_retrieval_transforms(load_pedes("synth_pedes", data_root), image_size=(32, 16), augment=False,
+                                    context_length=64)
+    batch = collate_retrieval([dsd["test_gallery"][i] | dsd["test_queries"][i] for i in range(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(batch["pixel_values"], normalize=True),
+                                   model.encode_image(batch["pixel_values"]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(clip.encode_text(batch["input_ids"], normalize=True),
+                                   model.encode_text(batch["input_ids"]), atol=1e-6, rtol=0)
+    card = (teacher_run / "README.md").read_text()
+    saved = json.loads((teacher_run / "test_results.json").read_text())
+    assert "library_name: open_clip" in card and f"{saved['test_r1']:.2f}" in card
+
+
+class FakeHfApi:
+    """Records what would be sent to the Hub; no network."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kw):
+        FakeHfApi.calls.append(("create_repo", repo_id, kw.get("repo_type"), kw.get("private")))
+        return None
+
+    def create_branch(self, repo_id, **kw):
+        FakeHfApi.calls.append(("create_branch", repo_id, kw.get("branch")))
+
+    def create_commit(self, repo_id, operations, **kw):
+        FakeHfApi.calls.append(("create_commit", repo_id, kw.get("repo_type"),
+                                sorted((op.path_in_repo, os.path.basename(op.path_or_fileobj)) for op in operations)))
+        return None
+
+
+def test_push_to_hub_uploads_exactly_the_open_clip_folder(tmp_path: Path, data_root: Path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    out = tmp_path / "pushed"
+    path = write_recipe(tmp_path, "pushed", out=out, data_root=data_root, terms=[{"name": "itc"}],
+                        training={"num_train_epochs": 1, "save_strategy": "steps", "save_steps": 1,
+                                  "push_to_hub": True, "hub_model_id": "someone/tiny-student",
+                                  "hub_private_repo": True})
+    run(load_recipe(path))
+    assert any(p.name.startswith("checkpoint-") for p in out.iterdir()), "checkpoints exist and must not be pushed"
+    files = ["README.md", "open_clip_config.json", "open_clip_model.safetensors", "recipe.yaml", "test_results.json"]
+    assert FakeHfApi.calls == [
+        ("create_repo", "someone/tiny-student", "model", True),
+        ("create_commit", "someone/tiny-student", "model", [(f, f) for f in files]),
+    ]
+
+
 def test_wrong_teacher_architecture_is_a_clear_error(tmp_path: Path, teacher_run: Path, data_root: Path):
     path = write_recipe(tmp_path, "bad", out=tmp_path / "o", data_root=data_root,
                         terms=[{"name": "motis"}], teacher={"arch": "tiny-student", "checkpoint": str(teacher_run)})
