@@ -2,7 +2,7 @@
 
     kd-trainer train RECIPE [key.sub=value ...]   run a recipe (same as kd_trainer/run.py)
     kd-trainer RECIPE [key.sub=value ...]         shorthand for train
-    kd-trainer eval RUN_DIR --dataset NAME --root DIR [--split test]
+    kd-trainer eval MODEL --dataset NAME --root DIR [--split test] [--teacher T] [--pairings ...]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
@@ -27,23 +27,62 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (RecipeError, DatasetFormatError, CheckpointError)
 
 
+PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
+
+
+def _load_any(path: str, arch: str | None, image_size: list[int] | None, context_length: int | None,
+              config: str | None) -> object:
+    """A kd_trainer folder, or any checkpoint format the importers know (IRRA, TinyCLIP, OpenAI, ...)."""
+    from kd_trainer.models.importers import model_from_checkpoint
+
+    return model_from_checkpoint(path, arch=arch, image_size=tuple(image_size) if image_size else None,
+                                 context_length=context_length, irra_config=config)
+
+
 def _eval(ns: argparse.Namespace) -> None:
+    """Evaluate a model (and, with --teacher, the teacher and the hybrid pairings) on one split.
+
+    A hybrid pairing embeds the gallery with one model's image tower and the queries with the
+    other's text tower: ``hybrid-image`` = model image x teacher text, ``hybrid-text`` = teacher
+    image x model text, the scores a staged run reports for the tower it trains.
+    """
     from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
     from kd_trainer.data.collator import collate_retrieval
     from kd_trainer.evaluation import evaluate_retrieval, format_metrics
-    from kd_trainer.models.checkpoint import load_model
 
-    model = load_model(ns.model)
+    model = _load_any(ns.model, ns.arch, ns.image_size, ns.context_length, ns.irra_config)
+    teacher = None
+    if ns.teacher:
+        teacher = _load_any(ns.teacher, ns.teacher_arch, ns.image_size, ns.context_length, ns.teacher_config)
+    pairings = ns.pairings or (list(PAIRINGS) if teacher is not None else ["model"])
+    if teacher is None and set(pairings) - {"model"}:
+        raise SystemExit(f"error: pairings {sorted(set(pairings) - {'model'})} need --teacher")
     name = canonical_dataset_name(ns.dataset)
-    dsd = with_retrieval_transforms(load_pedes(name, ns.root), image_size=model.image_size, augment=False,
-                                    context_length=model.context_length, dataset_name=name)
-    if f"{ns.split}_gallery" not in dsd:
-        raise SystemExit(f"{ns.dataset} has no {ns.split!r} split (it has {sorted(dsd)})")
-    metrics = evaluate_retrieval(model, dsd[f"{ns.split}_gallery"], dsd[f"{ns.split}_queries"],
-                                 batch_size=ns.batch_size, collate_fn=collate_retrieval)
-    print(format_metrics({f"{Path(ns.model).name} on {name}/{ns.split}": metrics}))
-    out = Path(ns.output) if ns.output else Path(ns.model) / f"eval_{name}_{ns.split}.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    raw = load_pedes(name, ns.root)
+    if f"{ns.split}_gallery" not in raw:
+        raise SystemExit(f"error: {ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
+
+    def views(m: object) -> object:  # each tower sees the split at its own image size / caption length
+        return with_retrieval_transforms(raw, image_size=m.image_size, augment=False,  # type: ignore[attr-defined]
+                                         context_length=m.context_length, dataset_name=name)  # type: ignore[attr-defined]
+
+    data = {"model": views(model), "teacher": views(teacher) if teacher is not None else None}
+    towers = {"model": ("model", "model"), "teacher": ("teacher", "teacher"),
+              "hybrid-image": ("model", "teacher"), "hybrid-text": ("teacher", "model")}
+    models = {"model": model, "teacher": teacher}
+    results = {}
+    for pairing in pairings:
+        image_side, text_side = towers[pairing]
+        results[pairing] = evaluate_retrieval(
+            models[image_side], data[image_side][f"{ns.split}_gallery"], data[text_side][f"{ns.split}_queries"],
+            text_model=models[text_side], batch_size=ns.batch_size, collate_fn=collate_retrieval)
+    label = {"model": Path(ns.model).name, "teacher": f"teacher ({Path(ns.teacher or '').name})",
+             "hybrid-image": "model image x teacher text", "hybrid-text": "teacher image x model text"}
+    print(f"{name}/{ns.split}, text-to-image (%):")
+    print(format_metrics({label[p]: results[p] for p in pairings}))
+    default_dir = Path(ns.model) if Path(ns.model).is_dir() else Path(ns.model).parent
+    out = Path(ns.output) if ns.output else default_dir / f"eval_{name}_{ns.split}.json"
+    out.write_text(json.dumps(results["model"] if pairings == ["model"] else results, indent=2))
     print(f"wrote {out}")
 
 
@@ -86,13 +125,23 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="run a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("eval", help="evaluate a saved model on a dataset split")
-    p.add_argument("model", help="a kd_trainer output folder")
+    p = sub.add_parser("eval", help="evaluate a model (and hybrid pairings with a teacher) on a dataset split")
+    p.add_argument("model", help="a kd_trainer output folder, or any checkpoint (IRRA best.pth, TinyCLIP/OpenAI/"
+                                 "open_clip weights, a HF CLIPModel or open_clip folder)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--root", default="./data")
     p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--arch", help="architecture of a bare state dict (see `kd-trainer archs`)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="evaluate at this size")
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--irra-config", help="IRRA's configs.yaml (default: next to the checkpoint)")
+    p.add_argument("--teacher", help="a teacher, in any of the model's formats: adds teacher and hybrid pairings")
+    p.add_argument("--teacher-arch")
+    p.add_argument("--teacher-config", help="the teacher's IRRA configs.yaml")
+    p.add_argument("--pairings", nargs="+", choices=PAIRINGS,
+                   help="what to evaluate (default: model; with --teacher, all four)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--output", help="metrics JSON (default: <model>/eval_<dataset>_<split>.json)")
+    p.add_argument("--output", help="metrics JSON (default: eval_<dataset>_<split>.json beside the model)")
     p = sub.add_parser("demo", help="SynthPEDES demo: teacher, student without KD, student with KD")
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")

@@ -58,7 +58,11 @@ def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None 
     model = create_model(cfg.arch, image_size=tuple(recipe.data.image_size),
                          context_length=recipe.data.context_length, projection_dim=projection_dim)
     if cfg.checkpoint:
-        load_weights(model, cfg.checkpoint)
+        # Any known format: a kd_trainer run (continue-from), open_clip/OpenAI/TinyCLIP weights
+        # (position embeddings resized to this image size), a HF CLIPModel folder, IRRA's best.pth.
+        load_weights(model, cfg.checkpoint, irra_config=cfg.config)
+    elif cfg.config:
+        raise ValueError("`config:` (IRRA's configs.yaml) is given without the `checkpoint:` it describes")
     return model
 
 

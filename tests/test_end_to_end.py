@@ -125,6 +125,32 @@ def test_output_is_an_open_clip_folder_that_reloads_identically(teacher_run: Pat
     assert "library_name: open_clip" in card and f"{saved['test_r1']:.2f}" in card
 
 
+def test_eval_command_with_teacher_reports_hybrid_pairings(tmp_path: Path, teacher_run: Path, data_root: Path):
+    from kd_trainer.cli import main as cli_main
+    from kd_trainer.models.factory import create_model
+    import torch
+
+    torch.manual_seed(5)  # a different "student": a random micro model saved as a bare state dict
+    student = create_model("micro", image_size=(32, 16), context_length=64)
+    import safetensors.torch
+
+    safetensors.torch.save_file(student.clip.state_dict(), str(tmp_path / "student.safetensors"))
+    out = tmp_path / "eval.json"
+    cli_main(["eval", str(tmp_path / "student.safetensors"), "--arch", "micro", "--image-size", "32", "16",
+              "--context-length", "64", "--dataset", "synth_pedes", "--root", str(data_root),
+              "--teacher", str(teacher_run), "--output", str(out)])
+    got = json.loads(out.read_text())
+    teacher = load_model(teacher_run)
+    dsd = with_retrieval_transforms(load_pedes("synth_pedes", data_root), image_size=(32, 16), augment=False,
+                                    context_length=64)
+    want = evaluate_retrieval(student, dsd["test_gallery"], dsd["test_queries"], text_model=teacher,
+                              collate_fn=collate_retrieval, progress=False)
+    assert got["hybrid-image"] == pytest.approx(want, abs=1e-9)
+    saved = json.loads((teacher_run / "test_results.json").read_text())
+    assert got["teacher"]["r1"] == pytest.approx(saved["test_r1"], abs=1e-9)
+    assert set(got) == {"model", "teacher", "hybrid-image", "hybrid-text"}
+
+
 class FakeHfApi:
     """Records what would be sent to the Hub; no network."""
 

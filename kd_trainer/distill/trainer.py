@@ -394,7 +394,11 @@ def model_config(model: RetrievalModel) -> dict[str, Any]:
     from kd_trainer.models.factory import get_architecture
 
     proj = model.image_proj.out_features if model.image_proj is not None else None
+    conv = model.clip.visual.conv1
+    # An IRRA teacher may stride its patches by less than their size; load_model rebuilds that.
+    stride = {"stride_size": int(conv.stride[0])} if tuple(conv.stride) != tuple(conv.kernel_size) else {}
     return {
+        **stride,
         "arch": get_architecture(model.arch) if model.arch is not None else None,
         "arch_name": model.arch if isinstance(model.arch, str) else None,
         "image_size": list(model.image_size),
