@@ -118,6 +118,22 @@ def export_student(trainer: Any, recipe: Recipe) -> list[Path]:
     return files
 
 
+def run_info(trainer: Any) -> dict[str, Any]:
+    """Where and how the run ran: processes, device, precision (saved beside the results)."""
+    import torch
+
+    acc = trainer.accelerator
+    return {
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(acc.distributed_type.value),
+        "device": str(acc.device),
+        "mixed_precision": acc.mixed_precision,
+        "global_train_batch_size": trainer.args.per_device_train_batch_size * trainer.args.world_size
+        * trainer.args.gradient_accumulation_steps,
+        "torch": torch.__version__,
+    }
+
+
 def run(recipe: Recipe) -> dict[str, float]:
     """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
     from transformers import set_seed
@@ -152,6 +168,7 @@ def run(recipe: Recipe) -> dict[str, float]:
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
         Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
+        Path(args.output_dir, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the whole log history, every term and evaluation

@@ -142,3 +142,15 @@ def test_synth_variant_runs_to_completion(synth_runs, name):
         evals = {h["eval_stage"]: h for h in history if "eval_stage" in h}
         for i, s in enumerate(recipe.stages):  # the hybrid pairing of the tower a one-tower stage trains
             assert (f"eval_hybrid_{s.trainable}_r1" in evals[i + 1]) == (s.trainable in ("image", "text"))
+
+
+@pytest.mark.parametrize("name,kind,processes", [
+    ("cpu", "NO", 1), ("cpu_2proc", "MULTI_GPU", 2), ("gpu_1", "NO", 1), ("gpu_8", "MULTI_GPU", 8),
+    ("npu_1", "NO", 1), ("npu_8", "MULTI_NPU", 8), ("npu_2x8", "MULTI_NPU", 16),
+    ("deepspeed_zero2", "DEEPSPEED", 8), ("fsdp", "FSDP", 8),
+])
+def test_accelerate_configs_load(name, kind, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert (cfg.distributed_type.value, cfg.num_processes) == (kind, processes)
