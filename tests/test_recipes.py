@@ -154,3 +154,20 @@ def test_accelerate_configs_load(name, kind, processes):
 
     cfg = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
     assert (cfg.distributed_type.value, cfg.num_processes) == (kind, processes)
+
+
+@pytest.mark.slow
+def test_real_ours_3stage_recipe_runs_at_full_size(tmp_path):
+    """The real recipe as written (ViT-B/16 teacher, TinyCLIP-xsmall, 384x128, every stage), with
+    random weights instead of the checkpoints we do not ship and one step per stage."""
+    over = [f"data.root={tmp_path}", "data.name=synth_pedes", "data.test_split=null", "data.eval_split=test",
+            "data.synth={num_identities: 6, images_per_identity: [2, 2], image_size: [96, 48], seed: 0}",
+            "student.checkpoint=null", "teacher.checkpoint=null", "teacher.config=null",
+            "training.per_device_train_batch_size=4", "training.eval_strategy=no", "training.save_strategy=no",
+            "training.dataloader_num_workers=0", "training.logging_steps=1", f"training.output_dir={tmp_path / 'o'}"]
+    over += [f"stages.{i}.{k}" for i in range(3) for k in ("epochs=null", "steps=1")]
+    metrics = _run(ROOT / "recipes" / "ours_3stage.yaml", over)
+    assert metrics == {}
+    history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]
+    assert [h["stage"] for h in history if "loss" in h] == [1, 2, 3]
+    assert (tmp_path / "o" / "open_clip_config.json").is_file()
