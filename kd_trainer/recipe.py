@@ -198,8 +198,8 @@ def validate_training_args(training: dict[str, Any]) -> None:
             close = difflib.get_close_matches(key, list(fields), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown TrainingArguments field 'training.{key}'.{hint}")
-        if value is None:
-            continue
+        if value is None or (key == "resume_from_checkpoint" and isinstance(value, bool)):
+            continue  # resume_from_checkpoint: true means the latest checkpoint in output_dir
         try:
             TypeAdapter(fields[key]).validate_python(value, strict=False)
         except ValidationError as e:

@@ -46,8 +46,9 @@ def prepare_data(recipe: Recipe) -> Any:
         with PartialState().main_process_first():  # one process writes, the others wait and reuse
             make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
     raw = load_pedes(name, cfg.root, skip_unreadable=cfg.skip_unreadable)
+    # Seeded augmentation: the images depend only on (seed, epoch, row), so resuming is exact.
     return with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
-                                     context_length=cfg.context_length, dataset_name=name)
+                                     context_length=cfg.context_length, dataset_name=name, seed=recipe.seed)
 
 
 def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None) -> Any:
@@ -90,6 +91,8 @@ def training_arguments(recipe: Recipe) -> Any:
     }
     args = {**defaults, **recipe.training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in recipe.py)
+    if isinstance(args.get("resume_from_checkpoint"), bool):  # `true`: run() passes it to train()
+        args.pop("resume_from_checkpoint")
     # The Trainer's own push would upload checkpoints in our training layout and swap nothing for
     # open_clip users; export_student pushes the open_clip folder instead, once, at the end.
     args["push_to_hub"] = False
@@ -169,7 +172,8 @@ def run(recipe: Recipe) -> dict[str, float]:
         os.makedirs(args.output_dir, exist_ok=True)
         Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
         Path(args.output_dir, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the whole log history, every term and evaluation
 

@@ -440,3 +440,22 @@ def test_collate_retrieval() -> None:
     assert batch["image_ids"].tolist() == [10, 11, 12]
     with pytest.raises(ValueError, match="item 1 has keys"):
         collate_retrieval([{"pids": 1}, {"image_ids": 2}])
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_row(cuhk: Path) -> None:
+    from kd_trainer.data.pipeline import set_augmentation_epoch
+
+    raw = load_pedes("cuhk_pedes", cuhk)
+    a = with_retrieval_transforms(raw, image_size=(64, 32), augment=True, seed=7)["train"]
+    b = with_retrieval_transforms(raw, image_size=(64, 32), augment=True, seed=7)["train"]
+    torch.manual_seed(0)
+    first = a[1]["pixel_values"]
+    torch.manual_seed(123)  # the global RNG no longer matters ...
+    assert torch.equal(b[1]["pixel_values"], first)
+    assert torch.equal(b[1]["pixel_values"], first)  # ... nor how often the row was read
+    assert set_augmentation_epoch(a, 1)
+    assert not torch.equal(a[1]["pixel_values"], first), "a new epoch draws a new augmentation"
+    assert set_augmentation_epoch(a, 0) and torch.equal(a[1]["pixel_values"], first)
+    unseeded = with_retrieval_transforms(raw, image_size=(64, 32), augment=True)["train"]
+    assert not set_augmentation_epoch(unseeded, 1)
+    assert "row_index" not in a[1]  # a key for the transform, not a model input

@@ -151,6 +151,49 @@ def test_eval_command_with_teacher_reports_hybrid_pairings(tmp_path: Path, teach
     assert set(got) == {"model", "teacher", "hybrid-image", "hybrid-text"}
 
 
+def test_staged_run_resumes_through_the_recipe_to_the_same_weights(tmp_path: Path, teacher_run: Path,
+                                                                   data_root: Path):
+    import shutil
+
+    import safetensors.torch
+
+    out = tmp_path / "staged"
+    recipe = {
+        "name": "staged", "seed": 0,
+        "data": {"name": "synth_pedes", "root": str(data_root), "image_size": [32, 16], "context_length": 64},
+        "student": {"arch": "micro"}, "teacher": {"arch": "micro", "checkpoint": str(teacher_run)},
+        "stages": [
+            {"name": "image", "epochs": 1, "trainable": "image",
+             "loss": {"terms": [{"name": "motis", "side": "image"}, {"name": "st_itc", "temperature": 0.05}]}},
+            {"name": "text", "epochs": 1, "trainable": "text",
+             "loss": {"terms": [{"name": "motis", "side": "text"}, {"name": "ts_itc", "temperature": 0.05}]}},
+        ],
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 16, "learning_rate": 1e-3,
+                     "report_to": "none", "disable_tqdm": True, "use_cpu": True, "save_strategy": "steps",
+                     "save_steps": 1, "eval_strategy": "no", "dataloader_num_workers": 2},
+    }
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run(load_recipe(path))
+    want = safetensors.torch.load_file(str(out / "model.safetensors"))
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    stop = steps[len(steps) // 2]  # mid-run; the plain resume picks the latest checkpoint left
+    for s in steps:
+        if s > stop:
+            shutil.rmtree(out / f"checkpoint-{s}")
+    (out / "model.safetensors").unlink()
+    run(load_recipe(path, ["training.resume_from_checkpoint=true"]))
+    got = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert set(got) == set(want), set(got) ^ set(want)
+    assert all(torch_equal(got[k], want[k]) for k in want), [k for k in want if not torch_equal(got[k], want[k])]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 class FakeHfApi:
     """Records what would be sent to the Hub; no network."""
 

@@ -11,10 +11,20 @@ cached on disk and every epoch sees fresh augmentation. Items come out as
 
 and :func:`kd_trainer.data.collator.collate_retrieval` stacks them. The raw columns of a
 transformed split stay readable with ``split.with_format(None)["pid"]``.
+
+Seeded augmentation. Given a ``seed``, the train split's random augmentation of row ``i`` in
+epoch ``e`` is drawn from its own generator state, seeded by ``(seed, e, i)``, instead of from
+torch's global RNG. The images a run sees then depend on nothing but the seed, the epoch and the
+row: not on the number of DataLoader workers, not on how many batches were skipped, and not on
+when the Trainer restores its RNG state when resuming (transformers restores it only *after*
+drawing the first resumed batch, so an augmentation fed by the global RNG makes a resumed run
+drift from the uninterrupted one). The Trainer sets the epoch (:func:`set_augmentation_epoch`)
+before each epoch's DataLoader iterator is created, which is when worker processes copy it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import datasets
@@ -25,7 +35,15 @@ from kd_trainer.data.formats import open_image
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.data.transforms import build_image_transform
 
-__all__ = ["RetrievalTransform", "with_retrieval_transforms"]
+__all__ = ["RetrievalTransform", "augmentation_seed", "set_augmentation_epoch", "with_retrieval_transforms"]
+
+ROW_COLUMN = "row_index"  # added to a seeded train split: the row's position keys its augmentation
+
+
+def augmentation_seed(seed: int, epoch: int, row: int) -> int:
+    """A stable seed for one row's augmentation in one epoch (not Python's per-process ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class RetrievalTransform:
@@ -36,17 +54,27 @@ class RetrievalTransform:
     """
 
     def __init__(self, image_transform: Callable[[Image.Image], torch.Tensor] | None,
-                 context_length: int, dataset_name: str) -> None:
+                 context_length: int, dataset_name: str, seed: int | None = None) -> None:
         self.image_transform = image_transform
         self.context_length = context_length
         self.dataset_name = dataset_name
+        self.seed = seed
+        self.epoch = 0
+
+    def _image(self, path: str, row: int | None) -> torch.Tensor:
+        assert self.image_transform is not None
+        image = open_image(path, self.dataset_name)
+        if self.seed is None or row is None:
+            return self.image_transform(image)
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's CPU RNG
+            torch.manual_seed(augmentation_seed(self.seed, self.epoch, row))
+            return self.image_transform(image)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if "image_path" in batch and self.image_transform is not None:
-            out["pixel_values"] = torch.stack(
-                [self.image_transform(open_image(p, self.dataset_name)) for p in batch["image_path"]]
-            )
+            rows = batch.get(ROW_COLUMN) or [None] * len(batch["image_path"])
+            out["pixel_values"] = torch.stack([self._image(p, r) for p, r in zip(batch["image_path"], rows)])
         if "caption" in batch:
             out["input_ids"] = tokenize(list(batch["caption"]), self.context_length)
         if "pid" in batch:
@@ -63,17 +91,32 @@ def with_retrieval_transforms(
     augment: bool,
     context_length: int = 77,
     dataset_name: str = "",
+    seed: int | None = None,
 ) -> datasets.DatasetDict:
     """The same splits with on-the-fly transforms: train gets IRRA's training transform
     (``augment`` = ``--img_aug``), every other split the evaluation transform.
 
     ``dataset_name`` is used in error messages; by default the name stored by ``load_pedes``.
+    ``seed`` makes the train split's augmentation a function of (seed, epoch, row) (see above).
     """
     out = datasets.DatasetDict()
     for split, ds in dsd.items():
         name = dataset_name or ds.info.dataset_name or ""
         train = split == "train"
         image_tf = build_image_transform(tuple(image_size), train=train, augment=augment)
-        out[split] = ds.with_transform(RetrievalTransform(image_tf, context_length, name))
+        split_seed = seed if train else None
+        if split_seed is not None:
+            ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
+        out[split] = ds.with_transform(RetrievalTransform(image_tf, context_length, name, seed=split_seed))
     out.skipped_images = list(getattr(dsd, "skipped_images", []))
     return out
+
+
+def set_augmentation_epoch(dataset: Any, epoch: int) -> bool:
+    """Tell a seeded split which epoch is starting; False if it has no seeded transform."""
+    fmt = getattr(dataset, "format", None) or {}
+    transform = (fmt.get("format_kwargs") or {}).get("transform")
+    if isinstance(transform, RetrievalTransform) and transform.seed is not None:
+        transform.epoch = int(epoch)
+        return True
+    return False

@@ -33,9 +33,10 @@ from typing import Any, Sequence
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.data.pipeline import set_augmentation_epoch
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.distill.schedules import evaluate as schedule_value
 from kd_trainer.distill.stages import (
@@ -131,11 +132,15 @@ class DistillationTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not self.plan.is_single:
             callbacks.append(StageScheduler(self.plan))
+        callbacks.append(_AugmentationEpoch(self))
         super().__init__(model=model, args=args, data_collator=data_collator or collate_retrieval,
                          callbacks=callbacks, **kwargs)
         if not self.plan.is_single and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("multi-stage recipes need the staged optimizer, which DeepSpeed and FSDP replace with "
                              "their own; run each stage as its own recipe, chained with student.checkpoint")
+        if self.args.dataloader_persistent_workers and set_augmentation_epoch(self.train_dataset, 0):
+            raise ValueError("dataloader_persistent_workers keeps each worker's copy of the dataset from the first "
+                             "epoch, so the seeded augmentation would repeat every epoch; leave it off")
         # No ``**kwargs`` in RetrievalModel.forward already implies this; say it, so no refactor flips it.
         self.model_accepts_loss_kwargs = False
         wants_teacher = needs_teacher or any(s.eval_hybrids for s in self.plan.stages)
@@ -387,6 +392,18 @@ class DistillationTrainer(Trainer):
             if self.plan.steps_per_epoch is not None:  # laid out by a train() call
                 with open(os.path.join(output_dir, STAGES_FILE), "w") as f:
                     json.dump(self.plan.to_json(), f, indent=2)
+
+
+class _AugmentationEpoch(TrainerCallback):
+    """Tells a seeded train split which epoch begins, before the epoch's DataLoader iterator (and
+    its worker processes) exists; counted from the global step, so a resumed run agrees."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        per_epoch = self.trainer.plan.steps_per_epoch or 1
+        set_augmentation_epoch(self.trainer.train_dataset, state.global_step // per_epoch)
 
 
 def model_config(model: RetrievalModel) -> dict[str, Any]:
