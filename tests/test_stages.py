@@ -162,7 +162,7 @@ def test_alpha_mix_and_schedules_are_logged_per_stage(tmp_path):
         assert h["loss"] == pytest.approx(h["a/loss_motis_weighted"] + h["a/loss_ss_itc_weighted"], rel=1e-4)
     for i, h in enumerate(logs[4:]):
         run_step = 4 + i  # the warm-up counts the run's steps; the linear decay the stage's
-        assert h["b/loss_fd_weighted"] == pytest.approx(4.0 * min(1.0, (run_step + 1) / 4) * h["b/loss_fd"], rel=1e-5)
+        assert h["b/loss_fd_weighted"] == pytest.approx(4.0 * min(1.0, run_step / 4) * h["b/loss_fd"], rel=1e-5)
         assert h["b/loss_ss_itc_weighted"] == pytest.approx(max(0.0, 1 - i / 2) * h["b/loss_ss_itc"], rel=1e-5, abs=1e-9)
         assert "a/loss_motis" not in h
 

@@ -61,18 +61,16 @@ class Constant(_Schedule):
 
 
 class Warmup(_Schedule):
-    """UP/EOD's mimic warm-up: ``value * min(1, (t + 1) / steps)``.
-
-    ``t + 1`` is the step being taken, counted from 1: the first step gets ``value / steps``
-    rather than a wasted zero, and the full weight is reached at the ``steps``-th step.
-    """
+    """UP/EOD's mimic warm-up, as losses.md gives it: ``value * min(1, t / steps)`` on the
+    completed steps ``t`` (so the very first step has weight 0, as UP's iteration 0 does).
+    :func:`kd_trainer.distill.mimic.warmup_weight` is the same ramp for mimic jobs."""
 
     type: Literal["warmup"] = "warmup"
     value: float = 1.0
     steps: int = Field(gt=0, description="Length of the ramp, in `unit`s.")
 
     def at(self, t: int) -> float:
-        return self.value * min(1.0, (t + 1) / self.steps)
+        return self.value * min(1.0, t / self.steps)
 
 
 class Linear(_Schedule):
