@@ -40,6 +40,16 @@ class SynthConfig(_Strict):
     seed: int = 0
 
 
+class ShapesConfig(_Strict):
+    """Only for synth_shapes (the classification example): generate it under ``<root>/SynthShapes``."""
+
+    num_classes: int = 10
+    train_per_class: int = 60
+    test_per_class: int = 20
+    image_size: int = 32
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     name: str = Field(description="cuhk_pedes | icfg_pedes | rstpreid | synth_pedes (case and -/_ insensitive)")
     root: str = Field("./data", description="Folder holding the dataset folder (e.g. ./data/CUHK-PEDES).")
@@ -51,6 +61,7 @@ class DataConfig(_Strict):
     test_split: Literal["val", "test"] | None = Field("test", description="Split evaluated after training; null skips.")
     skip_unreadable: bool = Field(False, description="Drop missing/undecodable images (counted and reported).")
     synth: SynthConfig | None = Field(None, description="Only for synth_pedes: generate the data if missing.")
+    shapes: ShapesConfig | None = Field(None, description="Only for synth_shapes (task: classification).")
 
     @field_validator("image_size")
     @classmethod
@@ -134,10 +145,18 @@ class StageConfig(_Strict):
 class Recipe(_Strict):
     name: str = Field(description="Run name, used in reports and model cards.")
     method: str | None = Field(None, description="Display label in reports, e.g. 'MoTIS (2 stages)'.")
+    task: Literal["retrieval", "classification"] = Field(
+        "retrieval", description="retrieval: CLIP dual encoders (the default); classification: torchvision "
+                                 "classifiers on synth_shapes, distilled with mimic jobs only.")
     seed: int = 42
     data: DataConfig
     student: ModelConfig
     teacher: ModelConfig | None = None
+    teachers: dict[str, ModelConfig] | None = Field(
+        None, description="Named teachers for `mimic:` jobs (teacher0, teacher1, ...), as in UP/EOD.")
+    mimic: dict[str, Any] | None = Field(
+        None, description="UP/EOD mimic config, either shape of ../shared/seeds/002 (one job, or "
+                          "mimic_as_jobs: true with mimic_job0, mimic_job1, ...).")
     loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
     stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
@@ -148,8 +167,30 @@ class Recipe(_Strict):
         validate_training_args(v)
         return v
 
+    @field_validator("mimic")
+    @classmethod
+    def _mimic_parses(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from kd_trainer.distill.mimic import parse_mimic
+
+            parse_mimic(v)  # errors name the key (mimic.mimic_job1.teacher0.mimic_name ...)
+        return v
+
     @model_validator(mode="after")
     def _loss_or_stages(self) -> "Recipe":
+        if self.mimic is not None:
+            from kd_trainer.distill.mimic import parse_mimic
+
+            named = {t for job in parse_mimic(self.mimic) for t in job.teachers}
+            known = set(self.teachers or {}) | ({"teacher"} if self.teacher is not None else set())
+            if named - known:
+                raise ValueError(f"mimic jobs name teachers {sorted(named - known)}, but the recipe defines "
+                                 f"{sorted(known) or 'none'} (under `teachers:`, or `teacher:` as 'teacher')")
+        if self.task == "classification":
+            if self.loss is not None or self.stages is not None:
+                raise ValueError("task: classification trains with cross-entropy plus `mimic:` jobs; "
+                                 "`loss:`/`stages:` hold retrieval terms")
+            return self
         if (self.loss is None) == (self.stages is None):
             raise ValueError("give exactly one of `loss:` (one stage) or `stages:` (a sequential method)")
         if self.stages is not None:
@@ -169,8 +210,7 @@ class Recipe(_Strict):
     def all_terms(self) -> list[TermConfig]:
         """Every term of every stage (the single stage of a `loss:` recipe)."""
         if self.stages is None:
-            assert self.loss is not None
-            return list(self.loss.terms)
+            return list(self.loss.terms) if self.loss is not None else []
         return [t for s in self.stages for t in s.loss.terms]
 
 

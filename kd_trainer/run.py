@@ -137,8 +137,50 @@ def run_info(trainer: Any) -> dict[str, Any]:
     }
 
 
+def run_classification(recipe: Recipe) -> dict[str, float]:
+    """The classification example: SynthShapes, torchvision classifiers, cross-entropy plus the
+    recipe's UP/EOD mimic jobs from its named teachers. Same recipe, Trainer and logging machinery."""
+    import torch
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from kd_trainer.data.shapes import ShapesDataset, make_synth_shapes
+    from kd_trainer.distill.mimic import parse_mimic_config
+    from kd_trainer.distill.mimic_trainer import MimicTrainer
+    from kd_trainer.models.classifier import load_classifier
+
+    set_seed(recipe.seed)
+    if recipe.data.name != "synth_shapes" or recipe.data.shapes is None:
+        raise ValueError("task: classification runs on data.name: synth_shapes with a data.shapes block")
+    folder = Path(recipe.data.root) / "SynthShapes"
+    with PartialState().main_process_first():
+        make_synth_shapes(folder, **recipe.data.shapes.model_dump())
+    train, test = ShapesDataset(folder, "train", train=True), ShapesDataset(folder, "test", train=False)
+    classes = recipe.data.shapes.num_classes
+    teachers = {name: load_classifier(str(cfg.arch), classes, cfg.checkpoint)
+                for name, cfg in (recipe.teachers or {}).items()}
+    mimic = parse_mimic_config(recipe.mimic) if recipe.mimic is not None else None
+    student = load_classifier(str(recipe.student.arch), classes, recipe.student.checkpoint)
+    args = training_arguments(recipe)
+    sample = torch.stack([train[i]["pixel_values"] for i in range(2)])
+    trainer = MimicTrainer(model=student, args=args, teachers=teachers, jobs=mimic.jobs if mimic else (),
+                           task_loss=mimic.task_loss if mimic else True, sample_inputs=sample,
+                           train_dataset=train, eval_dataset=test)
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
+    trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint") or None)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    metrics = trainer.evaluate(test, metric_key_prefix="test")
+    trainer.save_metrics("test", metrics)
+    return metrics
+
+
 def run(recipe: Recipe) -> dict[str, float]:
     """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
+    if recipe.task == "classification":
+        return run_classification(recipe)
     from transformers import set_seed
 
     from kd_trainer.distill.trainer import DistillationTrainer, resolve_terms
