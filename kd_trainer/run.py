@@ -190,9 +190,15 @@ def run(recipe: Recipe) -> dict[str, float]:
     dsd = prepare_data(recipe)
 
     terms = resolve_terms(recipe.all_terms)
+    jobs = []
+    if recipe.mimic is not None:
+        from kd_trainer.distill.mimic import parse_mimic
+
+        jobs = parse_mimic(recipe.mimic)
+    mimic_named = {t for job in jobs for t in job.teachers}
     teacher = None
     hybrids = any(s.eval_hybrids != [] for s in recipe.stages or [])  # null: the stage's trained tower
-    if any(t.spec.needs_teacher for t in terms) or (hybrids and recipe.teacher is not None):
+    if any(t.spec.needs_teacher for t in terms) or ((hybrids or "teacher" in mimic_named) and recipe.teacher):
         if recipe.teacher is None:
             raise ValueError(f"terms {[t.key for t in terms if t.spec.needs_teacher]} need a `teacher:` in the recipe")
         teacher = build_model(recipe.teacher, recipe)
@@ -207,6 +213,8 @@ def run(recipe: Recipe) -> dict[str, float]:
         terms=recipe.loss,
         stages=recipe.stages,
         teacher=teacher,
+        mimic=jobs,
+        mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
         train_dataset=dsd["train"],
         eval_dataset=eval_split,
     )

@@ -194,6 +194,42 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
+def test_retrieval_recipe_with_mimic_jobs_on_clip_layers(tmp_path: Path, teacher_run: Path, data_root: Path):
+    """UP-style mimic on CLIP towers beside the embedding terms: hidden states through a linear
+    adapter, and text attention maps recomputed from the hooked block inputs."""
+    from kd_trainer.models.checkpoint import load_model as reload
+
+    out = tmp_path / "mimic"
+    mimic = {"mimic_as_jobs": True,
+             "mimic_job0": {"loss_weight": 1.0, "adapter": "linear", "cfgs": {"loss": {"type": "cosine"}},
+                            "teacher": {"mimic_name": ["clip.visual.transformer.resblocks.0"]},
+                            "student": {"mimic_name": ["clip.visual.transformer.resblocks.0"]}},
+             "mimic_job1": {"loss_weight": 0.5, "warm_up_iters": 2, "cfgs": {"loss": {"type": "kld"}},
+                            "teacher": {"mimic_name": ["clip.transformer.resblocks.0@attn"]},
+                            "student": {"mimic_name": ["clip.transformer.resblocks.0@attn"]}}}
+    path = write_recipe(tmp_path, "mimic", out=out, data_root=data_root, terms=[{"name": "itc", "temperature": 0.05}],
+                        teacher={"arch": "micro", "checkpoint": str(teacher_run)},
+                        training={"num_train_epochs": 1, "logging_steps": 1})
+    raw = yaml.safe_load(path.read_text())
+    raw["mimic"] = mimic
+    path.write_text(yaml.safe_dump(raw))
+    run(load_recipe(path))
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    for h in logs:
+        assert h["mimic/mimic_job0/teacher/cosine"] >= 0 and h["mimic/mimic_job1/teacher/kld"] >= 0
+        ramp = min(1.0, (h["step"] - 1) / 2)
+        assert h["mimic/mimic_job1/weighted"] == pytest.approx(0.5 * ramp * h["mimic/mimic_job1/teacher/kld"],
+                                                               rel=1e-4, abs=2e-6)
+        assert h["loss"] == pytest.approx(h["loss_itc_weighted"] + h["mimic/total"], rel=1e-4, abs=1e-5)
+    # The adapter trains and saves with the student, and is dropped where the dual encoder is used.
+    import safetensors.torch
+
+    assert any(k.startswith("mimic_head.") for k in safetensors.torch.load_file(str(out / "model.safetensors")))
+    assert not any("mimic" in k for k in safetensors.torch.load_file(str(out / "open_clip_model.safetensors")))
+    reloaded = reload(out)
+    assert not hasattr(reloaded, "mimic_head")
+
+
 class FakeHfApi:
     """Records what would be sent to the Hub; no network."""
 

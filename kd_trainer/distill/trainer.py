@@ -24,6 +24,7 @@ optimise what one process of batch N*b does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -113,6 +114,8 @@ class DistillationTrainer(Trainer):
         terms: Sequence[TermConfig] | LossConfig | None = None,
         stages: Sequence[StageConfig] | None = None,
         teacher: RetrievalModel | None = None,
+        mimic: Sequence[Any] = (),
+        mimic_teachers: dict[str, RetrievalModel] | None = None,
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -129,6 +132,8 @@ class DistillationTrainer(Trainer):
         if needs_teacher and teacher is None:
             raise ValueError(f"loss terms {needs_teacher} need a teacher, but the recipe has no `teacher:`")
         self.stage_params = {s.index: trainable_names(model, s.trainable) for s in self.plan.stages}
+        self.mimic = self._mimic_engine(model, teacher, mimic, mimic_teachers or {}, kwargs.get("train_dataset"),
+                                        data_collator or collate_retrieval)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not self.plan.is_single:
             callbacks.append(StageScheduler(self.plan))
@@ -145,6 +150,9 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         wants_teacher = needs_teacher or any(s.eval_hybrids for s in self.plan.stages)
         self.teacher = self._place_teacher(teacher) if teacher is not None and wants_teacher else None
+        if self.mimic is not None:
+            for t in self.mimic.teachers.values():
+                self._place_teacher(t)
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_counts: dict[str, int] = {}
 
@@ -220,6 +228,28 @@ class DistillationTrainer(Trainer):
                     p.grad = None
         return super()._clip_grad_norm(model)
 
+    # --- mimic jobs (UP/EOD feature distillation, any named module) ----------------------------
+
+    @staticmethod
+    def _mimic_engine(model: RetrievalModel, teacher: RetrievalModel | None, jobs: Sequence[Any],
+                      named: dict[str, RetrievalModel], train_dataset: Any, collate: Any) -> Any:
+        """The jobs' engine, with its adapters built from one real batch and attached to the student
+        (``mimic_head``) so they train, checkpoint and resume with it; None without jobs."""
+        if not jobs:
+            return None
+        from kd_trainer.distill.mimic import MimicEngine
+
+        teachers = {**({"teacher": teacher} if teacher is not None else {}), **named}
+        engine = MimicEngine(model, teachers, list(jobs))
+        if train_dataset is None:
+            raise ValueError("mimic jobs need a train_dataset to size their adapters")
+        batch = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
+        engine.build_adapters(student_forward=lambda m: m(pixel_values=batch["pixel_values"],
+                                                          input_ids=batch["input_ids"]),
+                              teacher_forward=lambda n, t: _both_towers(t, batch))
+        model.mimic_head = engine.head
+        return engine
+
     # --- teacher -------------------------------------------------------------------------------
 
     def _place_teacher(self, teacher: RetrievalModel) -> RetrievalModel:
@@ -259,12 +289,20 @@ class DistillationTrainer(Trainer):
         active = self.stage_terms[stage.index]
         towers = frozenset().union(*(t.spec.towers(t.config.side) for t in active))
         frozen = {"image", "text"} - towers_of(self.stage_params[stage.index])
-        outputs = model(
-            pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
-            input_ids=inputs["input_ids"] if "student_text" in towers else None,
-            no_grad=tuple(sorted(frozen)),
-        )
-        teacher = self._teacher_features(inputs, towers)
+        capture = self.mimic.capture() if self.mimic is not None else contextlib.nullcontext()
+        with capture as cap:
+            if self.mimic is not None:  # hooked modules may sit in either tower: run both
+                towers = towers | {"student_image", "student_text"}
+            outputs = model(
+                pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
+                input_ids=inputs["input_ids"] if "student_text" in towers else None,
+                no_grad=tuple(sorted(frozen)),
+            )
+            teacher = self._teacher_features(inputs, towers)
+            mimic = None
+            if self.mimic is not None:
+                self.mimic.run_teachers(forward=lambda n, t: _both_towers(t, inputs))
+                mimic = self.mimic.losses(cap.student, cap.teachers, step=self.state.global_step)
         pids = inputs.get("pids")
         plain = Features(
             student_image=outputs.get("image_embeds"), student_text=outputs.get("text_embeds"), pids=pids, **teacher
@@ -305,6 +343,9 @@ class DistillationTrainer(Trainer):
             total = weighted if total is None else total + weighted
             values[term.key] = value.detach()
             values[f"{term.key}_weighted"] = weighted.detach()
+        if mimic is not None:  # UP's mimic: its own weights and warm-up, added to the terms' total
+            total = mimic["mimic/total"] if total is None else total + mimic["mimic/total"]
+            values.update({k.replace("/", "|"): v.detach() for k, v in mimic.items()})
         if alpha is not None:
             values["alpha"] = torch.tensor(alpha, device=total.device)
         if model.training:
@@ -333,6 +374,9 @@ class DistillationTrainer(Trainer):
             stacked = self.accelerator.reduce(stacked, reduction="mean")
             for k, v in zip(keys, stacked.tolist()):
                 stage, _, name = k.rpartition("/")
+                if name.startswith("mimic|"):  # mimic/<job>/<teacher>/<loss>, as the mimic engine names it
+                    logs[name.replace("|", "/")] = round(float(v), 6)
+                    continue
                 key = name if name == "alpha" else f"loss_{name}"
                 logs[f"{stage}/{key}" if stage else key] = round(float(v), 6)
             if not self.plan.is_single:
@@ -392,6 +436,13 @@ class DistillationTrainer(Trainer):
             if self.plan.steps_per_epoch is not None:  # laid out by a train() call
                 with open(os.path.join(output_dir, STAGES_FILE), "w") as f:
                     json.dump(self.plan.to_json(), f, indent=2)
+
+
+def _both_towers(model: RetrievalModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a CLIP's two towers (so hooks in either capture); a teacher's call, under the engine's no_grad."""
+    device = next(model.parameters()).device
+    return (model.clip.encode_image(batch["pixel_values"].to(device)),
+            model.clip.encode_text(batch["input_ids"].to(device)))
 
 
 class _AugmentationEpoch(TrainerCallback):

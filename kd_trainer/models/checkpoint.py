@@ -30,7 +30,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Weight files of other code bases' folders (open_clip's save_pretrained layout, an IRRA run folder).
 FOREIGN_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "best.pth")
 MODEL_CONFIG_NAME = "kd_trainer_model.json"
-PROJECTION_PREFIXES = ("image_proj.", "text_proj.")
+PROJECTION_PREFIXES = ("image_proj.", "text_proj.", "mimic_head.")  # training-only: projections, mimic adapters
 _PROJECTION_PREFIXES = PROJECTION_PREFIXES  # the name before importers.py existed
 
 

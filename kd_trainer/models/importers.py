@@ -78,7 +78,7 @@ OPENAI_ARCHS = {"ViT-B/16": "clip-vit-b16"}
 RULE_IRRA_HEAD = "IRRA-only head tensors (ID classifier and MLM heads; not part of the embeddings)"
 RULE_JIT_METADATA = "OpenAI TorchScript metadata (the model's own config holds these)"
 RULE_HF_POSITION_IDS = "Hugging Face position_ids buffers (an arange the model rebuilds)"
-RULE_PROJECTION = "training-only projection tensors"
+RULE_PROJECTION = "training-only projection or mimic adapter tensors"
 
 VISUAL_POS = "clip.visual.positional_embedding"
 TEXT_POS = "clip.positional_embedding"
