@@ -5,6 +5,7 @@
 #   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
 #   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
 #   make compare                       every method on SynthPEDES (recipes/synth/), then the report
+#   make bench [BENCH_ARGS=--quick]    step/eval/loader timings and the KD-cost ratios (CPU or GPU)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,9 +14,9 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.kd_trainer-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo train eval compare report clean-runs help
+.PHONY: install test test-fast demo train eval compare bench report clean-runs help
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +62,10 @@ compare: $(STAMP)
 	@test -f runs/demo/teacher/model.safetensors || $(PY) -m kd_trainer recipes/demo/teacher.yaml
 	@for m in $(SYNTH_METHODS); do echo "== $$m"; $(PY) -m kd_trainer recipes/synth/$$m.yaml || exit 1; done
 	$(PY) -m kd_trainer report runs/demo/teacher runs/synth --out runs/synth/report --minp
+
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) bench/bench_kd.py $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs/demo

@@ -4,6 +4,7 @@
     kd-trainer RECIPE [key.sub=value ...]         shorthand for train
     kd-trainer eval MODEL --dataset NAME --root DIR [--split test] [--teacher T] [--pairings ...]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
+    kd-trainer cache-teacher RECIPE [--out DIR]   embed the train set with the teacher once (teacher.cache)
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
 """
@@ -16,15 +17,16 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "demo", "terms", "archs", "report")
+COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher")
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     from kd_trainer.data.formats import DatasetFormatError
     from kd_trainer.models.checkpoint import CheckpointError
+    from kd_trainer.distill.cache import CacheMismatchError
     from kd_trainer.recipe import RecipeError
 
-    return (RecipeError, DatasetFormatError, CheckpointError)
+    return (RecipeError, DatasetFormatError, CheckpointError, CacheMismatchError)
 
 
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
@@ -84,6 +86,29 @@ def _eval(ns: argparse.Namespace) -> None:
     out = Path(ns.output) if ns.output else default_dir / f"eval_{name}_{ns.split}.json"
     out.write_text(json.dumps(results["model"] if pairings == ["model"] else results, indent=2))
     print(f"wrote {out}")
+
+
+def _cache_teacher(ns: argparse.Namespace) -> None:
+    """One teacher pass over the recipe's training set: the cache `teacher.cache` then points to."""
+    from kd_trainer.data import canonical_dataset_name
+    from kd_trainer.distill.cache import build_teacher_cache
+    from kd_trainer.recipe import RecipeError, load_recipe
+    from kd_trainer.run import build_model, prepare_data, replay_config
+
+    recipe = load_recipe(ns.recipe, ns.overrides)
+    if recipe.teacher is None:
+        raise RecipeError(f"{ns.recipe} has no `teacher:`; there is nothing to cache")
+    out = ns.out or recipe.teacher.cache
+    if not out:
+        raise RecipeError("say where the cache goes: --out DIR, or teacher.cache in the recipe")
+    dsd = prepare_data(recipe)
+    teacher = build_model(recipe.teacher.model_copy(update={"cache": None}), recipe)
+    cfg = replay_config(recipe)
+    path = build_teacher_cache(teacher, dsd.raw_train, out, image_size=cfg.image_size, augment=cfg.augment,
+                               context_length=cfg.context_length, num_draws=cfg.num_draws, seed=cfg.seed,
+                               batch_size=ns.batch_size, dataset_name=canonical_dataset_name(recipe.data.name),
+                               progress=True, num_workers=ns.num_workers, precision=ns.precision)
+    print(f"wrote the teacher cache to {path}; train from it with teacher.cache={path}")
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -146,6 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to all three recipes")
+    p = sub.add_parser("cache-teacher", help="embed the training set with the recipe's teacher once (K draws)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", help="cache folder (default: the recipe's teacher.cache)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp32 on CPU, bf16 autocast on GPU (embeddings are stored in fp32 either way)")
     sub.add_parser("terms", help="list the registered loss terms")
     sub.add_parser("archs", help="list the named architectures")
     p = sub.add_parser("report", help="results table (methods x datasets) and loss-curve plots of finished runs")
@@ -179,6 +212,8 @@ def _dispatch(ns: argparse.Namespace) -> None:
         run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
     elif ns.command == "report":
         _report(ns)
+    elif ns.command == "cache-teacher":
+        _cache_teacher(ns)
     elif ns.command == "terms":
         from kd_trainer.losses import TERMS
 

@@ -79,6 +79,13 @@ class ModelConfig(_Strict):
     config: str | None = Field(
         None, description="IRRA's configs.yaml for an IRRA checkpoint (the seed's --teacher_model_config); "
                           "null: the configs.yaml next to the checkpoint.")
+    cache: str | None = Field(
+        None, description="Teacher only: a cache written by `kd-trainer cache-teacher` (text embeddings, and "
+                          "image embeddings of `cache_draws` replayed augmentations per image); embedding-level "
+                          "terms read it instead of running the teacher.")
+    cache_draws: int = Field(8, gt=0, description="Augmentation draws per image in the cache (K).")
+    cache_seed: int = Field(0, description="Seeds the cached draws; kept apart from the run's seed so that "
+                                           "changing the run's seed does not invalidate the cache.")
 
 
 class TermConfig(_Strict):
@@ -178,6 +185,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _loss_or_stages(self) -> "Recipe":
+        if self.student.cache is not None:
+            raise ValueError("student.cache: only a teacher's embeddings can be cached (teacher.cache)")
         if self.mimic is not None:
             from kd_trainer.distill.mimic import parse_mimic
 

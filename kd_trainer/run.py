@@ -47,8 +47,34 @@ def prepare_data(recipe: Recipe) -> Any:
             make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
     raw = load_pedes(name, cfg.root, skip_unreadable=cfg.skip_unreadable)
     # Seeded augmentation: the images depend only on (seed, epoch, row), so resuming is exact.
-    return with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
-                                     context_length=cfg.context_length, dataset_name=name, seed=recipe.seed)
+    dsd = with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
+                                    context_length=cfg.context_length, dataset_name=name, seed=recipe.seed)
+    dsd.raw_train = raw["train"]  # what a teacher cache is fingerprinted against and replays
+    return dsd
+
+
+def replay_config(recipe: Recipe) -> Any:
+    """The augmentation a teacher cache replays (its image size, augmentation, caption length, K)."""
+    from kd_trainer.data.replay import ReplayConfig
+
+    assert recipe.teacher is not None
+    return ReplayConfig(image_size=tuple(recipe.data.image_size), augment=recipe.data.augment,
+                        context_length=recipe.data.context_length, num_draws=recipe.teacher.cache_draws,
+                        seed=recipe.teacher.cache_seed)
+
+
+def open_teacher_cache(recipe: Recipe, teacher: Any, raw_train: Any) -> tuple[Any, Any, list]:
+    """The verified cache, the training set that replays its draws, and the callback that tells
+    that set which epoch runs. A cache made for another teacher, dataset or transform is refused."""
+    from kd_trainer.data import canonical_dataset_name
+    from kd_trainer.data.replay import ReplayDataset, ReplayEpochCallback
+    from kd_trainer.distill.cache import TeacherCache
+
+    assert recipe.teacher is not None and recipe.teacher.cache is not None
+    cfg = replay_config(recipe)
+    cache = TeacherCache.open(recipe.teacher.cache, teacher=teacher, dataset_raw=raw_train, transform_cfg=cfg)
+    train = ReplayDataset(raw_train, cfg, canonical_dataset_name(recipe.data.name))
+    return cache, train, [ReplayEpochCallback()]
 
 
 def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None) -> Any:
@@ -206,6 +232,10 @@ def run(recipe: Recipe) -> dict[str, float]:
     student = build_model(recipe.student, recipe,
                           projection_dim=teacher.embed_dim if teacher is not None and direct else None)
 
+    teacher_cache, callbacks, train_dataset = None, [], dsd["train"]
+    if recipe.teacher is not None and recipe.teacher.cache is not None and teacher is not None:
+        teacher_cache, train_dataset, callbacks = open_teacher_cache(recipe, teacher, dsd.raw_train)
+
     eval_split = split(dsd, recipe.data.eval_split)
     trainer = DistillationTrainer(
         model=student,
@@ -215,8 +245,10 @@ def run(recipe: Recipe) -> dict[str, float]:
         teacher=teacher,
         mimic=jobs,
         mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
-        train_dataset=dsd["train"],
+        train_dataset=train_dataset,
         eval_dataset=eval_split,
+        teacher_cache=teacher_cache,
+        callbacks=callbacks,
     )
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)

@@ -230,6 +230,56 @@ def test_retrieval_recipe_with_mimic_jobs_on_clip_layers(tmp_path: Path, teacher
     assert not hasattr(reloaded, "mimic_head")
 
 
+def test_cache_teacher_then_train_from_the_cache(tmp_path: Path, teacher_run: Path, data_root: Path, caplog):
+    """`kd-trainer cache-teacher`, then a run whose teacher terms read the cache; on the same replayed
+    batch the cached teacher gives the online teacher's term values; a stale cache is refused."""
+    import logging
+
+    import torch
+
+    from kd_trainer.cli import main as cli_main
+    from kd_trainer.data.collator import collate_retrieval as collate
+    from kd_trainer.losses import Features, compute_term
+
+    out, cache = tmp_path / "cached", tmp_path / "cache"
+    path = write_recipe(tmp_path, "cached", out=out, data_root=data_root,
+                        terms=[{"name": "itc", "temperature": 0.05}, {"name": "cross_kd"}, {"name": "motis"}],
+                        teacher={"arch": "micro", "checkpoint": str(teacher_run), "cache": str(cache),
+                                 "cache_draws": 2},
+                        training={"num_train_epochs": 2, "logging_steps": 1})
+    cli_main(["cache-teacher", str(path)])
+    assert (cache / "cache_meta.json").is_file()
+    with caplog.at_level(logging.INFO, logger="kd_trainer"):
+        metrics = run(load_recipe(path))
+    assert "test_r1" in metrics
+    # Same replayed items, teacher online vs cached: identical term values.
+    from kd_trainer.run import build_model, open_teacher_cache, prepare_data
+
+    recipe = load_recipe(path)
+    teacher = build_model(recipe.teacher, recipe)
+    cached, train, _ = open_teacher_cache(recipe, teacher, prepare_data(recipe).raw_train)
+    train.set_epoch(1)
+    batch = collate([train[i] for i in range(6)])
+    student = load_model(out)
+    with torch.no_grad():
+        s = dict(student_image=student.clip.encode_image(batch["pixel_values"]),
+                 student_text=student.clip.encode_text(batch["input_ids"]))
+        online = Features(**s, teacher_image=teacher.clip.encode_image(batch["pixel_values"]),
+                          teacher_text=teacher.clip.encode_text(batch["input_ids"]))
+        offline = Features(**s, **cached.lookup(batch))
+    for term in ("cross_kd", "motis"):
+        assert compute_term(term, offline, temperature=0.5) == pytest.approx(
+            float(compute_term(term, online, temperature=0.5)), abs=1e-5)
+    # A cache made at another image size is refused, naming what changed; the CLI exits 2.
+    bad = path.with_name("bad.yaml")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["image_size"] = [64, 32]
+    bad.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "kd_trainer", str(bad)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "transform config changed" in proc.stderr, proc.stderr[-2000:]
+
+
 class FakeHfApi:
     """Records what would be sent to the Hub; no network."""
 

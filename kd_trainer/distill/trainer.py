@@ -116,6 +116,7 @@ class DistillationTrainer(Trainer):
         teacher: RetrievalModel | None = None,
         mimic: Sequence[Any] = (),
         mimic_teachers: dict[str, RetrievalModel] | None = None,
+        teacher_cache: Any = None,
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -153,6 +154,14 @@ class DistillationTrainer(Trainer):
         if self.mimic is not None:
             for t in self.mimic.teachers.values():
                 self._place_teacher(t)
+        # Teacher cache: embedding-level terms read it; a stage with any term that needs more
+        # than final embeddings runs the online teacher instead (plan_teacher_source logs which).
+        self.teacher_cache = teacher_cache.to(self.accelerator.device) if teacher_cache is not None else None
+        from kd_trainer.distill.cache import plan_teacher_source
+
+        self.teacher_plans = {s.index: plan_teacher_source(self.stage_terms[s.index], stage=s.name,
+                                                           cache_available=teacher_cache is not None)
+                              for s in self.plan.stages}
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_counts: dict[str, int] = {}
 
@@ -298,7 +307,10 @@ class DistillationTrainer(Trainer):
                 input_ids=inputs["input_ids"] if "student_text" in towers else None,
                 no_grad=tuple(sorted(frozen)),
             )
-            teacher = self._teacher_features(inputs, towers)
+            if self.teacher_cache is not None and self.teacher_plans[stage.index].use_cache:
+                teacher = self.teacher_cache.lookup(inputs, towers)
+            else:
+                teacher = self._teacher_features(inputs, towers)
             mimic = None
             if self.mimic is not None:
                 self.mimic.run_teachers(forward=lambda n, t: _both_towers(t, inputs))
