@@ -245,3 +245,15 @@ def test_staged_scheduler_restores_the_next_steps_lr_after_a_stage_switch():
     assert opt2.stage == sched2.stage == 1 and opt2.param_groups[0]["params"][0] is params[1]
     assert opt2.param_groups[0]["lr"] == pytest.approx(lr)
     assert sched2.get_last_lr() == pytest.approx([lr])
+
+
+def test_no_logging_window_spans_two_stages(tmp_path):
+    student, teacher = models()
+    trainer = DistillationTrainer(model=student, args=args_for(tmp_path, logging_steps=5), stages=THREE,
+                                  teacher=teacher, train_dataset=batch_items(8))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4, 5]  # the ends of stages 1 and 2, plus logging_steps=5
+    for h in logs:
+        stages = {k.split("/")[0] for k in h if "/loss_" in k}
+        assert len(stages) == 1, h

@@ -22,8 +22,8 @@ its parameter set and buckets at construction. So:
   (and fresh LR schedule, :class:`StagedScheduler`) per stage that the original has, while frozen
   parameters hold no optimizer state. Its ``state_dict`` carries the stage index, so the Trainer's
   own checkpointing saves and restores the right inner optimizer.
-* **:class:`StageScheduler` is the callback** that switches stages at ``on_step_begin``, forces an
-  evaluation and a checkpoint at every stage end, and announces each stage. Stopping exactly at a
+* **:class:`StageScheduler` is the callback** that switches stages at ``on_step_begin``, forces a
+  log, an evaluation and a checkpoint at every stage end, and announces each stage. Stopping exactly at a
   boundary saves stage *k*'s optimizer; on resume the first step is stage *k+1*'s, so the switch
   happens then, exactly as it does in an uninterrupted run.
 
@@ -309,6 +309,7 @@ class StageScheduler(TrainerCallback):
         ends = any(state.global_step == s.end_step for s in self.plan.stages[:-1])
         if not ends:
             return control
+        control.should_log = True  # no logging window spans two stages
         per_epoch = self.plan.steps_per_epoch or 0
         at_epoch_end = per_epoch > 0 and state.global_step % per_epoch == 0
         if args.eval_strategy != "no" and not (args.eval_strategy == "epoch" and at_epoch_end):
