@@ -207,7 +207,8 @@ def test_retrieval_recipe_with_mimic_jobs_on_clip_layers(tmp_path: Path, teacher
              "mimic_job1": {"loss_weight": 0.5, "warm_up_iters": 2, "cfgs": {"loss": {"type": "kld"}},
                             "teacher": {"mimic_name": ["clip.transformer.resblocks.0@attn"]},
                             "student": {"mimic_name": ["clip.transformer.resblocks.0@attn"]}}}
-    path = write_recipe(tmp_path, "mimic", out=out, data_root=data_root, terms=[{"name": "itc", "temperature": 0.05}],
+    path = write_recipe(tmp_path, "mimic", out=out, data_root=data_root,
+                        terms=[{"name": "itc", "temperature": 0.05}, {"name": "cross_kd"}],
                         teacher={"arch": "micro", "checkpoint": str(teacher_run)},
                         training={"num_train_epochs": 1, "logging_steps": 1})
     raw = yaml.safe_load(path.read_text())
@@ -220,7 +221,8 @@ def test_retrieval_recipe_with_mimic_jobs_on_clip_layers(tmp_path: Path, teacher
         ramp = min(1.0, (h["step"] - 1) / 2)
         assert h["mimic/mimic_job1/weighted"] == pytest.approx(0.5 * ramp * h["mimic/mimic_job1/teacher/kld"],
                                                                rel=1e-4, abs=2e-6)
-        assert h["loss"] == pytest.approx(h["loss_itc_weighted"] + h["mimic/total"], rel=1e-4, abs=1e-5)
+        assert h["loss"] == pytest.approx(h["loss_itc_weighted"] + h["loss_cross_kd_weighted"] + h["mimic/total"],
+                                          rel=1e-4, abs=1e-5)
     # The adapter trains and saves with the student, and is dropped where the dual encoder is used.
     import safetensors.torch
 

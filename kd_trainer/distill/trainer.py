@@ -299,21 +299,26 @@ class DistillationTrainer(Trainer):
         towers = frozenset().union(*(t.spec.towers(t.config.side) for t in active))
         frozen = {"image", "text"} - towers_of(self.stage_params[stage.index])
         capture = self.mimic.capture() if self.mimic is not None else contextlib.nullcontext()
+        # A mimic job on the main teacher reads its hooked layers, which one live forward of both
+        # of its towers (inside the capture, and never the cache) provides for the terms as well.
+        mimic_main = self.mimic is not None and any(t is self.teacher for t in self.mimic.teachers.values())
         with capture as cap:
             if self.mimic is not None:  # hooked modules may sit in either tower: run both
                 towers = towers | {"student_image", "student_text"}
+            if mimic_main:
+                towers = towers | {"teacher_image", "teacher_text"}
             outputs = model(
                 pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
                 input_ids=inputs["input_ids"] if "student_text" in towers else None,
                 no_grad=tuple(sorted(frozen)),
             )
-            if self.teacher_cache is not None and self.teacher_plans[stage.index].use_cache:
+            if self.teacher_cache is not None and self.teacher_plans[stage.index].use_cache and not mimic_main:
                 teacher = self.teacher_cache.lookup(inputs, towers)
             else:
                 teacher = self._teacher_features(inputs, towers)
             mimic = None
-            if self.mimic is not None:
-                self.mimic.run_teachers(forward=lambda n, t: _both_towers(t, inputs))
+            if self.mimic is not None:  # the other named teachers; the main one has just run
+                self.mimic.run_teachers(forward=lambda n, t: None if t is self.teacher else _both_towers(t, inputs))
                 mimic = self.mimic.losses(cap.student, cap.teachers, step=self.state.global_step)
         pids = inputs.get("pids")
         plain = Features(
