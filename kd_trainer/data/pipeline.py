@@ -24,7 +24,6 @@ before each epoch's DataLoader iterator is created, which is when worker process
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable
 
 import datasets
@@ -33,7 +32,7 @@ from PIL import Image
 
 from kd_trainer.data.formats import open_image
 from kd_trainer.data.tokenizer import tokenize
-from kd_trainer.data.transforms import build_image_transform
+from kd_trainer.data.transforms import build_image_transform, run_seeded, stable_seed
 
 __all__ = ["RetrievalTransform", "augmentation_seed", "set_augmentation_epoch", "with_retrieval_transforms"]
 
@@ -41,9 +40,8 @@ ROW_COLUMN = "row_index"  # added to a seeded train split: the row's position ke
 
 
 def augmentation_seed(seed: int, epoch: int, row: int) -> int:
-    """A stable seed for one row's augmentation in one epoch (not Python's per-process ``hash``)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    """A stable seed for one row's augmentation in one epoch."""
+    return stable_seed(f"{seed}:{epoch}:{row}")
 
 
 class RetrievalTransform:
@@ -66,9 +64,7 @@ class RetrievalTransform:
         image = open_image(path, self.dataset_name)
         if self.seed is None or row is None:
             return self.image_transform(image)
-        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's CPU RNG
-            torch.manual_seed(augmentation_seed(self.seed, self.epoch, row))
-            return self.image_transform(image)
+        return run_seeded(self.image_transform, image, augmentation_seed(self.seed, self.epoch, row))
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -40,9 +40,7 @@ epoch's ``iter()``) covers every case; always add it to the Trainer's callbacks.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -53,7 +51,7 @@ from transformers import TrainerCallback
 
 from kd_trainer.data.formats import open_image
 from kd_trainer.data.tokenizer import tokenize
-from kd_trainer.data.transforms import build_image_transform
+from kd_trainer.data.transforms import build_image_transform, run_seeded, stable_seed
 
 __all__ = [
     "REPLAY_VERSION",
@@ -77,13 +75,9 @@ CACHE_TEXT_ROW = "cache_text_row"
 
 
 def replay_seed(image_id: int, k: int, base_seed: int) -> int:
-    """A 63-bit seed for draw ``k`` of image ``image_id``.
-
-    blake2b rather than ``hash()``: Python salts string hashes per process, and a seed must be
-    the same in the cache builder, in every DataLoader worker and in every later run.
-    """
-    key = f"kd_trainer.replay:v{REPLAY_VERSION}:{int(base_seed)}:{int(image_id)}:{int(k)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+    """A 63-bit seed for draw ``k`` of image ``image_id``, the same in the cache builder, in every
+    DataLoader worker and in every later run."""
+    return stable_seed(f"kd_trainer.replay:v{REPLAY_VERSION}:{int(base_seed)}:{int(image_id)}:{int(k)}")
 
 
 def draw_index(epoch: int, rank: int, num_draws: int) -> int:
@@ -109,15 +103,7 @@ class ReplayTransform:
         self.base_seed = int(base_seed)
 
     def __call__(self, image: Image.Image, image_id: int, k: int) -> torch.Tensor:
-        seed = replay_seed(image_id, k, self.base_seed)
-        py_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):  # CPU generator only; saved and restored
-                torch.default_generator.manual_seed(seed)  # not torch.manual_seed: leave CUDA alone
-                random.seed(seed)
-                return self.transform(image)
-        finally:
-            random.setstate(py_state)
+        return run_seeded(self.transform, image, replay_seed(image_id, k, self.base_seed))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_seed={self.base_seed}, transform={self.transform!r})"

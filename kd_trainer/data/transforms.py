@@ -16,13 +16,15 @@ mean in normalised units (not the mean colour); kept as is to reproduce IRRA.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import Callable
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ToRGB", "build_image_transform"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ToRGB", "build_image_transform", "run_seeded", "stable_seed"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,3 +59,28 @@ def build_image_transform(
     if train and augment:
         steps.append(T.RandomErasing(scale=(0.02, 0.4), value=list(CLIP_MEAN)))
     return T.Compose(steps)
+
+
+def stable_seed(key: str) -> int:
+    """A 63-bit seed from a string key, the same in every process and run.
+
+    blake2b rather than ``hash()``: Python salts string hashes per process, and a seed must be
+    the same in every DataLoader worker, in a resumed run and in a teacher-cache builder.
+    """
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def run_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
+    """``transform(image)`` with torch's CPU generator and Python's ``random`` seeded by ``seed``,
+    both restored afterwards, so the caller's random streams are untouched.
+
+    Not ``torch.manual_seed``: that would also reseed the CUDA generators (dropout on the GPU).
+    """
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):  # CPU generator only; saved and restored
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(py_state)
