@@ -19,6 +19,7 @@ from torch import nn
 from transformers import Trainer
 
 from kd_trainer.distill.mimic import MimicEngine, MimicJob
+from kd_trainer.distill.running_means import RunningMeans
 
 ADAPTERS_FILE = "mimic_adapters.json"
 
@@ -46,8 +47,7 @@ class MimicTrainer(Trainer):
         if self.engine is not None:
             for teacher in self.engine.teachers.values():  # frozen by the engine; never prepared or saved
                 teacher.to(self.accelerator.device)
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._term_means = RunningMeans()
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -74,19 +74,13 @@ class MimicTrainer(Trainer):
             total = ce if total is None else total + ce
             values["loss_ce"] = ce.detach()
         if model.training:
-            for k, v in values.items():
-                self._sums[k] = self._sums.get(k, 0) + v.float()
-                self._counts[k] = self._counts.get(k, 0) + 1
+            self._term_means.add(values)
         return (total, out) if return_outputs else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Every job, teacher and loss as ``mimic/<job>/<teacher>/<loss>``, averaged since the last log."""
-        if "loss" in logs and self._sums:
-            keys = list(self._sums)
-            means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
-            means = self.accelerator.reduce(means, reduction="mean")
-            logs.update({k: round(float(v), 6) for k, v in zip(keys, means.tolist())})
-            self._sums, self._counts = {}, {}
+        if "loss" in logs and self._term_means:
+            logs.update(self._term_means.pop(self.accelerator))
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,

@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.pipeline import set_augmentation_epoch
 from kd_trainer.distill.gather import gather_features
+from kd_trainer.distill.running_means import RunningMeans
 from kd_trainer.distill.schedules import evaluate as schedule_value
 from kd_trainer.distill.stages import (
     Stage,
@@ -162,8 +163,7 @@ class DistillationTrainer(Trainer):
         self.teacher_plans = {s.index: plan_teacher_source(self.stage_terms[s.index], stage=s.name,
                                                            cache_available=teacher_cache is not None)
                               for s in self.plan.stages}
-        self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_counts: dict[str, int] = {}
+        self._term_means = RunningMeans()
 
     @property
     def active_terms(self) -> list[ActiveTerm]:
@@ -362,20 +362,14 @@ class DistillationTrainer(Trainer):
             values[f"{term.key}_weighted"] = weighted.detach()
         if mimic is not None:  # UP's mimic: its own weights and warm-up, added to the terms' total
             total = mimic["mimic/total"] if total is None else total + mimic["mimic/total"]
-            values.update({k.replace("/", "|"): v.detach() for k, v in mimic.items()})
-        if alpha is not None:
-            values["alpha"] = torch.tensor(alpha, device=total.device)
         if model.training:
             prefix = "" if self.plan.is_single else f"{stage.name}/"
-            self._record({prefix + k: v for k, v in values.items()})
+            logged = {f"{prefix}loss_{k}": v for k, v in values.items()}
+            if alpha is not None:
+                logged[f"{prefix}alpha"] = torch.tensor(alpha, device=total.device)
+            self._term_means.add({**logged, **(mimic or {})})  # mimic/<job>/<teacher>/<loss>, run-wide
         assert total is not None
         return (total, outputs) if return_outputs else total
-
-    def _record(self, values: dict[str, torch.Tensor]) -> None:
-        for k, v in values.items():
-            v = v.float()
-            self._term_sums[k] = self._term_sums[k] + v if k in self._term_sums else v.clone()
-            self._term_counts[k] = self._term_counts.get(k, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the per-term means since the last log to a training log (averaged over processes).
@@ -385,20 +379,10 @@ class DistillationTrainer(Trainer):
         the step belongs to. A window that spans a stage boundary averages each key over its own
         micro-batches only.
         """
-        if "loss" in logs and self._term_sums:
-            keys = list(self._term_sums)
-            stacked = torch.stack([self._term_sums[k] / self._term_counts[k] for k in keys])
-            stacked = self.accelerator.reduce(stacked, reduction="mean")
-            for k, v in zip(keys, stacked.tolist()):
-                stage, _, name = k.rpartition("/")
-                if name.startswith("mimic|"):  # mimic/<job>/<teacher>/<loss>, as the mimic engine names it
-                    logs[name.replace("|", "/")] = round(float(v), 6)
-                    continue
-                key = name if name == "alpha" else f"loss_{name}"
-                logs[f"{stage}/{key}" if stage else key] = round(float(v), 6)
+        if "loss" in logs and self._term_means:
+            logs.update(self._term_means.pop(self.accelerator))
             if not self.plan.is_single:
                 logs["stage"] = self.plan.stage_done_at(self.state.global_step).index + 1
-            self._term_sums, self._term_counts = {}, {}
         super().log(logs, start_time)
 
     # --- evaluation ----------------------------------------------------------------------------
