@@ -102,7 +102,7 @@ def _cache_teacher(ns: argparse.Namespace) -> None:
     if not out:
         raise RecipeError("say where the cache goes: --out DIR, or teacher.cache in the recipe")
     dsd = prepare_data(recipe)
-    teacher = build_model(recipe.teacher.model_copy(update={"cache": None}), recipe)
+    teacher = build_model(recipe.teacher, recipe)
     cfg = replay_config(recipe)
     path = build_teacher_cache(teacher, dsd.raw_train, out, image_size=cfg.image_size, augment=cfg.augment,
                                context_length=cfg.context_length, num_draws=cfg.num_draws, seed=cfg.seed,

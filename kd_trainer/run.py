@@ -163,6 +163,20 @@ def run_info(trainer: Any) -> dict[str, Any]:
     }
 
 
+def fit(trainer: Any, recipe: Recipe) -> None:
+    """Record the resolved recipe and where the run runs, train (resuming when the recipe says so),
+    and save the final model and the whole log history (trainer_state.json) in output_dir."""
+    out = trainer.args.output_dir
+    if trainer.is_world_process_zero():
+        os.makedirs(out, exist_ok=True)
+        Path(out, "recipe.yaml").write_text(dump_recipe(recipe))
+        Path(out, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
+    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(out)
+    trainer.save_state()
+
+
 def run_classification(recipe: Recipe) -> dict[str, float]:
     """The classification example: SynthShapes, torchvision classifiers, cross-entropy plus the
     recipe's UP/EOD mimic jobs from its named teachers. Same recipe, Trainer and logging machinery."""
@@ -192,12 +206,7 @@ def run_classification(recipe: Recipe) -> dict[str, float]:
     trainer = MimicTrainer(model=student, args=args, teachers=teachers, jobs=mimic.jobs if mimic else (),
                            task_loss=mimic.task_loss if mimic else True, sample_inputs=sample,
                            train_dataset=train, eval_dataset=test)
-    if trainer.is_world_process_zero():
-        os.makedirs(args.output_dir, exist_ok=True)
-        Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
-    trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint") or None)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()
+    fit(trainer, recipe)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)
     return metrics
@@ -250,14 +259,7 @@ def run(recipe: Recipe) -> dict[str, float]:
         teacher_cache=teacher_cache,
         callbacks=callbacks,
     )
-    if trainer.is_world_process_zero():
-        os.makedirs(args.output_dir, exist_ok=True)
-        Path(args.output_dir, "recipe.yaml").write_text(dump_recipe(recipe))
-        Path(args.output_dir, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
-    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)
-    trainer.save_state()  # trainer_state.json: the whole log history, every term and evaluation
+    fit(trainer, recipe)
 
     metrics: dict[str, float] = {}
     if recipe.data.test_split is not None:

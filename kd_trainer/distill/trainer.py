@@ -133,7 +133,9 @@ class DistillationTrainer(Trainer):
         needs_teacher = [t.key for t in all_terms if t.spec.needs_teacher]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss terms {needs_teacher} need a teacher, but the recipe has no `teacher:`")
-        self.stage_params = {s.index: trainable_names(model, s.trainable) for s in self.plan.stages}
+        self.stage_params = {s.index: frozenset(trainable_names(model, s.trainable)) for s in self.plan.stages}
+        # Towers a stage trains nothing of run without autograd (RetrievalModel.forward(no_grad=...)).
+        self.stage_frozen = {i: tuple(sorted({"image", "text"} - towers_of(p))) for i, p in self.stage_params.items()}
         self.mimic = self._mimic_engine(model, teacher, mimic, mimic_teachers or {}, kwargs.get("train_dataset"),
                                         data_collator or collate_retrieval)
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -196,7 +198,7 @@ class DistillationTrainer(Trainer):
     def _stage_optimizer(self, index: int) -> torch.optim.Optimizer:
         """A fresh optimizer (the recipe's type and hyper-parameters) over one stage's parameters."""
         stage = self.plan.stages[index]
-        chosen = set(self.stage_params[index])
+        chosen = self.stage_params[index]
         decay = set(self.get_decay_parameter_names(self.model))
         named = [(n, p) for n, p in self.model.named_parameters() if n in chosen]
         groups = [
@@ -231,7 +233,7 @@ class DistillationTrainer(Trainer):
         """Clip only what this stage trains: parameters frozen by name inside a trained tower still
         get autograd gradients, which are dropped here so they neither count nor move."""
         if not self.plan.is_single:
-            chosen = set(self.stage_params[self.current_stage.index])
+            chosen = self.stage_params[self.current_stage.index]
             for n, p in self.model.named_parameters():
                 if n not in chosen:
                     p.grad = None
@@ -297,7 +299,6 @@ class DistillationTrainer(Trainer):
         stage = self.current_stage
         active = self.stage_terms[stage.index]
         towers = frozenset().union(*(t.spec.towers(t.config.side) for t in active))
-        frozen = {"image", "text"} - towers_of(self.stage_params[stage.index])
         capture = self.mimic.capture() if self.mimic is not None else contextlib.nullcontext()
         # A mimic job on the main teacher reads its hooked layers, which one live forward of both
         # of its towers (inside the capture, and never the cache) provides for the terms as well.
@@ -310,7 +311,7 @@ class DistillationTrainer(Trainer):
             outputs = model(
                 pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
                 input_ids=inputs["input_ids"] if "student_text" in towers else None,
-                no_grad=tuple(sorted(frozen)),
+                no_grad=self.stage_frozen[stage.index],
             )
             if self.teacher_cache is not None and self.teacher_plans[stage.index].use_cache and not mimic_main:
                 teacher = self.teacher_cache.lookup(inputs, towers)
