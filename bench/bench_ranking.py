@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--pids", type=int, default=1000)
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 __all__ = ["rank_metrics", "embed_dataset", "evaluate_retrieval", "format_metrics"]
 
@@ -33,7 +34,7 @@ def rank_metrics(
     gallery_pids: torch.Tensor,
     *,
     ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
 ) -> dict[str, float]:
     """R@k (CMC), mAP and mINP of ranking ``gallery_feats`` for each row of ``query_feats``, in %.
 
@@ -58,13 +59,15 @@ def rank_metrics(
     entry of ``ks``), ``"mAP"`` and ``"mINP"``.
 
     Cost: similarities are computed ``chunk_size`` queries at a time, so at most two
-    ``chunk_size x G`` float32 buffers exist at once (160 MB for 1024 x 20,000). Each chunk's
-    rows are sorted by value (numpy's vectorised sort, blocks of rows on ``torch.get_num_threads()``
-    threads) and the matches' ranks are read off by binary search; only a match whose similarity
-    equals another item's needs the gallery-order count, an O(G) scan of its row. 20,000 x 20,000
-    at D = 512 takes about 5.5 s on 2 CPU cores, two thirds of it the matrix product. Given the
-    same similarities, the result does not depend on ``chunk_size`` (BLAS may round the product
-    differently for differently shaped chunks, which can only matter between near-equal values).
+    ``chunk_size x G`` float32 buffers exist at once (330 MB for 2048 x 20,000). Each chunk is
+    split into one block of rows per ``torch.get_num_threads()`` thread; each thread computes its
+    block's product (numpy's BLAS, one thread each) and sorts the rows by value (numpy's
+    vectorised sort). The matches' ranks are then read off by binary search; only a match whose
+    similarity equals another item's needs the gallery-order count, an O(G) scan of its row.
+    20,000 x 20,000 at D = 512 takes about 4.5 s on 2 CPU cores (``bench/bench_ranking.py``),
+    about 60% of it the matrix product. Given the same similarities, the result does not depend
+    on ``chunk_size`` (BLAS may round the product differently for differently shaped blocks,
+    which can only matter between near-equal values).
 
     Raises ``ValueError`` when the shapes disagree, a feature is not finite, ``ks`` or
     ``chunk_size`` is not positive, or some query has no match in the gallery (its AP and INP
@@ -88,16 +91,18 @@ def rank_metrics(
     rows = min(chunk_size, num_q)
     sims_buf = torch.empty(rows, num_g, dtype=torch.float32)
     sorted_buf = torch.empty(rows, num_g, dtype=torch.float32)
+    q_np, g_t_np = q.numpy(), g.numpy().T
 
     best_rank = torch.empty(num_q, dtype=torch.int64)
     ap = torch.empty(num_q, dtype=torch.float64)
     inp = torch.empty(num_q, dtype=torch.float64)
     workers = max(1, torch.get_num_threads())
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, _one_blas_thread_per_worker(workers):
         for start in range(0, num_q, rows):
             stop = min(start + rows, num_q)
             c = stop - start
-            sims = torch.mm(q[start:stop], g.T, out=sims_buf[:c])
+            sims, sorted_sims = sims_buf[:c], sorted_buf[:c]
+            _similarities_and_sorted_rows(q_np[start:stop], g_t_np, sims, sorted_sims, pool, workers)
             n = n_match[start:stop]
             valid = slots < n[:, None]
             # Gallery index of each query's j-th match (padding slots point at a valid index and
@@ -106,7 +111,6 @@ def rank_metrics(
             match_idx = order[pos]
             match_sims = sims.gather(1, match_idx)
 
-            sorted_sims = _sort_rows(sims, sorted_buf[:c], pool, workers)
             at_or_below = torch.searchsorted(sorted_sims, match_sims, right=True)
             ahead = num_g - at_or_below  # strictly greater similarity
             # The match itself sits at at_or_below - 1 in its sorted row; it ties with another
@@ -205,25 +209,41 @@ def _match_blocks(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> tuple
     return starts[slot], counts[slot]
 
 
-def _sort_rows(src: torch.Tensor, dst: torch.Tensor, pool: ThreadPoolExecutor, workers: int) -> torch.Tensor:
-    """``dst`` := ``src`` with each row sorted ascending; blocks of rows sorted in parallel.
+def _one_blas_thread_per_worker(workers: int) -> contextlib.AbstractContextManager:
+    """numpy's BLAS limited to one thread while ``workers`` threads each run their own products.
 
-    numpy's sort is vectorised (much faster than ``torch.sort``, which also builds indices we do
-    not need) and releases the GIL, so threads give real parallelism.
+    A multi-threaded BLAS call per chunk followed by a parallel sort is slower: BLAS's idle
+    threads keep spinning on the cores the sort needs. One product per worker has no handover.
     """
-    a, b = src.numpy(), dst.numpy()
+    if workers == 1:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
-    def sort_block(lo: int, hi: int) -> None:
+
+def _similarities_and_sorted_rows(
+    q: np.ndarray, g_t: np.ndarray, sims: torch.Tensor, sorted_sims: torch.Tensor,
+    pool: ThreadPoolExecutor, workers: int,
+) -> None:
+    """``sims`` := ``q @ g_t`` and ``sorted_sims`` := each row of it sorted ascending.
+
+    The rows are split into one block per worker; each worker computes its block's product
+    (numpy's BLAS, one thread each) and sorts a copy of it (numpy's vectorised sort, much faster
+    than ``torch.sort``, which also builds indices we do not need). Both release the GIL. The
+    unsorted product is kept: a match tied with another item needs the gallery order of the tie.
+    """
+    a, b = sims.numpy(), sorted_sims.numpy()
+
+    def block(lo: int, hi: int) -> None:
+        np.matmul(q[lo:hi], g_t, out=a[lo:hi])
         np.copyto(b[lo:hi], a[lo:hi])
         b[lo:hi].sort(axis=1)
 
     n = a.shape[0]
     if workers == 1 or n < 2:
-        sort_block(0, n)
+        block(0, n)
     else:
-        step = -(-n // (4 * workers))  # a few blocks per worker evens out the load
-        list(pool.map(lambda lo: sort_block(lo, min(lo + step, n)), range(0, n, step)))
-    return dst
+        step = -(-n // workers)
+        list(pool.map(lambda lo: block(lo, min(lo + step, n)), range(0, n, step)))
 
 
 def _equal_before(sims: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -299,7 +319,7 @@ def evaluate_retrieval(
     collate_fn: Callable | None = None,
     accelerator: Any = None,
     num_workers: int = 0,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     progress: bool = True,
 ) -> dict[str, float]:
     """Text-to-image retrieval metrics of a dual encoder on one split (IRRA protocol).

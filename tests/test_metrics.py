@@ -209,6 +209,35 @@ def test_single_thread_gives_the_same_result() -> None:
         torch.set_num_threads(threads)
 
 
+def test_blas_threads_are_limited_during_ranking_and_restored_after(monkeypatch) -> None:
+    # Each worker runs its own single-threaded product; afterwards numpy's BLAS is as it was.
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "threadpoolctl finds no BLAS under numpy"
+    seen = []
+    product = evaluation._similarities_and_sorted_rows
+
+    def spying(*args, **kwargs):
+        seen.append(blas_threads())
+        return product(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_similarities_and_sorted_rows", spying)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, g, q_pids, g_pids = tied_problem(5, 4)
+        want = reference_rank_metrics(q, g, q_pids, g_pids)
+        assert rank_metrics(q, g, q_pids, g_pids, chunk_size=7) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(all(n == 1 for n in s) for s in seen)
+    assert blas_threads() == before
+
+
 # --------------------------------------------------------------------------------------------
 # Invariances
 # --------------------------------------------------------------------------------------------
