@@ -8,7 +8,9 @@ The pair is the realistic one: a ViT-B/16 teacher and a TinyCLIP-xsmall student 
 and an AdamW step of the student:
 
 - student-only: ``itc``;
-- online KD: ``itc + cross_kd + motis`` with the teacher's forward (``torch.inference_mode``) in the step;
+- online KD: ``itc + cross_kd + motis`` with the teacher's forward in the step, through the
+  trainer's own ``teacher_embeddings`` (``torch.inference_mode``) and in the trainer's order
+  (teacher, then student);
 - cached KD: the same terms with the teacher embeddings from an in-memory ``TeacherCache``
   (``cache.lookup(batch)``, tables on the training device, as the trainer should hold them);
 - teacher inference: the teacher's image and text forward alone;
@@ -43,6 +45,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, ReplayDataset
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.distill.cache import TeacherCache
+from kd_trainer.distill.trainer import teacher_embeddings
 from kd_trainer.evaluation import rank_metrics
 from kd_trainer.losses import Features, compute_term
 from kd_trainer.models.factory import RetrievalModel, create_model
@@ -55,6 +58,7 @@ CAPTIONS = [
     "She has long hair tied back and is wearing a yellow dress with a black belt and sandals.",
 ]
 KD_TERMS = ("itc", "cross_kd", "motis")
+TEACHER_TOWERS = frozenset({"teacher_image", "teacher_text"})
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -185,8 +189,9 @@ def make_step(student: RetrievalModel, opt: torch.optim.Optimizer, batch: dict, 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with ctx():
-            out = student(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
+            # Teacher first, then the student, as DistillationTrainer.compute_loss runs them.
             teacher = teacher_source(batch) if teacher_source is not None else {}
+            out = student(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
             loss = loss_of(out, teacher, batch["pids"], terms)
         loss.backward()
         opt.step()
@@ -206,10 +211,8 @@ def bench_training(args: argparse.Namespace) -> tuple[dict[str, float], Retrieva
     batch = make_batch(args.batch_size, dev, args.cache_images, 8, gen)
     cache = make_cache(teacher, batch, args.cache_images, 8, dev, gen)
 
-    def online(b: dict) -> dict:
-        with torch.inference_mode():
-            return {"teacher_image": teacher.clip.encode_image(b["pixel_values"]),
-                    "teacher_text": teacher.clip.encode_text(b["input_ids"])}
+    def online(b: dict) -> dict:  # the trainer's own teacher call
+        return teacher_embeddings(teacher, b, TEACHER_TOWERS)
 
     def teacher_only() -> None:
         with ctx():

@@ -90,6 +90,25 @@ def test_teacher_is_frozen_and_never_saved(tmp_path):
     assert n_opt == sum(p.numel() for p in student.parameters())
 
 
+def test_teacher_runs_first_in_inference_mode_and_every_term_can_use_its_embeddings(tmp_path):
+    # fd saves the teacher embedding for backward: that must work with an inference-mode teacher.
+    terms = [TermConfig(name="fd"), TermConfig(name="cross_kd"), TermConfig(name="motis", side="image")]
+    student, teacher = make_models()
+    calls = []
+    teacher.clip.visual.register_forward_hook(
+        lambda m, i, o: calls.append(("teacher", torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
+    student.clip.visual.register_forward_hook(
+        lambda m, i, o: calls.append(("student", torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-2, report_to="none", save_strategy="no", remove_unused_columns=False,
+                             use_cpu=True)
+    start = copy.deepcopy(student)
+    trainer = DistillationTrainer(model=student, args=args, terms=terms, teacher=teacher, train_dataset=batch_items())
+    trainer.train()
+    assert calls == [("teacher", True, False), ("student", False, True)] * 2
+    assert max_param_diff(student, start) > 0
+
+
 def test_every_term_is_logged_unweighted_and_weighted(tmp_path):
     terms = [TermConfig(name="itc", temperature=0.5, weight=0.5), TermConfig(name="motis", side="image", weight=2.0)]
     trainer, _, _ = train_once(tmp_path, terms, batch=4, accum=1, steps=2)

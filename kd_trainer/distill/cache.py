@@ -18,7 +18,7 @@ Layout of a cache directory (``build_teacher_cache``)::
                                  first appearance), "text_image_pos": N int64 (each caption's image)
 
 Embeddings are raw (unnormalised) ``teacher.clip.encode_image/encode_text`` outputs in
-float32, exactly what ``DistillationTrainer._teacher_features`` produces; every term
+float32, exactly what :func:`kd_trainer.distill.trainer.teacher_embeddings` produces; every term
 normalises. Row ``k*M + p`` of the concatenated image shards is draw k of the p-th image
 (:func:`kd_trainer.data.replay.image_row`); :class:`~kd_trainer.data.replay.ReplayDataset`
 puts that row (``cache_image_row``) and the caption row (``cache_text_row``) in every item.
@@ -395,7 +395,7 @@ class TeacherCache:
     def lookup(self, batch: Mapping[str, torch.Tensor],
                towers: Iterable[str] = ("teacher_image", "teacher_text")) -> dict[str, torch.Tensor]:
         """``teacher_image`` / ``teacher_text`` of the batch's rows, on the batch's device:
-        exactly the keys (and raw float32 values) of ``DistillationTrainer._teacher_features``."""
+        exactly the keys (and raw float32 values) of :func:`~kd_trainer.distill.trainer.teacher_embeddings`."""
         out: dict[str, torch.Tensor] = {}
         for tower in towers:
             key, table = ((CACHE_IMAGE_ROW, self.image_embeds) if tower == "teacher_image" else
