@@ -1,7 +1,7 @@
 """Distillation at the cost of fine-tuning: time student-only fine-tuning, online KD, cached KD,
 teacher inference, evaluation and data loading in one process, and check the targets.
 
-    .venv/bin/python bench/bench_kd.py [--quick] [--batch-size N] [--device cpu|cuda] [--workers 0,1,2]
+    .venv/bin/python bench/bench_kd.py [--quick] [--batch-size N] [--device cpu|cuda] [--workers 0,2,8]
 
 The pair is the realistic one: a ViT-B/16 teacher and a TinyCLIP-xsmall student at 384x128
 (random weights: speed does not depend on them). One training step is forward, loss, backward
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -75,7 +76,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--workers", default="0,1,2", help="num_workers values for the loader bench")
+    parser.add_argument("--workers", default=None,
+                        help="num_workers values for the loader bench, e.g. 0,2,8 (default: 0, then powers of "
+                             "two below the CPU count, then the CPU count minus 2: one core for the training "
+                             "process and one to spare)")
     parser.add_argument("--loader-samples", type=int, default=None, help="samples timed per loader setting")
     parser.add_argument("--jpeg-size", type=int, nargs=2, default=list(SIZE), metavar=("H", "W"))
     parser.add_argument("--ranking-size", type=int, default=20_000, help="queries = gallery = this")
@@ -93,10 +97,18 @@ def parse_args() -> argparse.Namespace:
     args.loader_samples = args.loader_samples or (48 if args.quick else max(512, 8 * args.batch_size))
     args.cache_images = args.cache_images or (2_000 if args.quick else 34_054)  # CUHK-PEDES train images
     args.precision = ("bf16" if gpu else "fp32") if args.precision == "auto" else args.precision
-    args.workers = [int(w) for w in str(args.workers).split(",") if w != ""]
+    args.workers = default_workers() if args.workers is None else [int(w) for w in str(args.workers).split(",") if w]
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def default_workers() -> list[int]:
+    cpus = os.cpu_count() or 1
+    workers = {0, *(w for w in (1, 2, 4, 8, 16, 32, 64) if w < cpus)}
+    if cpus > 4:
+        workers.add(cpus - 2)
+    return sorted(workers)
 
 
 def device_name(dev: torch.device) -> str:
