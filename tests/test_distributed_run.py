@@ -45,3 +45,26 @@ def test_two_cpu_processes_run_the_demo_student_recipe(tmp_path):
     n_train = len(load_pedes("synth_pedes", tmp_path / "data")["train"])
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == -(-n_train // 32), (state["global_step"], n_train)
+
+
+def test_two_cpu_processes_run_mimic_jobs_with_adapters(tmp_path):
+    # Conv adapters are trainable parameters applied to intermediate features: under DDP (with the
+    # Trainer's find_unused_parameters) they must run inside the wrapped forward, or the backward fails.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "mimic"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+                           "kd_trainer/run.py", "recipes/cls_two_teachers_two_jobs.yaml", f"data.root={tmp_path / 'data'}",
+                           "data.shapes={num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32, seed: 0}",
+                           "training.num_train_epochs=2", "training.logging_steps=1",
+                           "training.per_device_train_batch_size=8", f"training.output_dir={out}",
+                           "training.disable_tqdm=true", "teachers.teacher0.checkpoint=null",
+                           "teachers.teacher1.checkpoint=null"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["global_train_batch_size"] == 16, info
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # 2 epochs x 32 images / (2 x 8)
+    logged = [h for h in state["log_history"] if "mimic/mimic_job1/weighted" in h]
+    assert len(logged) == 4 and all(h["mimic/mimic_job1/weighted"] > 0 for h in logged[1:])

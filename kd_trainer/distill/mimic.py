@@ -14,6 +14,10 @@ One step, the way a ``compute_loss`` uses it::
         logs = engine.losses(cap.student, cap.teachers, step=global_step)
     loss = task_loss + logs["mimic/total"]           # taps are empty again here
 
+Adapters run at the end of the student's forward (a forward hook the engine puts on the
+student), so a DDP-wrapped student runs them inside its forward; ``out["mimic_adapted"]``
+holds their outputs when the student returns a dict.
+
 Semantics taken from UP's ``base`` mimicker: student name ``i`` is paired with each teacher's
 name ``i``; a teacher's value is the mean of the loss over its pairs; teachers combine by sum
 (UP) or mean (``reduce``); the job's weight is ``loss_weight * min(1, step / warm_up_iters)``
@@ -49,9 +53,12 @@ __all__ = [
     "MimicStep",
     "MimicEngine",
     "TOTAL_KEY",
+    "ADAPTED_KEY",
 ]
 
 TOTAL_KEY = "mimic/total"
+# Where a training forward of the student puts its adapted features (a dict output only).
+ADAPTED_KEY = "mimic_adapted"
 AdapterMode = Literal["auto", "none", "linear", "conv1x1"]
 
 
@@ -448,6 +455,14 @@ class MimicEngine:
         student_names = [n for job in self.jobs for n in job.student]
         self.student_tap = FeatureTap(student, student_names, prefixes=prefixes)
         self.teacher_taps = {t: FeatureTap(self.teachers[t], names, prefixes=prefixes) for t, names in used.items()}
+        # Adapter key -> the student feature it maps. Adapters run at the end of the student's
+        # own forward (a hook on the student module), so under DDP they run inside the wrapped
+        # forward and their outputs are part of its output: see _adapt_in_forward.
+        self._adapter_input = {MimicHead.key(job.name, t, i): sn
+                               for job in self.jobs for t in job.teachers for i, sn in enumerate(job.student)}
+        self._live_student: CapturedFeatures | None = None
+        self._adapted: dict[str, torch.Tensor] = {}
+        self._adapt_hook = student.register_forward_hook(self._adapt_in_forward)
 
     # ---------------------------------------------------------------- weights and keys
 
@@ -479,7 +494,31 @@ class MimicEngine:
         with contextlib.ExitStack() as stack:
             s = stack.enter_context(self.student_tap.capture())
             ts = {t: stack.enter_context(tap.capture()) for t, tap in self.teacher_taps.items()}
-            yield Captured(student=s, teachers=ts)
+            self._live_student, self._adapted = s, {}
+            try:
+                yield Captured(student=s, teachers=ts)
+            finally:
+                self._live_student, self._adapted = None, {}
+
+    def _adapt_in_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Forward hook on the student: in a training forward inside :meth:`capture`, apply every
+        adapter to its captured student feature and add the results to the output dict.
+
+        Why here and not in :meth:`losses`: DDP (with ``find_unused_parameters``, the Trainer's
+        default) marks parameters its forward's outputs do not depend on as unused, so adapters
+        applied after the wrapped forward would get their gradient twice and fail the backward.
+        Computed inside the forward and returned in ``output[ADAPTED_KEY]``, they are used
+        parameters like any other. A student whose forward returns something other than a dict
+        still works in one process; under DDP it needs ``ddp_find_unused_parameters=False``.
+        """
+        feats = self._live_student
+        if feats is None or not module.training or not len(self.head.adapters):
+            return None
+        self._adapted = {key: self.head(key, feats[name]) for key, name in self._adapter_input.items()
+                         if key in self.head.adapters and name in feats}
+        if self._adapted and isinstance(output, dict):
+            output[ADAPTED_KEY] = dict(self._adapted)
+        return None
 
     def run_teachers(
         self, inputs: Any = None, forward: Callable[[str, nn.Module], Any] | None = None
@@ -645,8 +684,9 @@ class MimicEngine:
                 for i, (sn, tn) in enumerate(zip(job.student, tnames)):
                     s, tf = student_feats[sn], teacher_feats[t][tn].detach()
                     key = self._adapter_for(job, t, i, s.shape, tf.shape, device=s.device, build=False, step=step)
-                    if key is not None:
-                        s = self.head(key, s)
+                    if key is not None:  # adapted in the student's forward when it ran in training mode
+                        adapted = self._adapted.get(key)
+                        s = adapted if adapted is not None else self.head(key, s)
                     v = fn(s.float(), tf.float())
                     vals.append(v)
                     if self.log_pairs:
@@ -667,6 +707,7 @@ class MimicEngine:
     def remove(self) -> None:
         """Take every hook off the student and the teachers."""
         self.student_tap.remove()
+        self._adapt_hook.remove()
         for tap in self.teacher_taps.values():
             tap.remove()
 
