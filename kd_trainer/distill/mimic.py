@@ -517,7 +517,7 @@ class MimicEngine:
         self._adapted = {key: self.head(key, feats[name]) for key, name in self._adapter_input.items()
                          if key in self.head.adapters and name in feats}
         if self._adapted and isinstance(output, dict):
-            output[ADAPTED_KEY] = dict(self._adapted)
+            output[ADAPTED_KEY] = self._adapted
         return None
 
     def run_teachers(
