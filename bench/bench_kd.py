@@ -49,6 +49,7 @@ from kd_trainer.distill.cache import TeacherCache
 from kd_trainer.distill.trainer import teacher_embeddings
 from kd_trainer.evaluation import rank_metrics
 from kd_trainer.losses import Features, compute_term
+from kd_trainer.losses.registry import TEACHER_TOWERS
 from kd_trainer.models.factory import RetrievalModel, create_model
 
 SIZE = (384, 128)
@@ -59,7 +60,6 @@ CAPTIONS = [
     "She has long hair tied back and is wearing a yellow dress with a black belt and sandals.",
 ]
 KD_TERMS = ("itc", "cross_kd", "motis")
-TEACHER_TOWERS = frozenset({"teacher_image", "teacher_text"})
 
 
 # ----------------------------------------------------------------------------- plumbing
