@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kd_trainer.distill.schedules import Clock
+from kd_trainer.recipe.schedules import Clock
 from kd_trainer.recipe import LossConfig, StageConfig, Trainable
 
 logger = logging.getLogger("kd_trainer")

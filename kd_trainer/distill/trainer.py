@@ -40,7 +40,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.pipeline import set_augmentation_epoch
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.distill.running_means import RunningMeans
-from kd_trainer.distill.schedules import evaluate as schedule_value
+from kd_trainer.recipe.schedules import evaluate as schedule_value
 from kd_trainer.distill.stages import (
     Stage,
     StagedOptimizer,

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from kd_trainer.distill.schedules import ScheduleLike
+from kd_trainer.recipe.schedules import ScheduleLike
 
 
 class RecipeError(ValueError):
