@@ -46,7 +46,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, ReplayDataset
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.distill.cache import TeacherCache
-from kd_trainer.distill.trainer import teacher_embeddings
+from kd_trainer.distill.retrieval import teacher_embeddings
 from kd_trainer.evaluation import rank_metrics
 from kd_trainer.losses import Features, compute_term
 from kd_trainer.losses.registry import TEACHER_TOWERS

@@ -36,7 +36,7 @@ def _arch(value: str | None) -> Any:
 
 def _model_json(model: Any) -> dict[str, Any]:
     """What load_model needs; ``stride_size`` too when the patch stride is not the patch size (IRRA)."""
-    from kd_trainer.distill.trainer import model_config
+    from kd_trainer.distill.retrieval import model_config
 
     cfg = model_config(model)
     conv = model.clip.visual.conv1

@@ -15,18 +15,23 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
+from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
+from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.demo import run_demo
+from kd_trainer.distill.cache import build_teacher_cache
+from kd_trainer.evaluation import evaluate_retrieval, format_metrics
+from kd_trainer.losses import TERMS
+from kd_trainer.models.factory import get_architecture, list_architectures
+from kd_trainer.models.importers import model_from_checkpoint
+from kd_trainer.recipe import RecipeError, load_recipe
+from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
+from kd_trainer.run import INPUT_ERRORS, build_model, prepare_data, replay_config
+from kd_trainer.run import main as run_main
+
 COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher")
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    from kd_trainer.data.formats import DatasetFormatError
-    from kd_trainer.models.checkpoint import CheckpointError
-    from kd_trainer.distill.cache import CacheMismatchError
-    from kd_trainer.recipe import RecipeError
-
-    return (RecipeError, DatasetFormatError, CheckpointError, CacheMismatchError)
 
 
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
@@ -35,8 +40,6 @@ PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
 def _load_any(path: str, arch: str | None, image_size: list[int] | None, context_length: int | None,
               config: str | None) -> object:
     """A kd_trainer folder, or any checkpoint format the importers know (IRRA, TinyCLIP, OpenAI, ...)."""
-    from kd_trainer.models.importers import model_from_checkpoint
-
     return model_from_checkpoint(path, arch=arch, image_size=tuple(image_size) if image_size else None,
                                  context_length=context_length, irra_config=config)
 
@@ -48,10 +51,6 @@ def _eval(ns: argparse.Namespace) -> None:
     other's text tower: ``hybrid-image`` = model image x teacher text, ``hybrid-text`` = teacher
     image x model text, the scores a staged run reports for the tower it trains.
     """
-    from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
-    from kd_trainer.data.collator import collate_retrieval
-    from kd_trainer.evaluation import evaluate_retrieval, format_metrics
-
     model = _load_any(ns.model, ns.arch, ns.image_size, ns.context_length, ns.irra_config)
     teacher = None
     if ns.teacher:
@@ -90,21 +89,16 @@ def _eval(ns: argparse.Namespace) -> None:
 
 def _cache_teacher(ns: argparse.Namespace) -> None:
     """One teacher pass over the recipe's training set: the cache `teacher.cache` then points to."""
-    from kd_trainer.data import canonical_dataset_name
-    from kd_trainer.distill.cache import build_teacher_cache
-    from kd_trainer.recipe import RecipeError, load_recipe
-    from kd_trainer.run import build_model, prepare_data, replay_config
-
     recipe = load_recipe(ns.recipe, ns.overrides)
     if recipe.teacher is None:
         raise RecipeError(f"{ns.recipe} has no `teacher:`; there is nothing to cache")
     out = ns.out or recipe.teacher.cache
     if not out:
         raise RecipeError("say where the cache goes: --out DIR, or teacher.cache in the recipe")
-    dsd = prepare_data(recipe)
+    data = prepare_data(recipe)
     teacher = build_model(recipe.teacher, recipe)
     cfg = replay_config(recipe)
-    path = build_teacher_cache(teacher, dsd.raw_train, out, image_size=cfg.image_size, augment=cfg.augment,
+    path = build_teacher_cache(teacher, data.raw_train, out, image_size=cfg.image_size, augment=cfg.augment,
                                context_length=cfg.context_length, num_draws=cfg.num_draws, seed=cfg.seed,
                                batch_size=ns.batch_size, dataset_name=canonical_dataset_name(recipe.data.name),
                                progress=True, num_workers=ns.num_workers, precision=ns.precision)
@@ -113,10 +107,6 @@ def _cache_teacher(ns: argparse.Namespace) -> None:
 
 def _report(ns: argparse.Namespace) -> None:
     """Table to stdout, files under --out; skipped runs as warnings, bad input as exit 2 (no traceback)."""
-    import warnings
-
-    from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedRunWarning)
         try:
@@ -194,35 +184,27 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         _dispatch(ns)
-    except _input_errors() as e:  # a bad recipe, dataset or checkpoint: the message says it all
+    except INPUT_ERRORS as e:  # a bad recipe, dataset or checkpoint: the message says it all
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def _dispatch(ns: argparse.Namespace) -> None:
     if ns.command == "train":
-        from kd_trainer.run import main as run_main
-
         run_main([ns.recipe, *ns.overrides])
     elif ns.command == "eval":
         _eval(ns)
     elif ns.command == "demo":
-        from kd_trainer.demo import run_demo
-
         run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
     elif ns.command == "report":
         _report(ns)
     elif ns.command == "cache-teacher":
         _cache_teacher(ns)
     elif ns.command == "terms":
-        from kd_trainer.losses import TERMS
-
         for name, spec in sorted(TERMS.items()):
             print(f"{name:18s} {spec.kind:8s} sides={','.join(spec.sides):16s} "
                   f"T={spec.default_temperature:<5} teacher={'yes' if spec.needs_teacher else 'no'}")
     elif ns.command == "archs":
-        from kd_trainer.models.factory import get_architecture, list_architectures
-
         for name in list_architectures():
             a = get_architecture(name)
             v, t = a["vision_cfg"], a["text_cfg"]

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from kd_trainer.evaluation import format_metrics
 from kd_trainer.recipe import load_recipe
+from kd_trainer.run import run
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 
 
 def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[str] | None = None) -> dict:
-    from kd_trainer.run import run
-
     overrides = list(overrides or [])
     rows: dict[str, dict[str, float]] = {}
     teacher_dir = str(Path(runs) / "teacher")

@@ -202,7 +202,7 @@ def test_refuses_changed_image_size(setup):
 def test_trainer_reaches_dataset_set_epoch(setup, tmp_path):
     """transformers 5 / accelerate 1.15, one process: DataLoaderShard.set_epoch -> dataset.set_epoch
     reaches a non-persistent DataLoader worker, without any callback."""
-    from kd_trainer.distill.trainer import DistillationTrainer
+    from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
     from kd_trainer.recipe import TermConfig
 
     seen: list[tuple[float, list[int], list[int]]] = []

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_trainer.distill.stages import TOWER_PREFIXES, StagedOptimizer
-from kd_trainer.distill.trainer import DistillationTrainer
+from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer
+from kd_trainer.models.towers import TOWER_PREFIXES
+from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import StageConfig
 
@@ -57,7 +58,7 @@ class Recorder(TrainerCallback):
         self.params, self.opt = {}, {}
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
-        staged = optimizer.optimizer if not isinstance(optimizer, StagedOptimizer) else optimizer
+        staged = optimizer.optimizer if not isinstance(optimizer, StageOptimizer) else optimizer
         inner = staged.inner
         names = {id(p): n for n, p in model.named_parameters()}
         in_opt = {names[id(p)] for g in inner.param_groups for p in g["params"]}
@@ -217,7 +218,6 @@ def test_staged_scheduler_restores_the_next_steps_lr_after_a_stage_switch():
     """Loading a later stage's state into a freshly built (stage 0) pair restores the exact LR."""
     from transformers import get_scheduler
 
-    from kd_trainer.distill.stages import StagedScheduler
 
     params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
 
@@ -227,8 +227,8 @@ def test_staged_scheduler_restores_the_next_steps_lr_after_a_stage_switch():
     def build_sched(k, opt):
         return get_scheduler("linear", optimizer=opt, num_warmup_steps=0, num_training_steps=10)
 
-    opt = StagedOptimizer(build_opt)
-    sched = StagedScheduler(opt, build_sched)
+    opt = StageOptimizer(build_opt)
+    sched = StageLRScheduler(opt, build_sched)
     opt.begin_stage(1)
     sched.begin_stage(1)
     for _ in range(3):
@@ -238,8 +238,8 @@ def test_staged_scheduler_restores_the_next_steps_lr_after_a_stage_switch():
     saved_opt, saved_sched, lr = opt.state_dict(), sched.state_dict(), opt.param_groups[0]["lr"]
     assert lr == pytest.approx(0.2 * 7 / 10)
 
-    opt2 = StagedOptimizer(build_opt)
-    sched2 = StagedScheduler(opt2, build_sched)
+    opt2 = StageOptimizer(build_opt)
+    sched2 = StageLRScheduler(opt2, build_sched)
     opt2.load_state_dict(saved_opt)
     sched2.load_state_dict(saved_sched)
     assert opt2.stage == sched2.stage == 1 and opt2.param_groups[0]["params"][0] is params[1]

@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from transformers import TrainingArguments
 
-from kd_trainer.distill.trainer import DistillationTrainer
+from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import TermConfig
 

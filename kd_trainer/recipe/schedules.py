@@ -126,7 +126,7 @@ Schedule = Annotated[Union[Constant, Warmup, Linear, Piecewise], Field(discrimin
 ScheduleLike = Union[float, Schedule]
 
 
-def evaluate(schedule: ScheduleLike, clock: Clock) -> float:
+def value_at(schedule: ScheduleLike, clock: Clock) -> float:
     """The value of a schedule (or a plain number) at ``clock``."""
     if isinstance(schedule, (int, float)):
         return float(schedule)

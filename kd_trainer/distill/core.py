@@ -1,0 +1,319 @@
+"""``DistillationTrainer``: the one trainer core every task trainer derives from.
+
+A ``transformers.Trainer`` whose ``model`` is the student. The core owns everything that is
+the same whatever the task:
+
+* the teachers: frozen, in eval mode, placed on this process's device, never wrapped for
+  gradient sync nor saved (under DeepSpeed or FSDP they go through
+  ``accelerator.prepare_model(..., evaluation_mode=True)`` so they are sharded, as TRL does);
+* the resolved :class:`~kd_trainer.distill.plan.RunPlan`: stages, their fresh optimizer and
+  LR schedule, their weights and alpha mix;
+* the UP/EOD mimic engine, its adapters (``model.mimic_head``, trained and saved with the
+  student, locked once the optimizer exists);
+* the loss: teacher outputs first, then the student, then the task's raw term values, weighted
+  by the plan; every term logged by name (``loss_<term>``, ``loss_<term>_weighted``,
+  ``<stage>/...`` in staged runs, ``mimic/<job>/<teacher>/<loss>``);
+* evaluation bookkeeping and what is saved beside the weights.
+
+A task trainer supplies only its forwards, its raw loss values and its evaluation:
+:meth:`teacher_outputs`, :meth:`student_outputs`, :meth:`teacher_tap_forward`,
+:meth:`term_values`, :meth:`evaluate_split` and :meth:`saved_configs`.
+
+Gradient accumulation: ``compute_loss`` returns a micro-batch mean, so
+``loss_is_scaled_for_ga = False`` and no loss kwargs reach the model: the Trainer divides each
+micro-batch loss by the number of micro-batches in the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler
+
+from kd_trainer.data.pipeline import set_augmentation_epoch
+from kd_trainer.distill.mimic import MimicEngine
+from kd_trainer.distill.plan import RunPlan, Stage
+from kd_trainer.distill.running_means import RunningMeans
+from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer, StageSwitcher, find_wrapped
+
+STAGES_FILE = "stages.json"
+ADAPTERS_FILE = "mimic_adapters.json"
+MIMIC_TOTAL = "mimic/total"
+
+logger = logging.getLogger("kd_trainer")
+
+
+class DistillationTrainer(Trainer):
+    """The trainer core; see the module docstring. Subclasses implement the task hooks."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a micro-batch mean
+    # Mimic teachers whose forward teacher_outputs() already runs inside the step's capture.
+    live_teachers: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any = None,
+        *,
+        plan: RunPlan,
+        teachers: Mapping[str, nn.Module] | None = None,
+        mimic_jobs: Sequence[Any] = (),
+        callbacks: Sequence[TrainerCallback] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.plan = plan.bind(model)
+        self.teachers = {name: t for name, t in (teachers or {}).items() if t is not None}
+        collator = kwargs.get("data_collator") or default_data_collator
+        self.has_mimic = bool(mimic_jobs)  # the task's forwards read it while the engine is built
+        self.mimic = self._mimic_engine(model, mimic_jobs, kwargs.get("train_dataset"), collator)
+        callbacks = list(callbacks or [])
+        if not plan.is_single:
+            callbacks.append(StageSwitcher(plan))
+        callbacks.append(_EpochSetter(self))
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        # The student's forward takes no **kwargs already; say it, so no refactor flips it.
+        self.model_accepts_loss_kwargs = False
+        if not plan.is_single and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("multi-stage recipes need the staged optimizer, which DeepSpeed and FSDP replace with "
+                             "their own; run each stage as its own recipe, chained with student.checkpoint")
+        if self.args.dataloader_persistent_workers and set_augmentation_epoch(self.train_dataset, 0):
+            raise ValueError("dataloader_persistent_workers keeps each worker's copy of the dataset from the first "
+                             "epoch, so the seeded augmentation would repeat every epoch; leave it off")
+        self.teachers = {name: self._place_teacher(t) for name, t in self.teachers.items()}
+        if self.mimic is not None:
+            self.mimic.teachers.update({n: t for n, t in self.teachers.items() if n in self.mimic.teachers})
+        self._logged = RunningMeans()
+
+    # --- the task's hooks ------------------------------------------------------------------------
+
+    def teacher_outputs(self, inputs: dict[str, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
+        """What the stage's terms read from the teacher(s); runs before the student."""
+        return {}
+
+    def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        """One forward of a mimic teacher (its taps capture); None if it already ran this step."""
+        raise NotImplementedError
+
+    def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
+        raise NotImplementedError
+
+    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
+                    stage: Stage) -> dict[str, torch.Tensor]:
+        """Unweighted loss values by term key; the plan weighs them (keys outside it weigh 1)."""
+        raise NotImplementedError
+
+    def evaluate_split(self, split: Any, prefix: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def saved_configs(self, model: nn.Module) -> dict[str, Any]:
+        """JSON files saved beside the weights (file name -> content): what rebuilds the model."""
+        return {}
+
+    # --- plan and stages -------------------------------------------------------------------------
+
+    @property
+    def current_stage(self) -> Stage:
+        """The stage the next training step belongs to."""
+        return self.plan.stage_at(self.state.global_step)
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
+        """Lay the stages out on the step axis once the epoch length is known; the run's length
+        is their sum (a single-stage run keeps the Trainer's own length)."""
+        epochs, per_epoch, examples, samples, total_bs, steps_in_epoch, max_steps = \
+            super().set_initial_training_values(args, dataloader)
+        total = self.plan.resolve(per_epoch, default_steps=max_steps)
+        if total != max_steps:
+            epochs = -(-total // per_epoch)
+            samples = total * total_bs
+        return epochs, per_epoch, examples, samples, total_bs, steps_in_epoch, total
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and not self.plan.is_single:
+            self.optimizer = StageOptimizer(self._stage_optimizer, stage=self.current_stage.index)
+        optimizer = super().create_optimizer(model) if self.optimizer is None else self.optimizer
+        if self.mimic is not None:
+            self.mimic.head.lock()  # an adapter created after this would never be optimised
+        return optimizer
+
+    def _stage_optimizer(self, index: int) -> torch.optim.Optimizer:
+        """A fresh optimizer (the recipe's type and hyper-parameters) over one stage's parameters."""
+        stage = self.plan.stages[index]
+        decay = set(self.get_decay_parameter_names(self.model))
+        named = [(n, p) for n, p in self.model.named_parameters() if n in stage.params]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        if stage.learning_rate is not None:
+            kwargs = {**kwargs, "lr": stage.learning_rate}
+        return cls([g for g in groups if g["params"]], **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        staged = find_wrapped(optimizer if optimizer is not None else self.optimizer, StageOptimizer)
+        if staged is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            def build(index: int, inner: torch.optim.Optimizer) -> Any:
+                n = self.plan.stages[index].num_steps
+                return get_scheduler(self.args.lr_scheduler_type, optimizer=inner,
+                                     num_warmup_steps=self.args.get_warmup_steps(n), num_training_steps=n,
+                                     scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+
+            self.lr_scheduler = StageLRScheduler(staged, build)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """Clip only what this stage trains: parameters frozen by name inside a trained tower still
+        get autograd gradients, which are dropped here so they neither count nor move."""
+        if not self.plan.is_single:
+            chosen = self.current_stage.params
+            for n, p in self.model.named_parameters():
+                if n not in chosen:
+                    p.grad = None
+        return super()._clip_grad_norm(model)
+
+    # --- teachers and mimic ----------------------------------------------------------------------
+
+    def _place_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Freeze a teacher and put it where this process computes.
+
+        Not ``accelerator.prepare``: that would register it for ``save_state`` and, under DDP,
+        wrap it for a gradient sync it must never join. Mixed precision still reaches it: its
+        forward runs inside ``compute_loss``, under the Trainer's autocast. DeepSpeed and FSDP
+        shard models themselves, so there it is prepared in evaluation mode (untested here: no
+        such hardware).
+        """
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.to(self.accelerator.device)
+
+    def _mimic_engine(self, model: nn.Module, jobs: Sequence[Any], train_dataset: Any, collate: Any) -> Any:
+        """The jobs' engine, its adapters sized from one real batch and attached to the student
+        (``mimic_head``) so they train, checkpoint and resume with it; None without jobs."""
+        if not jobs:
+            return None
+        if train_dataset is None:
+            raise ValueError("mimic jobs need a train_dataset to size their adapters")
+        engine = MimicEngine(model, self.teachers, list(jobs))
+        batch = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
+        engine.build_adapters(student_forward=lambda m: self.student_outputs(m, batch, self.plan.stages[0]),
+                              teacher_forward=lambda n, t: self.teacher_tap_forward(n, t, batch))
+        model.mimic_head = engine.head
+        return engine
+
+    @contextlib.contextmanager
+    def _taps(self) -> Iterator[Any]:
+        """The mimic engine's capture for one step (None without mimic jobs)."""
+        if self.mimic is None:
+            yield None
+            return
+        with self.mimic.capture() as captured:
+            yield captured
+
+    # --- loss ------------------------------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        stage = self.current_stage
+        mimic: dict[str, torch.Tensor] = {}
+        with self._taps() as tapped:
+            # Teachers before the student: their activations are freed before the student's are
+            # made and kept for backward (bench/bench_kd.py measures this order as the cheaper one).
+            teacher = self.teacher_outputs(inputs, stage)
+            if tapped is not None:
+                self.mimic.run_teachers(forward=lambda name, t: None if name in self.live_teachers
+                                        else self.teacher_tap_forward(name, t, inputs))
+            outputs = self.student_outputs(model, inputs, stage)
+            if tapped is not None:
+                mimic = self.mimic.losses(tapped.student, tapped.teachers, step=self.state.global_step)
+        values = self.term_values(inputs, outputs, teacher, stage)
+        total = self._weighted_total(values, mimic, stage, record=model.training)
+        return (total, outputs) if return_outputs else total
+
+    def _weighted_total(self, values: dict[str, torch.Tensor], mimic: dict[str, torch.Tensor], stage: Stage,
+                        *, record: bool) -> torch.Tensor:
+        coefs, alpha = stage.coefficients(self.plan.clock(self.state.global_step))
+        weighted = {key: coefs.get(key, 1.0) * v for key, v in values.items()}
+        parts = list(weighted.values()) + ([mimic[MIMIC_TOTAL]] if mimic else [])
+        if not parts:
+            raise ValueError(f"stage {stage.name!r} has no loss: no term, no task loss and no mimic job")
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        if record:
+            prefix = "" if self.plan.is_single else f"{stage.name}/"
+            logged = {f"{prefix}loss_{k}": v for k, v in values.items()}
+            logged.update({f"{prefix}loss_{k}_weighted": v for k, v in weighted.items()})
+            if alpha is not None:
+                logged[f"{prefix}alpha"] = torch.tensor(alpha, device=total.device)
+            self._logged.add({**logged, **mimic})
+        return total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add every term's mean since the last log to a training log (averaged over processes);
+        in a staged run the log also says which ``stage`` (1-based) its last step belongs to."""
+        if "loss" in logs and self._logged:
+            logs.update(self._logged.pop(self.accelerator))
+            if not self.plan.is_single:
+                logs["stage"] = self.plan.stage_done_at(self.state.global_step).index + 1
+        super().log(logs, start_time)
+
+    # --- evaluation and saving -------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The task's whole-split evaluation (not the Trainer's per-batch prediction loop),
+        logged as ``<prefix>_<metric>`` so ``metric_for_best_model`` can select on it."""
+        self._memory_tracker.start()
+        split = eval_dataset if eval_dataset is not None else self.eval_dataset
+        metrics = self.evaluate_split(split, metric_key_prefix)
+        if not self.plan.is_single:
+            metrics[f"{metric_key_prefix}_stage"] = self.plan.stage_done_at(self.state.global_step).index + 1
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The weights (adapters included, for resuming), plus what rebuilds the model without the
+        recipe, the stage layout, and which keys are training-only adapters."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        files = dict(self.saved_configs(self.accelerator.unwrap_model(self.model)))
+        if self.plan.steps_per_epoch is not None:  # laid out by a train() call
+            files[STAGES_FILE] = self.plan.to_json()
+        if self.mimic is not None:
+            files[ADAPTERS_FILE] = {"training_only": self.mimic.head.training_only_keys("mimic_head.")}
+        for name, content in files.items():
+            with open(os.path.join(output_dir, name), "w") as f:
+                json.dump(content, f, indent=2)
+
+
+class _EpochSetter(TrainerCallback):
+    """Tells the train split which epoch begins, before the epoch's DataLoader iterator (and its
+    workers) exists: seeded augmentation and replayed cache draws depend on it. Counted from the
+    global step, so a resumed run agrees with an uninterrupted one (accelerate's own
+    ``set_epoch`` reaches the sampler, not the dataset, under DDP and on a mid-epoch resume)."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        epoch = state.global_step // (self.trainer.plan.steps_per_epoch or 1)
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        else:
+            set_augmentation_epoch(dataset, epoch)

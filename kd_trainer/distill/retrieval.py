@@ -1,0 +1,207 @@
+"""``RetrievalTrainer``: CLIP dual-encoder distillation, the loss a weighted sum of named terms.
+
+One step (``design/architecture.md``): the frozen teacher embeds the batch under
+``torch.inference_mode()`` (only the towers some term reads; or its embeddings come from the
+teacher cache), the student embeds it, and every term of the current stage computes its value
+from those embeddings; the core weighs and logs them.
+
+Gradient accumulation: each term returns a mean over the micro-batch and the Trainer divides
+by the number of micro-batches in the group, which makes a per-sample term (``fd``) exact.
+Batch-dependent terms (every contrastive or relational term) compare each sample with the
+others of its micro-batch, so plain accumulation changes what they optimise (k softmaxes over
+b instead of one over k*b). Across processes they *are* exact: their features are gathered
+into the global batch (:mod:`kd_trainer.distill.gather`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from datasets import Dataset
+from torch import nn
+
+from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.distill.cache import plan_teacher_source
+from kd_trainer.distill.core import DistillationTrainer
+from kd_trainer.distill.gather import gather_features
+from kd_trainer.distill.plan import RunPlan, Stage
+from kd_trainer.evaluation import evaluate_retrieval
+from kd_trainer.losses import Features
+from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
+from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME
+from kd_trainer.models.factory import RetrievalModel, get_architecture
+from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
+
+
+@dataclass
+class RetrievalSplit:
+    """An evaluation split: the gallery images and the caption queries, transformed on the fly."""
+
+    name: str
+    gallery: Dataset
+    queries: Dataset
+
+    def __len__(self) -> int:  # the Trainer asks has_length() of eval datasets
+        return len(self.queries)
+
+
+def retrieval_plan(terms: Sequence[TermConfig] | LossConfig | None, stages: Sequence[StageConfig] | None, *,
+                   has_teacher: bool) -> RunPlan:
+    """The plan of a single-stage run (``terms``) or a sequential method (``stages``)."""
+    if (terms is None) == (stages is None):
+        raise ValueError("give exactly one of `terms` (a single-stage run) or `stages`")
+    if stages is not None:
+        return RunPlan.from_configs(stages, has_teacher=has_teacher)
+    return RunPlan.single(terms if isinstance(terms, LossConfig) else LossConfig(terms=list(terms or [])))
+
+
+class RetrievalTrainer(DistillationTrainer):
+    """Trainer for a student :class:`RetrievalModel`, with an optional frozen teacher beside it.
+
+    Give ``plan`` (resolved by the run), or ``terms`` / ``stages`` to resolve it here. The
+    teacher is not a submodule of the student, so checkpoints never contain its weights.
+    """
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        args: Any = None,
+        *,
+        plan: RunPlan | None = None,
+        terms: Sequence[TermConfig] | LossConfig | None = None,
+        stages: Sequence[StageConfig] | None = None,
+        teacher: RetrievalModel | None = None,
+        mimic: Sequence[Any] = (),
+        mimic_teachers: dict[str, nn.Module] | None = None,
+        teacher_cache: Any = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        plan = plan if plan is not None else retrieval_plan(terms, stages, has_teacher=teacher is not None)
+        if plan.teacher_terms and teacher is None:
+            raise ValueError(f"loss terms {plan.teacher_terms} need a teacher, but the recipe has no `teacher:`")
+        self.teacher = teacher
+        self.teacher_cache = teacher_cache
+        # Embedding-level terms read the cache; a stage with a term that needs more than final
+        # embeddings runs the online teacher instead (plan_teacher_source logs which).
+        self.teacher_sources = {s.index: plan_teacher_source(s.terms, stage=s.name,
+                                                             cache_available=teacher_cache is not None)
+                                for s in plan.stages}
+        # A mimic job on the main teacher reads its hooked layers: one live forward of both its
+        # towers (never the cache) then feeds the terms and the taps.
+        self._mimic_on_teacher = teacher is not None and any("teacher" in job.teachers for job in mimic)
+        self.live_teachers = frozenset({"teacher"}) if self._mimic_on_teacher else frozenset()
+        teachers = {**({"teacher": teacher} if teacher is not None else {}), **(mimic_teachers or {})}
+        super().__init__(model, args, plan=plan, teachers=teachers, mimic_jobs=mimic,
+                         data_collator=data_collator or collate_retrieval, **kwargs)
+        self.teacher = self.teachers.get("teacher")
+        if self.teacher_cache is not None:
+            self.teacher_cache = self.teacher_cache.to(self.accelerator.device)
+
+    # --- the task's hooks ------------------------------------------------------------------------
+
+    def teacher_outputs(self, inputs: dict[str, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
+        towers = TEACHER_TOWERS if self._mimic_on_teacher else stage.teacher_towers
+        if not towers or self.teacher is None:
+            return {}
+        if self.teacher_cache is not None and self.teacher_sources[stage.index].use_cache \
+                and not self._mimic_on_teacher:
+            return self.teacher_cache.lookup(inputs, towers)
+        self.teacher.eval()  # guard against a caller's .train() on everything
+        return teacher_embeddings(self.teacher, inputs, towers, inference_mode=not self._mimic_on_teacher)
+
+    def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        device = next(teacher.parameters()).device
+        return (teacher.clip.encode_image(inputs["pixel_values"].to(device)),
+                teacher.clip.encode_text(inputs["input_ids"].to(device)))
+
+    def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
+        # Mimic taps may sit in either tower: then both run.
+        towers = stage.towers | STUDENT_TOWERS if self.has_mimic else stage.towers
+        return model(pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
+                     input_ids=inputs["input_ids"] if "student_text" in towers else None,
+                     no_grad=stage.frozen_towers)
+
+    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
+                    stage: Stage) -> dict[str, torch.Tensor]:
+        pids = inputs.get("pids")
+        plain = Features(student_image=outputs.get("image_embeds"), student_text=outputs.get("text_embeds"),
+                         pids=pids, **teacher)
+        # Terms that compare student and teacher directly read the projected student embeddings
+        # when the widths differ (the projection trains with the student).
+        projected = Features(student_image=outputs.get("image_embeds_proj", outputs.get("image_embeds")),
+                             student_text=outputs.get("text_embeds_proj", outputs.get("text_embeds")),
+                             pids=pids, **teacher)
+        # Batch-dependent terms see the global batch (every process's samples); per-sample terms
+        # keep the local mean, which DDP's gradient averaging turns into the global mean.
+        plain_global, projected_global = plain, projected
+        if self.accelerator.num_processes > 1 and stage.batch_dependent:
+            plain_global, projected_global = gather_features(plain), gather_features(projected)
+        values = {}
+        for term in stage.terms:
+            if term.spec.batch_dependent:
+                feats = projected_global if term.spec.direct_compare else plain_global
+            else:
+                feats = projected if term.spec.direct_compare else plain
+            values[term.key] = term(feats)
+        return values
+
+    def evaluate_split(self, split: RetrievalSplit, prefix: str) -> dict[str, float]:
+        """R@1/5/10, mAP and mINP of the student on a whole split (ranking needs the full gallery),
+        plus the hybrid pairings of the stage the weights belong to."""
+        if not isinstance(split, RetrievalSplit):
+            raise TypeError(f"RetrievalTrainer.evaluate needs a RetrievalSplit, got {type(split).__name__}")
+        model = self.accelerator.unwrap_model(self.model)
+        common = dict(batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator,
+                      accelerator=self.accelerator, num_workers=self.args.dataloader_num_workers,
+                      progress=not self.args.disable_tqdm)
+        metrics = {f"{prefix}_{k}": v for k, v in evaluate_retrieval(model, split.gallery, split.queries,
+                                                                     **common).items()}
+        # Hybrid pairings show whether the tower this stage trains has converged on its own.
+        stage = self.plan.stage_done_at(self.state.global_step)
+        for tower in stage.eval_hybrids if self.teacher is not None else []:
+            image_model, text_model = (model, self.teacher) if tower == "image" else (self.teacher, model)
+            hybrid = evaluate_retrieval(image_model, split.gallery, split.queries, text_model=text_model, **common)
+            metrics.update({f"{prefix}_hybrid_{tower}_{k}": v for k, v in hybrid.items()})
+        return metrics
+
+    def saved_configs(self, model: nn.Module) -> dict[str, Any]:
+        return {MODEL_CONFIG_NAME: model_config(model)}
+
+
+def teacher_embeddings(
+    teacher: RetrievalModel, inputs: dict[str, torch.Tensor], towers: frozenset[str], *, inference_mode: bool = True
+) -> dict[str, torch.Tensor]:
+    """A frozen teacher's embeddings (``teacher_image``, ``teacher_text``) for the towers in ``towers``.
+
+    No autograd: under ``torch.inference_mode()`` (no graph, no version counters), in whatever
+    autocast the caller runs (the Trainer's mixed precision). The embeddings are then copied out
+    of inference mode (a batch x dim copy) so that terms may save them for backward. With
+    ``inference_mode=False`` it runs under ``torch.no_grad()`` instead, for mimic jobs whose
+    hooks keep the teacher's intermediate features, which must stay ordinary tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        if "teacher_image" in towers:
+            out["teacher_image"] = teacher.clip.encode_image(inputs["pixel_values"])
+        if "teacher_text" in towers:
+            out["teacher_text"] = teacher.clip.encode_text(inputs["input_ids"])
+    return {k: v.clone() for k, v in out.items()} if inference_mode else out
+
+
+def model_config(model: RetrievalModel) -> dict[str, Any]:
+    """What :func:`kd_trainer.models.checkpoint.load_model` needs to rebuild ``model``."""
+    proj = model.image_proj.out_features if model.image_proj is not None else None
+    conv = model.clip.visual.conv1
+    # An IRRA teacher may stride its patches by less than their size; load_model rebuilds that.
+    stride = {"stride_size": int(conv.stride[0])} if tuple(conv.stride) != tuple(conv.kernel_size) else {}
+    return {
+        **stride,
+        "arch": get_architecture(model.arch) if model.arch is not None else None,
+        "arch_name": model.arch if isinstance(model.arch, str) else None,
+        "image_size": list(model.image_size),
+        "context_length": model.context_length,
+        "projection_dim": proj,
+    }
