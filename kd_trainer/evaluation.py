@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 __all__ = ["rank_metrics", "embed_dataset", "evaluate_retrieval", "format_metrics"]
 
@@ -283,9 +285,6 @@ def embed_dataset(
     ``gather_for_metrics``, which drops the padding added to even out the last batch, so
     every item appears exactly once, in dataset order.
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                         num_workers=num_workers)
     if accelerator is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -92,8 +93,6 @@ class ShapesDataset(Dataset):
     STD = (0.25, 0.25, 0.25)
 
     def __init__(self, root: str | Path, split: str, *, train: bool):
-        from torchvision import transforms as T
-
         folder = Path(root) / split
         if not folder.is_dir():
             raise FileNotFoundError(f"SynthShapes split folder {folder} not found; generate it with make_synth_shapes")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 
 __all__ = ["tokenize", "get_tokenizer", "SOT_TOKEN_ID", "EOT_TOKEN_ID"]
 
@@ -25,8 +26,6 @@ EOT_TOKEN_ID = 49407  # <|endoftext|>
 @lru_cache(maxsize=1)
 def get_tokenizer():  # -> open_clip.tokenizer.SimpleTokenizer
     """open_clip's SimpleTokenizer over its bundled vocabulary (built once per process)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
     tok = SimpleTokenizer()
     if (tok.sot_token_id, tok.eot_token_id) != (SOT_TOKEN_ID, EOT_TOKEN_ID):  # a different vocabulary
         raise RuntimeError(

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from kd_trainer.models.checkpoint import CheckpointError, read_state_dict
@@ -23,8 +24,6 @@ class Classifier(nn.Module):
 
     def __init__(self, arch: str, num_classes: int):
         super().__init__()
-        import torchvision
-
         builder = getattr(torchvision.models, arch, None)
         if builder is None or not callable(builder):
             raise ValueError(f"unknown torchvision architecture {arch!r} (e.g. resnet18, resnet34, resnet50)")

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from transformers import TrainingArguments
 
 from kd_trainer.recipe.schedules import ScheduleLike
 
@@ -226,8 +227,6 @@ class Recipe(_Strict):
 # --- TrainingArguments validation -------------------------------------------------------------
 
 def _training_fields() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
     hints = typing.get_type_hints(TrainingArguments)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
 
