@@ -265,12 +265,12 @@ def test_missing_images_are_all_reported(tmp_path: Path) -> None:
     for i in range(2, 14):  # 12 missing: the first 10 listed, the rest counted
         (ds / "imgs" / f"cam_a/{i:03d}.png").unlink()
     with pytest.raises(DatasetFormatError) as e:
-        load_pedes("cuhk_pedes", tmp_path)
+        load_pedes("cuhk_pedes", tmp_path, splits=["train"])
     msg = str(e.value)
-    assert msg.startswith("CUHK-PEDES: 12 of 16 images listed in ") and "are missing" in msg
-    assert f"record 2 (file_path='cam_a/002.png'): expected file {ds.resolve() / 'imgs/cam_a/002.png'}" in msg
+    assert msg.startswith("CUHK-PEDES: 12 of 16 images listed in ") and "cannot be read (12 missing)" in msg
+    assert f"record 2 (file_path='cam_a/002.png', split train): missing: {ds.resolve() / 'imgs/cam_a/002.png'}" in msg
     assert "record 11 " in msg and "record 12 " not in msg
-    assert "... and 2 more" in msg and "skip_unreadable=True" in msg
+    assert "... and 2 more" in msg and "data.skip_unreadable: true" in msg
 
 
 def _corrupt(path: Path) -> None:
@@ -285,17 +285,12 @@ def test_skip_unreadable_drops_and_reports(cuhk: Path, caplog: pytest.LogCapture
 
     with caplog.at_level(logging.WARNING, logger="kd_trainer"):
         dsd = load_pedes("cuhk_pedes", cuhk, skip_unreadable=True)
-    # Without decoding, only the two missing files are known.
-    assert last_skipped() == 2 and len(dsd.skipped_images) == 2
-    assert "skipped 2 of 9 images" in caplog.text and "CUHK01/0363001.png" in caplog.text
-    assert dsd["test_gallery"].num_rows == 1
-
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
-        dsd = load_pedes("cuhk_pedes", cuhk, skip_unreadable=True, verify_images=True)
+    # Skipping decodes the train images too: the undecodable one is dropped with the missing ones.
     assert last_skipped() == 3
     assert any(p.endswith("cam_b/002_90.png") for p in dsd.skipped_images)
-    assert "CUHK-PEDES: skipped 3 of 9 images" in caplog.text and "undecodable" in caplog.text
+    assert "CUHK-PEDES: skipped 3 of 9 images" in caplog.text and "2 missing, 1 truncated" in caplog.text
+    assert "CUHK01/0363001.png" in caplog.text
+    assert dsd["test_gallery"].num_rows == 1
     assert _col(dsd["train"], "pid") == [1, 1, 0, 0, 0]  # ids 3 and 1 left: still contiguous
     assert _col(dsd["train"], "image_id") == [0, 0, 1, 1, 1]
     assert "3 unreadable images skipped" in dsd["train"].info.description
@@ -304,11 +299,13 @@ def test_skip_unreadable_drops_and_reports(cuhk: Path, caplog: pytest.LogCapture
 
 def test_undecodable_image_with_verify(cuhk: Path) -> None:
     _corrupt(cuhk / "CUHK-PEDES" / "imgs" / "cam_a/000_45.png")
+    load_pedes("cuhk_pedes", cuhk)  # train images are not decoded unless asked
     with pytest.raises(DatasetFormatError) as e:
         load_pedes("cuhk_pedes", cuhk, verify_images=True)
     msg = str(e.value)
-    assert msg.startswith("CUHK-PEDES: 1 of 9 images listed in") and "undecodable" in msg
-    assert "record 2 (file_path='cam_a/000_45.png')" in msg and "cannot decode image" in msg
+    assert msg.startswith("CUHK-PEDES: 1 of 9 images listed in") and "cannot be read (1 truncated)" in msg
+    assert "record 2 (file_path='cam_a/000_45.png', split train): truncated: " in msg
+    assert "OSError: Truncated File Read" in msg
 
 
 def test_undecodable_image_surfaces_at_transform_time(cuhk: Path) -> None:

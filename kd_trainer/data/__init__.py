@@ -1,7 +1,7 @@
 """Person-retrieval datasets as ``datasets.DatasetDict``, IRRA's transforms, CLIP tokenisation.
 
     dsd = load_pedes("CUHK-PEDES", "./data")            # raw rows, see formats.py
-    print(summarize(dsd))                                # identities / images / captions
+    print(summarize(dsd))                                # identities / images / captions, findings
     dsd = with_retrieval_transforms(dsd, image_size=(384, 128), augment=True)
     loader = DataLoader(dsd["train"], batch_size=64, collate_fn=collate_retrieval)
 
@@ -11,13 +11,16 @@ The synthetic dataset generator lives in ``kd_trainer.data.synth`` (imported on 
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.formats import (
     DATASETS,
+    DUPLICATE_POLICIES,
     DatasetFormat,
     DatasetFormatError,
+    LoadReport,
     canonical_dataset_name,
     last_skipped,
     load_pedes,
     open_image,
     summarize,
+    unwrap_worker_error,
 )
 from kd_trainer.data.pipeline import RetrievalTransform, with_retrieval_transforms
 from kd_trainer.data.tokenizer import tokenize
@@ -27,8 +30,10 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DATASETS",
+    "DUPLICATE_POLICIES",
     "DatasetFormat",
     "DatasetFormatError",
+    "LoadReport",
     "RetrievalTransform",
     "build_image_transform",
     "canonical_dataset_name",
@@ -38,5 +43,6 @@ __all__ = [
     "open_image",
     "summarize",
     "tokenize",
+    "unwrap_worker_error",
     "with_retrieval_transforms",
 ]

@@ -16,14 +16,21 @@ trainer evaluates on test instead, as IRRA does):
 - ``val_queries`` / ``test_queries``: one row per caption: ``caption``, ``pid``,
   ``image_id`` (the gallery row it describes).
 
-Bad data is never skipped silently. Every problem raises :class:`DatasetFormatError`
-naming the dataset, the file and the record, and saying what was expected. Missing images
-are found at load time (one walk of ``imgs/``); undecodable ones at load time with
-``verify_images=True``, otherwise when the transform opens them. With
-``skip_unreadable=True`` such images are dropped instead, a warning on the
-``kd_trainer`` logger gives the count and the first paths, and the dropped paths are kept
-on the result as ``dsd.skipped_images`` (also ``last_skipped()`` for the latest load, and
-in each split's ``info.description``).
+Bad data is never skipped silently, and everything that can be checked is checked at load
+time, before anything trains. A problem in the files raises :class:`DatasetFormatError`
+naming the dataset, the file and the record, and saying what was expected:
+
+- images: every listed image must exist; val/test images are also decoded at load, and
+  train images too with ``verify_images`` or ``skip_unreadable`` (which drops the
+  unreadable ones, with a warning that counts them by kind: missing, empty, not an image,
+  truncated, corrupt);
+- an empty caption list: warned about with counts (kept as IRRA keeps it);
+- a repeated (image, caption) pair: warned about, refused or dropped (``duplicates``);
+- a split left with nothing to train or evaluate on: an error naming the split and why.
+
+What was found is on the result as ``dsd.load_report`` (:class:`LoadReport`) and in each
+split's ``info.description``. Errors name the recipe keys (``data.skip_unreadable``,
+``data.verify_images``, ``data.duplicates``) that change the behaviour.
 """
 
 from __future__ import annotations
@@ -32,32 +39,38 @@ import json
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import datasets
-from PIL import Image
+
+from kd_trainer.data.errors import DatasetFormatError, unwrap_worker_error
+from kd_trainer.data.images import UNREADABLE_KINDS, find_unreadable, open_image
 
 __all__ = [
     "DATASETS",
+    "DUPLICATE_POLICIES",
     "DatasetFormat",
     "DatasetFormatError",
+    "LoadReport",
+    "SPLITS",
     "canonical_dataset_name",
     "last_skipped",
     "load_pedes",
     "open_image",
     "summarize",
+    "unwrap_worker_error",
 ]
 
 logger = logging.getLogger("kd_trainer")
 
 _MAX_LISTED = 10  # problems listed one by one in an error message; the rest are counted
 
-
-class DatasetFormatError(ValueError):
-    """A dataset on disk does not have the layout its loader expects."""
+SPLITS = ("train", "val", "test")
+DUPLICATE_POLICIES = ("warn", "error", "drop")
 
 
 @dataclass(frozen=True)
@@ -118,34 +131,6 @@ def canonical_dataset_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- images
-
-def open_image(path: str | os.PathLike, dataset_name: str = "") -> Image.Image:
-    """Decode an image fully and return it as RGB; failures name the dataset and the file."""
-    who = f"{dataset_name}: " if dataset_name else ""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode, so truncation shows here
-    except FileNotFoundError:
-        raise DatasetFormatError(
-            f"{who}image file {os.fspath(path)} is missing; expected the file named by the annotation "
-            f"record, under the dataset's imgs/ folder"
-        ) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetFormatError(
-            f"{who}cannot decode image {os.fspath(path)} ({type(e).__name__}: {e}); expected an image file "
-            f"PIL can read (JPEG/PNG). load_pedes(..., verify_images=True, skip_unreadable=True) drops such "
-            f"images at load time and reports how many"
-        ) from e
-
-
-def _undecodable(path: str) -> str | None:
-    try:
-        open_image(path)
-    except DatasetFormatError as e:
-        cause = e.__cause__
-        return f"{type(cause).__name__}: {cause}" if cause is not None else "file vanished"
-    return None
-
 
 def _scan_files(top: str) -> set[str]:
     """Every file under ``top`` as a normalised relative path: one walk instead of a stat per record."""
@@ -232,50 +217,169 @@ def _read_records(spec: DatasetFormat, ann: Path, imgs: Path) -> list[_Record]:
     return records
 
 
-def _drop_unreadable(
-    spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Record], *, skip: bool, verify: bool
-) -> tuple[list[_Record], list[str]]:
-    """Records whose image exists (and decodes, if ``verify``); raise or drop the others."""
+# ----------------------------------------------------------------------------- checks
+#
+# Each check takes the records still kept and returns those it keeps; what it finds goes into
+# the LoadReport and, unless it is an error, into one warning on the ``kd_trainer`` logger.
+
+def _where(spec: DatasetFormat, r: _Record) -> str:
+    return f"record {r.index} ({spec.image_key}={r.rel_path!r}, split {r.split})"
+
+
+def _kind_counts(kinds: Iterable[str]) -> str:
+    counts = Counter(kinds)
+    return ", ".join(f"{counts[k]} {k}" for k in UNREADABLE_KINDS if counts[k])
+
+
+def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Record], *,
+                  skip: bool, decode: Callable[[_Record], bool]) -> tuple[list[_Record], dict[str, str]]:
+    """The records whose image is readable; ``{path: kind}`` of the others when ``skip``, else one error.
+
+    Every image is checked for existence (one walk of ``imgs/``); those for which ``decode``
+    is true are also decoded, in parallel, with the function training reads them with.
+    """
     on_disk = _scan_files(str(imgs))
     # The walk misses nothing a stat would find except odd cases (case-insensitive file systems,
     # paths leaving imgs/ through ".."), so only the misses are checked again one by one.
-    missing = [r for r in records if r.rel_path not in on_disk and not os.path.isfile(r.path)]
-    problems: dict[int, str] = {r.index: "missing" for r in missing}
-    if missing and not skip:
-        raise DatasetFormatError(_problem_report(spec, ann, imgs, records, problems, "missing"))
-
-    if verify:
-        todo = [r for r in records if r.index not in problems]
-        with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-            for r, err in zip(todo, pool.map(_undecodable, [r.path for r in todo])):
-                if err is not None:
-                    problems[r.index] = f"cannot decode image: {err}"
-        if not skip and len(problems) > len(missing):
-            undecodable = {k: v for k, v in problems.items() if v != "missing"}
-            raise DatasetFormatError(_problem_report(spec, ann, imgs, records, undecodable, "undecodable"))
-
+    problems: dict[int, tuple[str, str]] = {
+        r.index: ("missing", "no such file") for r in records if r.rel_path not in on_disk and not os.path.isfile(r.path)}
+    todo = [r for r in records if r.index not in problems and decode(r)]
+    if todo:
+        started = time.perf_counter()
+        for pos, problem in find_unreadable([r.path for r in todo]).items():
+            problems[todo[pos].index] = problem
+        logger.info("%s: decoded %d images at load in %.1f s (%d unreadable)", spec.display_name, len(todo),
+                    time.perf_counter() - started, sum(r.index in problems for r in todo))
     if not problems:
-        return records, []
-    skipped = [r.path for r in records if r.index in problems]
-    shown = ", ".join(skipped[:5]) + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else "")
-    logger.warning("%s: skipped %d of %d images listed in %s (missing%s; skip_unreadable=True): %s",
-                   spec.display_name, len(skipped), len(records), ann, " or undecodable" if verify else "", shown)
-    return [r for r in records if r.index not in problems], skipped
+        return records, {}
+    bad = [r for r in records if r.index in problems]
+    kinds = _kind_counts(problems[r.index][0] for r in bad)
+    if not skip:
+        lines = [f"{spec.display_name}: {len(bad)} of {len(records)} images listed in {ann} cannot be read "
+                 f"({kinds}):"]
+        for r in bad[:_MAX_LISTED]:
+            kind, detail = problems[r.index]
+            lines.append(f"  {_where(spec, r)}: {kind}: {r.path}" + ("" if kind == "missing" else f" ({detail})"))
+        if len(bad) > _MAX_LISTED:
+            lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+        lines.append(f"Expected every record's {spec.image_key!r} to name a readable image under {imgs}. "
+                     f"Set data.skip_unreadable: true in the recipe to drop these images (counted and reported).")
+        raise DatasetFormatError("\n".join(lines))
+    shown = ", ".join(f"{r.path} ({problems[r.index][0]})" for r in bad[:5])
+    more = f", ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
+    logger.warning("%s: skipped %d of %d images listed in %s (data.skip_unreadable: true): %s. First: %s%s",
+                   spec.display_name, len(bad), len(records), ann, kinds, shown, more)
+    return [r for r in records if r.index not in problems], {r.path: problems[r.index][0] for r in bad}
 
 
-def _problem_report(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Record],
-                    problems: dict[int, str], kind: str) -> str:
-    lines = [f"{spec.display_name}: {len(problems)} of {len(records)} images listed in {ann} are {kind}:"]
-    by_index = {r.index: r for r in records}
-    for idx in sorted(problems)[:_MAX_LISTED]:
-        r = by_index[idx]
-        detail = "" if problems[idx] == "missing" else f" ({problems[idx]})"
-        lines.append(f"  record {idx} ({spec.image_key}={r.rel_path!r}): expected file {r.path}{detail}")
-    if len(problems) > _MAX_LISTED:
-        lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
-    lines.append(f"Expected every record's {spec.image_key!r} to name a readable image under {imgs}. "
-                 f"Pass skip_unreadable=True to drop these images (the count is reported).")
-    return "\n".join(lines)
+def _check_captions(spec: DatasetFormat, ann: Path, records: list[_Record]) -> dict[str, int]:
+    """Warn about records with an empty caption list; ``{split: count}``.
+
+    They are kept as IRRA keeps them, so results stay comparable with published numbers:
+    in train such a record yields no sample (its image is never trained on), in val/test
+    its image stays in the gallery, a distractor that no query describes.
+    """
+    empty = [r for r in records if not r.captions]
+    if not empty:
+        return {}
+    counts = Counter(r.split for r in empty)
+    effect = []
+    if counts["train"]:
+        effect.append(f"{counts['train']} in train (their images are left out of training: no caption to pair "
+                      f"them with)")
+    for s in ("val", "test"):
+        if counts[s]:
+            effect.append(f"{counts[s]} in {s} (kept in the gallery as images no query describes, as IRRA does)")
+    shown = "; ".join(_where(spec, r) for r in empty[:5]) + (f"; ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
+    logger.warning("%s: %d records in %s have an empty caption list: %s. First: %s",
+                   spec.display_name, len(empty), ann, ", ".join(effect), shown)
+    return {s: counts[s] for s in SPLITS if counts[s]}
+
+
+def _caption_key(caption: str) -> str:
+    # The CLIP tokenizer lower-cases and collapses whitespace, so these captions are the same query.
+    return " ".join(caption.lower().split())
+
+
+def _check_duplicates(spec: DatasetFormat, ann: Path, records: list[_Record],
+                      policy: str) -> tuple[list[_Record], dict[str, int]]:
+    """Find (image, caption) pairs listed more than once in a split; warn, refuse or drop the repeats.
+
+    A repeated pair is one more training sample and one more query (and, for a repeated
+    record, one more gallery image): it weighs that pair twice in the loss and in R@K/mAP.
+    ``drop`` keeps the first occurrence of each pair; a record all of whose captions are
+    repeats is removed whole, since its image is already in the split.
+    """
+    first: dict[tuple[str, str, str], int] = {}
+    kept: list[_Record] = []
+    repeats: list[tuple[_Record, str, int]] = []  # (record, caption, index of the record it repeats)
+    whole: list[_Record] = []
+    for r in records:
+        fresh = []
+        for cap in r.captions:
+            key = (r.split, r.path, _caption_key(cap))
+            if key in first:
+                repeats.append((r, cap, first[key]))
+            else:
+                first[key] = r.index
+                fresh.append(cap)
+        if r.captions and not fresh:
+            whole.append(r)
+        if policy == "drop" and len(fresh) < len(r.captions):
+            if fresh:
+                kept.append(replace(r, captions=fresh))
+        else:
+            kept.append(r)
+    if not repeats:
+        return records, {}
+    counts = Counter(r.split for r, _, _ in repeats)
+    per_split = ", ".join(f"{counts[s]} in {s}" for s in SPLITS if counts[s])
+    examples = "; ".join(
+        f"record {r.index} " + ("lists a caption twice" if j == r.index else f"repeats record {j}")
+        + f" ({spec.image_key}={r.rel_path!r}, caption {cap!r:.60})" for r, cap, j in repeats[:3])
+    what = (f"{spec.display_name}: {len(repeats)} (image, caption) pairs in {ann} repeat an earlier pair of the same "
+            f"split ({per_split}; {len(whole)} records repeat an earlier record entirely). Repeats weigh a pair twice "
+            f"in training and in R@K/mAP. First: {examples}")
+    if policy == "error":
+        raise DatasetFormatError(f"{what}. Set data.duplicates: drop in the recipe to keep only the first of each "
+                                 f"pair, or data.duplicates: warn to keep them all")
+    if policy == "drop":
+        logger.warning("%s. Dropped the repeats (data.duplicates: drop): %d captions, %d whole records",
+                       what, len(repeats), len(whole))
+    else:
+        logger.warning("%s. Kept them (data.duplicates: warn); data.duplicates: drop keeps only the first of each "
+                       "pair, data.duplicates: error refuses", what)
+    return kept, {s: counts[s] for s in SPLITS if counts[s]}
+
+
+def _check_not_empty(spec: DatasetFormat, ann: Path, wanted: tuple[str, ...], in_file: Counter,
+                     skipped: dict[str, list[str]], kept: dict[str, list[_Record]]) -> None:
+    """Refuse a split that ends up with nothing to train or evaluate on, saying why, in one error.
+
+    ``in_file``: records per split in the file; ``skipped``: per split, the kinds of the
+    images dropped as unreadable; ``kept``: per split, the records left.
+    """
+    problems = []
+    for s in wanted:
+        recs = kept[s]
+        if recs and any(r.captions for r in recs):
+            continue
+        part = "train" if s == "train" else f"{s} (gallery/queries)"
+        if not in_file[s]:
+            why = f"no record in the file has split {s!r}"
+        elif not recs:
+            why = f"all {in_file[s]} of its images are unreadable and were skipped ({_kind_counts(skipped[s])})"
+        else:
+            unread = f", {len(skipped[s])} more skipped as unreadable" if skipped[s] else ""
+            why = (f"all {len(recs)} of its remaining records have an empty caption list{unread}, so there is "
+                   + ("nothing to train on" if s == "train" else "no query to evaluate"))
+        problems.append(f"  the {part} split is empty: {why}")
+    if problems:
+        raise DatasetFormatError(
+            f"{spec.display_name}: {len(problems)} of the splits asked for ({', '.join(wanted)}) would be empty "
+            f"after loading {ann}:\n" + "\n".join(problems)
+            + f"\nExpected records with these splits, readable images and at least one caption each "
+              f"({spec.layout()})")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -292,6 +396,9 @@ def _dataset(columns: dict[str, list], features: datasets.Features, spec: Datase
 
 
 def _train_split(recs: list[_Record], spec: DatasetFormat, desc: str) -> datasets.Dataset:
+    # A record with no caption yields no sample (reported by _check_captions); leaving it out
+    # before numbering keeps pids and image ids contiguous.
+    recs = [r for r in recs if r.captions]
     # Rank of the original id: contiguous 0..N-1 even if some ids are absent (e.g. skipped images).
     pid_of = {orig: i for i, orig in enumerate(sorted({r.id for r in recs}))}
     cols: dict[str, list] = {k: [] for k in TRAIN_FEATURES}
@@ -318,6 +425,39 @@ def _eval_splits(recs: list[_Record], spec: DatasetFormat, desc: str) -> tuple[d
     return _dataset(gallery, GALLERY_FEATURES, spec, desc), _dataset(queries, QUERY_FEATURES, spec, desc)
 
 
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_pedes` found in the files and what it did about it (each also logged as a warning)."""
+
+    dataset: str  # display name
+    annotation: str  # the annotation file read
+    splits: tuple[str, ...]  # the splits loaded
+    decoded_splits: tuple[str, ...]  # splits whose images were all decoded at load (val/test always)
+    skipped: dict[str, str]  # absolute image path -> kind (see images.UNREADABLE_KINDS), data.skip_unreadable
+    empty_captions: dict[str, int]  # split -> records with an empty caption list (kept, see _check_captions)
+    duplicates: dict[str, int]  # split -> repeated (image, caption) pairs found
+    duplicates_policy: str  # what was done about them: warn (kept) | drop
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        counts = Counter(self.skipped.values())
+        return {k: counts[k] for k in UNREADABLE_KINDS if counts[k]}
+
+    def notes(self) -> list[str]:
+        """One line per finding, for :func:`summarize` and run logs; empty when the files were clean."""
+        out = []
+        if self.skipped:
+            out.append(f"{len(self.skipped):,} unreadable images skipped at load ("
+                       + ", ".join(f"{n} {k}" for k, n in self.skipped_by_kind().items()) + ")")
+        if self.empty_captions:
+            out.append("records with an empty caption list: "
+                       + ", ".join(f"{n} in {s}" for s, n in self.empty_captions.items()))
+        if self.duplicates:
+            done = "dropped" if self.duplicates_policy == "drop" else "kept"
+            out.append(f"repeated (image, caption) pairs ({done}): "
+                       + ", ".join(f"{n} in {s}" for s, n in self.duplicates.items()))
+        return out
+
+
 _last_skipped: list[str] = []
 
 
@@ -326,47 +466,92 @@ def last_skipped() -> int:
     return len(_last_skipped)
 
 
+def _wanted_splits(spec: DatasetFormat, splits: Iterable[str] | None) -> tuple[str, ...]:
+    if splits is None:
+        return spec.splits
+    asked = list(splits)
+    unknown = [s for s in asked if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split name(s) {unknown}; splits are among {list(SPLITS)}")
+    wanted = tuple(s for s in spec.splits if s in asked)
+    if not wanted:
+        raise DatasetFormatError(f"{spec.display_name} has none of the splits asked for ({asked}); "
+                                 f"its splits are {list(spec.splits)}")
+    return wanted
+
+
 def load_pedes(
     name: str,
     root: str | os.PathLike,
     *,
+    splits: Iterable[str] | None = None,
     skip_unreadable: bool = False,
     verify_images: bool = False,
+    duplicates: str = "warn",
 ) -> datasets.DatasetDict:
     """Load ``<root>/<dataset folder>`` into train / {val,test}_gallery / {val,test}_queries splits.
 
-    ``name`` is any spelling :func:`canonical_dataset_name` accepts. Missing image files are
-    always checked; ``verify_images=True`` also decodes every image (slow on the full
-    datasets). ``skip_unreadable=True`` drops bad images instead of raising; the dropped
-    absolute paths are in ``dsd.skipped_images`` and their count in :func:`last_skipped`.
+    ``name`` is any spelling :func:`canonical_dataset_name` accepts. ``splits`` (a subset of
+    ``train``, ``val``, ``test``; default all the dataset has) limits what is built and
+    checked: an evaluation that reads only ``test`` need not check train images, and a
+    split the dataset does not have (ICFG-PEDES' val) is left out for the caller's fallback.
+
+    Checked at load, before anything trains:
+
+    - every image exists; val/test images are also decoded (they are few, and a bad one
+      would otherwise be found only after training); train images are decoded when
+      ``verify_images`` or ``skip_unreadable`` is set (parallel; the only way to know a
+      train image can be dropped is to read it). An unreadable image is an error listing
+      all of them, or with ``skip_unreadable`` a warning with the counts by kind;
+    - records with an empty caption list: a warning with counts (see :func:`_check_captions`);
+    - repeated (image, caption) pairs: ``duplicates`` = ``warn`` (keep, warn), ``error``
+      (refuse) or ``drop`` (keep the first of each, warn);
+    - a split left with nothing to train or evaluate on is an error naming it and why.
+
+    The findings are on the result as ``dsd.load_report`` (:class:`LoadReport`); the
+    dropped image paths as ``dsd.skipped_images`` and their count in :func:`last_skipped`.
     """
     global _last_skipped
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {list(DUPLICATE_POLICIES)}, got {duplicates!r}")
     spec = DATASETS[canonical_dataset_name(name)]
+    wanted = _wanted_splits(spec, splits)
     root = Path(root).expanduser().resolve()
     _folder, ann, imgs = _find_dataset_files(spec, root)
-    records = _read_records(spec, ann, imgs)
-    records, skipped = _drop_unreadable(spec, ann, imgs, records, skip=skip_unreadable, verify=verify_images)
-    _last_skipped = skipped
+    listed = [r for r in _read_records(spec, ann, imgs) if r.split in wanted]
+    in_file = Counter(r.split for r in listed)
+    by_split: dict[str, list[_Record]] = {s: [r for r in listed if r.split == s] for s in wanted}
+    # Splits with no records or no captions are known before any image is read: refuse them first.
+    _check_not_empty(spec, ann, wanted, in_file, {s: [] for s in wanted}, by_split)
+    decode_train = verify_images or skip_unreadable
+
+    records, skipped = _check_images(spec, ann, imgs, listed, skip=skip_unreadable,
+                                     decode=lambda r: r.split != "train" or decode_train)
+    empty_captions = _check_captions(spec, ann, records)
+    records, repeats = _check_duplicates(spec, ann, records, duplicates)
+    by_split = {s: [r for r in records if r.split == s] for s in wanted}
+    skipped_kinds = {s: [skipped[r.path] for r in listed if r.split == s and r.path in skipped] for s in wanted}
+    _check_not_empty(spec, ann, wanted, in_file, skipped_kinds, by_split)
+
+    _last_skipped = list(skipped)
+    report = LoadReport(
+        dataset=spec.display_name, annotation=str(ann), splits=wanted,
+        decoded_splits=tuple(s for s in wanted if s != "train" or decode_train),
+        skipped=dict(skipped), empty_captions=empty_captions, duplicates=repeats,
+        duplicates_policy="drop" if duplicates == "drop" else "warn")
 
     def desc(split: str) -> str:
-        note = f"; {len(skipped)} unreadable images skipped at load" if skipped else ""
-        return f"{spec.display_name} {split} from {ann}{note}"
-
-    by_split: dict[str, list[_Record]] = {s: [] for s in spec.splits}
-    for r in records:
-        by_split[r.split].append(r)
-    for s, recs in by_split.items():
-        if not recs:
-            logger.warning("%s: no records with split %r in %s; the %s split(s) will be empty",
-                           spec.display_name, s, ann, s if s == "train" else f"{s}_gallery/{s}_queries")
+        notes = "".join(f"; {n}" for n in report.notes())
+        return f"{spec.display_name} {split} from {ann}{notes}"
 
     out = datasets.DatasetDict()
-    for s in spec.splits:
+    for s in wanted:
         if s == "train":
             out["train"] = _train_split(by_split[s], spec, desc("train"))
         else:
             out[f"{s}_gallery"], out[f"{s}_queries"] = _eval_splits(by_split[s], spec, desc(s))
     out.skipped_images = list(skipped)
+    out.load_report = report
     return out
 
 
@@ -389,7 +574,7 @@ def summarize(dsd: datasets.DatasetDict) -> str:
             rows.append((s, len(set(_column(g, "pid"))), g.num_rows, q.num_rows))
     lines = [f"{title:<14}{'identities':>12}{'images':>10}{'captions':>10}"]
     lines += [f"  {s:<12}{p:>12,}{i:>10,}{c:>10,}" for s, p, i, c in rows]
-    skipped = getattr(dsd, "skipped_images", None)
-    if skipped:
-        lines.append(f"  ({len(skipped):,} unreadable images skipped at load)")
+    report = getattr(dsd, "load_report", None)
+    if report is not None:
+        lines += [f"  ({note})" for note in report.notes()]
     return "\n".join(lines)

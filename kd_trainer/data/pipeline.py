@@ -105,6 +105,7 @@ def with_retrieval_transforms(
             ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
         out[split] = ds.with_transform(RetrievalTransform(image_tf, context_length, name, seed=split_seed))
     out.skipped_images = list(getattr(dsd, "skipped_images", []))
+    out.load_report = getattr(dsd, "load_report", None)
     return out
 
 
