@@ -23,8 +23,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME, CheckpointError, load_model
-from kd_trainer.models.importers import model_from_checkpoint
+from kd_trainer.models.loading import (
+    MODEL_CONFIG_NAME,
+    CheckpointError,
+    load_model,
+    model_config,
+    model_from_checkpoint,
+)
 
 
 def _arch(value: str | None) -> Any:
@@ -36,8 +41,6 @@ def _arch(value: str | None) -> Any:
 
 def _model_json(model: Any) -> dict[str, Any]:
     """What load_model needs; ``stride_size`` too when the patch stride is not the patch size (IRRA)."""
-    from kd_trainer.distill.retrieval import model_config
-
     cfg = model_config(model)
     conv = model.clip.visual.conv1
     if tuple(conv.stride) != tuple(conv.kernel_size) or tuple(model.clip.visual.grid_size) != tuple(

@@ -15,9 +15,15 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from kd_trainer.models.checkpoint import CheckpointError, load_model, load_weights
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.importers import load_pretrained, model_from_hf_clip, model_from_irra
+from kd_trainer.models.loading import (
+    CheckpointError,
+    load_model,
+    load_pretrained,
+    load_weights,
+    model_from_hf_clip,
+    model_from_irra,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from kd_trainer.models.checkpoint import CheckpointError, load_model, load_weights
+from kd_trainer.models.loading import CheckpointError, load_model, load_weights
 from kd_trainer.models.factory import create_model, get_architecture, list_architectures
 
 

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kd_trainer.models.checkpoint import CheckpointError, read_state_dict
+from kd_trainer.models.loading import CheckpointError, read_state_dict
 
 CLASSIFIER_CONFIG = "kd_trainer_classifier.json"
 
