@@ -26,15 +26,18 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
+import contextlib
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import datasets
 import torch
 from accelerate import PartialState
+from huggingface_hub import get_token
 from transformers import Trainer, TrainingArguments, set_seed
 
 from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
@@ -43,7 +46,7 @@ from kd_trainer.data.shapes import ShapesDataset, make_synth_shapes
 from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache
 from kd_trainer.distill.classification import ClassificationTrainer
-from kd_trainer.distill.mimic import parse_mimic, parse_mimic_config
+from kd_trainer.distill.core import NonFiniteLossError
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer, retrieval_plan
 from kd_trainer.models.checkpoint import CheckpointError, load_weights
@@ -54,10 +57,17 @@ from kd_trainer.recipe import ModelConfig, Recipe, RecipeError, dump_recipe, loa
 
 logger = logging.getLogger("kd_trainer")
 
-# Bad input: the message names the recipe key, dataset record or checkpoint file; the CLI prints
-# it on one line and exits 2, without a traceback.
+LOCK_FILE = ".kd_trainer.lock"
+
+
+class RunFault(RuntimeError):
+    """A run that cannot go on or finish as asked (a busy output folder, a failed push, NaN weights)."""
+
+
+# Bad input and faults: the message names the recipe key, dataset record, checkpoint file or what
+# went wrong; the CLI prints it on one line and exits 2, without a traceback.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DatasetFormatError, CheckpointError,
-                                                 CacheMismatchError)
+                                                 CacheMismatchError, NonFiniteLossError, RunFault)
 
 
 @dataclass
@@ -143,12 +153,22 @@ def export_student(trainer: Trainer, recipe: Recipe) -> list[Path]:
         if recipe.teacher.checkpoint:
             teacher += f" ({recipe.teacher.checkpoint})"
     repo_id = recipe.training.get("hub_model_id")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunFault(f"the trained student has non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}); "
+                       f"nothing was exported or pushed from {out}")
     card = ModelCardInfo.from_run_dir(out, teacher=teacher, repo_id=repo_id)
-    files = export_open_clip(trainer.accelerator.unwrap_model(trainer.model), out, card=card)
+    files = export_open_clip(model, out, card=card)
     if recipe.training.get("push_to_hub"):
-        url = push_export_to_hub(out, repo_id, token=recipe.training.get("hub_token"),
-                                 private=recipe.training.get("hub_private_repo"),
-                                 revision=recipe.training.get("hub_revision"))
+        try:
+            url = push_export_to_hub(out, repo_id, token=recipe.training.get("hub_token"),
+                                     private=recipe.training.get("hub_private_repo"),
+                                     revision=recipe.training.get("hub_revision"))
+        except Exception as e:  # network, token, permissions: the exported folder is complete either way
+            raise RunFault(f"the run finished and {out} holds the exported student, but pushing it to "
+                           f"{repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                           f"Push it later with: huggingface-cli upload {repo_id} {out}") from None
         logger.info("pushed %s to %s", out, url)
     return files
 
@@ -175,10 +195,91 @@ def fit(trainer: Trainer, recipe: Recipe) -> None:
         os.makedirs(out, exist_ok=True)
         Path(out, "recipe.yaml").write_text(dump_recipe(recipe))
         Path(out, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
-    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest
+    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest complete
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(out)
     trainer.save_state()
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str) -> Iterator[None]:
+    """Hold ``output_dir`` for this run: a second run writing there at the same time would mix its
+    checkpoints with ours. A lock left by a process that no longer runs (on this host) is stale and
+    taken over; one held by a live process is refused, saying how to clear it."""
+    if not PartialState().is_main_process:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    lock = Path(output_dir, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                logger.warning("removing the stale lock %s of process %s, which no longer runs", lock,
+                               holder.get("pid"))
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunFault(f"{output_dir} is in use by another run (process {holder.get('pid')} on "
+                           f"{holder.get('host')}): give this run its own training.output_dir, or, if that run "
+                           f"is not running any more, delete {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def preflight(recipe: Recipe, args: TrainingArguments) -> None:
+    """What can be checked before any data or model is loaded: the output folder is writable, a
+    resume path is a checkpoint, and a push has a token and a network to go to. All problems are
+    reported together, each with its key."""
+    problems = []
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".kd_trainer.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"training.output_dir: {out} is not writable ({e.strerror or e})")
+    resume = recipe.training.get("resume_from_checkpoint")
+    if isinstance(resume, str) and resume:
+        path = Path(resume)
+        if not path.is_dir():
+            problems.append(f"training.resume_from_checkpoint: {resume} is not a folder (expected a checkpoint-N "
+                            "folder written by an earlier run of this recipe, or true for the latest one)")
+        elif not (path / "trainer_state.json").is_file():
+            problems.append(f"training.resume_from_checkpoint: {resume} holds no trainer_state.json, so it is not "
+                            "a complete checkpoint-N folder")
+    if recipe.training.get("push_to_hub"):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            problems.append("training.push_to_hub: HF_HUB_OFFLINE is set, so the push at the end would fail; "
+                            "unset it, or train without pushing and upload the run folder later")
+        if not (recipe.training.get("hub_token") or get_token()):
+            problems.append("training.push_to_hub: no Hugging Face token (run `huggingface-cli login`, set HF_TOKEN, "
+                            "or give training.hub_token)")
+    if problems:
+        raise RecipeError("the run cannot start:\n  - " + "\n  - ".join(problems))
 
 
 def run_plan(recipe: Recipe) -> RunPlan:
@@ -189,7 +290,7 @@ def run_plan(recipe: Recipe) -> RunPlan:
     return plan
 
 
-def run_classification(recipe: Recipe) -> dict[str, float]:
+def run_classification(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     """The classification example: SynthShapes, torchvision classifiers, cross-entropy plus the
     recipe's UP/EOD mimic jobs from its named teachers. Same recipe, trainer core and logging."""
     set_seed(recipe.seed)
@@ -202,11 +303,11 @@ def run_classification(recipe: Recipe) -> dict[str, float]:
     classes = recipe.data.shapes.num_classes
     teachers = {name: load_classifier(str(cfg.arch), classes, cfg.checkpoint)
                 for name, cfg in (recipe.teachers or {}).items()}
-    mimic = parse_mimic_config(recipe.mimic) if recipe.mimic is not None else None
+    mimic = recipe.mimic
     student = load_classifier(str(recipe.student.arch), classes, recipe.student.checkpoint)
-    trainer = ClassificationTrainer(model=student, args=training_arguments(recipe), teachers=teachers,
+    trainer = ClassificationTrainer(model=student, args=args, teachers=teachers,
                                     jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
-                                    train_dataset=train, eval_dataset=test)
+                                    max_nonfinite_skips=recipe.nonfinite_skips, train_dataset=train, eval_dataset=test)
     fit(trainer, recipe)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)
@@ -214,12 +315,20 @@ def run_classification(recipe: Recipe) -> dict[str, float]:
 
 
 def run(recipe: Recipe) -> dict[str, float]:
+    """Check what can be checked, hold the output folder, train and evaluate; the test metrics."""
+    args = training_arguments(recipe)
+    preflight(recipe, args)
+    with output_lock(args.output_dir):
+        if recipe.task == "classification":
+            return run_classification(recipe, args)
+        return run_retrieval(recipe, args)
+
+
+def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
-    if recipe.task == "classification":
-        return run_classification(recipe)
     set_seed(recipe.seed)
     plan = run_plan(recipe)
-    jobs = parse_mimic(recipe.mimic) if recipe.mimic is not None else []
+    jobs = recipe.mimic.jobs if recipe.mimic is not None else []
     data = prepare_data(recipe)
 
     mimic_on_teacher = any("teacher" in job.teachers for job in jobs)
@@ -238,12 +347,13 @@ def run(recipe: Recipe) -> dict[str, float]:
 
     trainer = RetrievalTrainer(
         model=student,
-        args=training_arguments(recipe),
+        args=args,
         plan=plan,
         teacher=teacher,
         mimic=jobs,
         mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
         teacher_cache=cache,
+        max_nonfinite_skips=recipe.nonfinite_skips,
         train_dataset=train_dataset,
         eval_dataset=data.split(recipe.data.eval_split),
     )

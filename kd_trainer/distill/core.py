@@ -41,10 +41,18 @@ from kd_trainer.distill.mimic import MimicEngine
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.distill.running_means import RunningMeans
 from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer, StageSwitcher, find_wrapped
+from kd_trainer.recipe import RecipeError
 
 STAGES_FILE = "stages.json"
 ADAPTERS_FILE = "mimic_adapters.json"
 MIMIC_TOTAL = "mimic/total"
+# Written last into a checkpoint folder, once every process has saved its part: a folder without
+# it is a save that was interrupted, and `resume_from_checkpoint: true` never picks it.
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the terms and the step."""
 
 logger = logging.getLogger("kd_trainer")
 
@@ -65,9 +73,13 @@ class DistillationTrainer(Trainer):
         teachers: Mapping[str, nn.Module] | None = None,
         mimic_jobs: Sequence[Any] = (),
         callbacks: Sequence[TrainerCallback] | None = None,
+        max_nonfinite_skips: int = 0,
         **kwargs: Any,
     ) -> None:
         self.plan = plan.bind(model)
+        # Non-finite losses stop the run (0), or up to this many micro-batches are skipped first.
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skipped = 0
         self.teachers = {name: t for name, t in (teachers or {}).items() if t is not None}
         collator = kwargs.get("data_collator") or default_data_collator
         self.has_mimic = bool(mimic_jobs)  # the task's forwards read it while the engine is built
@@ -238,7 +250,24 @@ class DistillationTrainer(Trainer):
                 mimic = self.mimic.losses(tapped.student, tapped.teachers, step=self.state.global_step)
         values = self.term_values(inputs, outputs, teacher, stage)
         total = self._weighted_total(values, mimic, stage, record=model.training)
+        if model.training and not torch.isfinite(total.detach()):
+            total = self._non_finite(total, {**values, **mimic})
         return (total, outputs) if return_outputs else total
+
+    def _non_finite(self, total: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stop at a non-finite loss (the last saved checkpoint stays the last good one), or skip
+        the micro-batch while ``max_nonfinite_skips`` allows: a zero loss, so no gradient."""
+        bad = [k for k, v in values.items() if not torch.isfinite(v.detach()).all()]
+        where = f"at step {self.state.global_step} (stage {self.current_stage.name!r})"
+        if self.nonfinite_skipped < self.max_nonfinite_skips:
+            self.nonfinite_skipped += 1
+            logger.warning("non-finite loss %s in %s: micro-batch skipped (%d of at most %d)", where, bad,
+                           self.nonfinite_skipped, self.max_nonfinite_skips)
+            return total.new_zeros(()).requires_grad_()
+        raise NonFiniteLossError(
+            f"the loss became non-finite {where}: terms {bad or ['(the weighted total)']} are NaN or infinite. "
+            "The run stopped; its last checkpoint holds the last good weights. Lower the learning rate, check "
+            "the terms' temperatures, or or let the recipe skip up to N such micro-batches (nonfinite_skips: N)")
 
     def _weighted_total(self, values: dict[str, torch.Tensor], mimic: dict[str, torch.Tensor], stage: Stage,
                         *, record: bool) -> torch.Tensor:
@@ -284,6 +313,20 @@ class DistillationTrainer(Trainer):
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process's RNG state is on disk
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write(f"{self.state.global_step}\n")
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The weights (adapters included, for resuming), plus what rebuilds the model without the
         recipe, the stage layout, and which keys are training-only adapters."""
@@ -317,3 +360,21 @@ class _EpochSetter(TrainerCallback):
             dataset.set_epoch(epoch)
         else:
             set_augmentation_epoch(dataset, epoch)
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` whose save finished (it holds
+    :data:`COMPLETE_MARKER`); a folder left by a save that was killed is skipped, with a warning."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        step = name.removeprefix("checkpoint-")
+        if name.startswith("checkpoint-") and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(step), name))
+    for step, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+            return path
+        logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
+                       path, COMPLETE_MARKER)
+    raise RecipeError(f"training.resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N folder "
+                            "(a run saves one every save_steps / epoch); start without resuming, or give a path")

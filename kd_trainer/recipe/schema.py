@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from transformers import TrainingArguments
 
+from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 
 
@@ -162,12 +163,17 @@ class Recipe(_Strict):
     teacher: ModelConfig | None = None
     teachers: dict[str, ModelConfig] | None = Field(
         None, description="Named teachers for `mimic:` jobs (teacher0, teacher1, ...), as in UP/EOD.")
-    mimic: dict[str, Any] | None = Field(
+    mimic: MimicConfig | None = Field(
         None, description="UP/EOD mimic config, either shape of ../shared/seeds/002 (one job, or "
-                          "mimic_as_jobs: true with mimic_job0, mimic_job1, ...).")
+                          "mimic_as_jobs: true with mimic_job0, mimic_job1, ...), or a list of jobs in our "
+                          "field names (kd_trainer/recipe/mimic.py); parsed once into a MimicConfig.")
     loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
     stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
+    nonfinite_skips: int = Field(
+        0, ge=0, description="Micro-batches whose loss is NaN or infinite that may be skipped (zero gradient) before "
+                             "the run stops; 0 stops at the first, naming the terms and the step. A model with "
+                             "non-finite weights is never exported or pushed.")
 
     @field_validator("training")
     @classmethod
@@ -175,27 +181,20 @@ class Recipe(_Strict):
         validate_training_args(v)
         return v
 
-    @field_validator("mimic")
+    @field_validator("mimic", mode="before")
     @classmethod
-    def _mimic_parses(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            from kd_trainer.distill.mimic import parse_mimic
-
-            parse_mimic(v)  # errors name the key (mimic.mimic_job1.teacher0.mimic_name ...)
-        return v
+    def _mimic_parses(cls, v: Any) -> MimicConfig | None:
+        if v is None or isinstance(v, MimicConfig):
+            return v
+        return parse_mimic_config(v)  # errors name the key (mimic.mimic_job1.teacher0.mimic_name ...)
 
     @model_validator(mode="after")
     def _loss_or_stages(self) -> "Recipe":
         if self.student.cache is not None:
             raise ValueError("student.cache: only a teacher's embeddings can be cached (teacher.cache)")
-        if self.mimic is not None:
-            from kd_trainer.distill.mimic import parse_mimic
-
-            named = {t for job in parse_mimic(self.mimic) for t in job.teachers}
-            known = set(self.teachers or {}) | ({"teacher"} if self.teacher is not None else set())
-            if named - known:
-                raise ValueError(f"mimic jobs name teachers {sorted(named - known)}, but the recipe defines "
-                                 f"{sorted(known) or 'none'} (under `teachers:`, or `teacher:` as 'teacher')")
+        if self.mimic is not None:  # jobs name defined teachers; UP's teacher_weight becomes their checkpoint
+            resolve_mimic_teachers(self.mimic, {**(self.teachers or {}),
+                                                **({"teacher": self.teacher} if self.teacher is not None else {})})
         if self.task == "classification":
             if self.loss is not None or self.stages is not None:
                 raise ValueError("task: classification trains with cross-entropy plus `mimic:` jobs; "
