@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import yaml
 
 from kd_trainer.cli import main as cli_main
 from kd_trainer.report import (
+    PlotDependencyError,
     ReportError,
     SkippedRunWarning,
     collect_runs,
+    group_seeds,
     loss_figure,
     loss_series,
     plot_loss_curves,
@@ -35,10 +38,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_run(folder: Path, *, name: str, dataset: str, method: str | None = None,
               results: dict | None = None, history: list[dict] | None = None,
-              stages: list[dict] | None = None, steps_per_epoch: int = 10) -> Path:
+              stages: list[dict] | None = None, steps_per_epoch: int = 10,
+              recipe_extra: dict | None = None, stages_extra: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    extra = dict(recipe_extra or {})
     recipe = {"name": name, **({"method": method} if method else {}),
-              "data": {"name": dataset, "root": "./data"}, "training": {"output_dir": str(folder)}}
+              "data": {"name": dataset, "root": "./data"},
+              "training": {"output_dir": str(folder), **extra.pop("training", {})}, **extra}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     if results is not None:
         (folder / "test_results.json").write_text(json.dumps(results, indent=2))
@@ -47,7 +53,8 @@ def write_run(folder: Path, *, name: str, dataset: str, method: str | None = Non
                  "best_metric": None, "epoch": history[-1]["epoch"] if history else 0}
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if stages is not None:
-        (folder / "stages.json").write_text(json.dumps({"steps_per_epoch": steps_per_epoch, "stages": stages}))
+        (folder / "stages.json").write_text(json.dumps({"steps_per_epoch": steps_per_epoch, "stages": stages,
+                                                        **(stages_extra or {})}))
     return folder
 
 
@@ -326,10 +333,6 @@ def test_cli_report(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_missing_matplotlib_says_what_to_install(runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
-    from kd_trainer.report import PlotDependencyError
-
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # `import matplotlib.figure` now fails
     with pytest.raises(PlotDependencyError, match=r"pip install 'kd_trainer\[plot\]'"):
         plot_loss_curves(runs / "clip_kd", tmp_path / "x.png")
@@ -337,3 +340,209 @@ def test_missing_matplotlib_says_what_to_install(runs: Path, tmp_path: Path, mon
         cli_main(["report", str(runs / "clip_kd"), "--out", str(tmp_path / "rep")])
     assert e.value.code == 2 and "kd_trainer[plot]" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()  # checked before anything is written
+
+
+# --------------------------------------------------------------------------- seeds of one configuration
+
+
+def sample_std(xs: list[float]) -> float:
+    """Sample standard deviation (n - 1), written out: the reference the cells are checked against."""
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# method -> dataset -> per seed (r1, r5, r10, mAP, mINP); A and B are within spread on RSTPReid, far on CUHK
+SEEDED = {
+    "MoTIS (2 stages)": ({"loss": {"terms": [{"name": "motis", "weight": 1.0}]}}, {
+        "rstpreid": {1: (28.1, 50.0, 60.0, 25.0, 10.0), 2: (30.6, 52.5, 61.0, 26.2, 11.0),
+                     3: (26.3, 49.0, 62.5, 24.1, 12.0)},
+        "cuhk_pedes": {1: (40.0, 61.0, 70.0, 33.0, 9.0), 2: (41.0, 62.0, 71.0, 34.0, 9.5)},
+    }),
+    "CLIP-KD": ({"loss": {"terms": [{"name": "fd", "weight": 2000.0}]}}, {
+        "rstpreid": {1: (29.0, 51.0, 61.0, 25.5, 10.5), 2: (31.4, 53.0, 63.0, 27.0, 11.5)},
+        "cuhk_pedes": {1: (55.0, 75.0, 82.0, 45.0, 20.0), 2: (56.0, 76.0, 83.0, 46.0, 21.0)},
+    }),
+}
+
+
+def write_seeded(root: Path, *, skip: tuple = ()) -> dict[tuple[str, str], list[tuple]]:
+    """Seed runs of two configurations on two datasets (names and output folders differ per seed, as
+    real runs do), plus one single-seed Baseline run; returns {(method, dataset): [metrics per seed]}."""
+    written: dict[tuple[str, str], list[tuple]] = {}
+    for method, (extra, per_ds) in SEEDED.items():
+        slug = method.split()[0].lower().replace("-", "")
+        for ds, per_seed in per_ds.items():
+            for seed, m in per_seed.items():
+                if (slug, ds, seed) in skip:
+                    continue
+                write_run(root / f"{slug}_{ds}_s{seed}", name=f"{slug}_{ds}_s{seed}", method=method, dataset=ds,
+                          results=metrics_json(*m), recipe_extra={**extra, "seed": seed, "training": {"seed": seed}})
+                written.setdefault((method, ds), []).append(m)
+    write_run(root / "baseline", name="baseline", method="Baseline", dataset="rstpreid",
+              results=metrics_json(45.0, 66.0, 75.0, 40.0, 15.0), recipe_extra={"seed": 1})
+    written[("Baseline", "rstpreid")] = [(45.0, 66.0, 75.0, 40.0, 15.0)]
+    return written
+
+
+def expected_cell(per_seed: list[tuple], n_metrics: int = 4) -> str:
+    if len(per_seed) == 1:
+        return " / ".join(f"{v:.2f}" for v in per_seed[0][:n_metrics])
+    cols = list(zip(*per_seed))[:n_metrics]
+    return " / ".join(f"{sum(c) / len(c):.2f} ± {sample_std(list(c)):.2f}" for c in cols) + f" (n={len(per_seed)})"
+
+
+def table_rows(table: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    return parse_table("\n".join(ln for ln in table.splitlines() if ln.startswith("|")))
+
+
+def test_seeds_of_one_configuration_share_a_cell(tmp_path: Path) -> None:
+    written = write_seeded(tmp_path / "runs")
+    found = collect_runs([tmp_path / "runs"])
+    # in folder order: baseline, clipkd_cuhk_pedes_s*, clipkd_rstpreid_s*, motis_cuhk_pedes_s*, motis_rstpreid_s*
+    assert [g.n for g in group_seeds(found)] == [1, 2, 2, 2, 3]
+    table = results_table(found, order=["MoTIS (2 stages)", "CLIP-KD", "Baseline"])
+    head, rows = table_rows(table)
+    assert head == ["Method (R@1 / R@5 / R@10 / mAP)", "CUHK-PEDES", "RSTPReid"]
+    assert list(rows) == ["MoTIS (2 stages)", "CLIP-KD", "Baseline"]
+    for (method, ds), per_seed in written.items():
+        cell = rows[method][{"rstpreid": "RSTPReid", "cuhk_pedes": "CUHK-PEDES"}[ds]]
+        assert cell.removesuffix(" ≈") == expected_cell(per_seed), (method, ds)
+    assert rows["MoTIS (2 stages)"]["RSTPReid"].startswith("28.33 ± 2.16 / ")  # worked by hand from SEEDED
+    assert rows["Baseline"]["RSTPReid"] == "45.00 / 66.00 / 75.00 / 40.00"  # one run: no ±, no n
+    assert "mean ± sample standard deviation" in table
+
+    _, rows = table_rows(results_table(found, with_minp=True))
+    minp = [m[4] for m in written[("CLIP-KD", "rstpreid")]]
+    assert rows["CLIP-KD"]["RSTPReid"].removesuffix(" ≈").endswith(
+        f" / {sum(minp) / 2:.2f} ± {sample_std(minp):.2f} (n=2)")
+
+
+def test_methods_closer_than_their_seed_spread_are_marked(tmp_path: Path) -> None:
+    written = write_seeded(tmp_path / "runs")
+    table = results_table(collect_runs([tmp_path / "runs"]))
+    _, rows = table_rows(table)
+    r1 = {k: [m[0] for m in v] for k, v in written.items()}
+    a, b = r1[("MoTIS (2 stages)", "rstpreid")], r1[("CLIP-KD", "rstpreid")]
+    diff = abs(sum(a) / len(a) - sum(b) / len(b))
+    spread = sample_std(a) + sample_std(b)
+    assert diff < spread  # the data is built so; the table must say so
+    assert rows["MoTIS (2 stages)"]["RSTPReid"].endswith(" ≈") and rows["CLIP-KD"]["RSTPReid"].endswith(" ≈")
+    for method, ds in [("Baseline", "RSTPReid"), ("MoTIS (2 stages)", "CUHK-PEDES"), ("CLIP-KD", "CUHK-PEDES")]:
+        assert not rows[method][ds].endswith("≈"), (method, ds)  # far apart: 15 points on CUHK-PEDES
+    notes = [ln for ln in table.splitlines() if ln.startswith("- ")]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("- RSTPReid: CLIP-KD (") and "MoTIS (2 stages) (" in notes[0]
+    assert f"differ by {diff:.2f}" in notes[0] and f"seed spread {spread:.2f}" in notes[0]
+
+    # with the second MoTIS seed left out, the gap (3.00) exceeds the spread (2.97): no mark
+    other = tmp_path / "fewer"
+    written = write_seeded(other, skip=(("motis", "rstpreid", 2),))
+    a = [m[0] for m in written[("MoTIS (2 stages)", "rstpreid")]]
+    assert abs(sum(a) / 2 - sum(b) / 2) >= sample_std(a) + sample_std(b)
+    table = results_table(collect_runs([other]))
+    assert "≈" not in table
+
+
+def test_individual_runs_stay_listable(tmp_path: Path) -> None:
+    written = write_seeded(tmp_path / "runs")
+    found = collect_runs([tmp_path / "runs"])
+    _, rows = table_rows(results_table(found, seeds="split", duplicates="split"))
+    for seed, m in enumerate(written[("MoTIS (2 stages)", "rstpreid")], start=1):
+        assert rows[f"MoTIS (2 stages) [motis_rstpreid_s{seed}]"]["RSTPReid"] == expected_cell([m])
+    assert rows["Baseline"]["RSTPReid"] == expected_cell(written[("Baseline", "rstpreid")])
+    with pytest.raises(ReportError, match="MoTIS"):
+        results_table(found, seeds="split")  # one cell, several runs, and no averaging asked for
+
+
+def test_runs_that_are_not_seeds_of_one_configuration_are_not_averaged(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    m1, m2 = metrics_json(10, 20, 30, 40, 50), metrics_json(12, 22, 32, 42, 52)
+    write_run(root / "a1", name="a1", method="M", dataset="rstpreid", results=m1, recipe_extra={"seed": 1})
+    write_run(root / "a2", name="a2", method="M", dataset="rstpreid", results=m2, recipe_extra={"seed": 1})
+    with pytest.raises(ReportError, match=r"same seed \(1\)") as e:
+        results_table(collect_runs([root]))
+    assert str(root / "a1") in str(e.value) and str(root / "a2") in str(e.value)
+
+    (root / "a2" / "recipe.yaml").write_text(yaml.safe_dump(
+        {"name": "a2", "method": "M", "seed": 2, "data": {"name": "rstpreid", "root": "./data"}, "loss": {"alpha": 0.5},
+         "training": {"output_dir": str(root / "a2")}}))
+    with pytest.raises(ReportError, match=r"their recipes differ in loss\.alpha\)"):
+        results_table(collect_runs([root]))
+
+    # two configurations, each over seeds, under one label: a row per configuration, each averaged
+    write_run(root / "b1", name="b1", method="M", dataset="rstpreid", results=m2,
+              recipe_extra={"seed": 1, "loss": {"alpha": 0.5}})
+    _, rows = table_rows(results_table(collect_runs([root]), duplicates="split"))
+    assert list(rows) == ["M [a1]", "M [a2+b1]"]
+    assert rows["M [a1]"]["RSTPReid"] == "10.00 / 20.00 / 30.00 / 40.00"
+    assert rows["M [a2+b1]"]["RSTPReid"] == "12.00 ± 0.00 / 22.00 ± 0.00 / 32.00 ± 0.00 / 42.00 ± 0.00 (n=2)"
+
+
+# --------------------------------------------------------------------------- which split chose the checkpoint
+
+
+def test_checkpoint_column_says_which_split_chose_it(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_seeded(root)
+    stages = THREE_STAGES[:1]
+    for seed, epoch in ((1, 7), (3, 4)):
+        path = root / f"motis_rstpreid_s{seed}" / "test_results.json"
+        results = json.loads(path.read_text())
+        results["selected"] = {"metric": "r1", "split": "test", "epoch": epoch}
+        path.write_text(json.dumps(results))
+    s2 = root / "motis_rstpreid_s2"  # this one records it in stages.json, in its last stage
+    (s2 / "stages.json").write_text(json.dumps({"stages": [{**stages[0], "selected": {
+        "metric": "r1", "split": "test", "epoch": 9}}]}))
+    path = root / "clipkd_rstpreid_s1" / "test_results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "test_selected": {"metric": "mAP", "split": "val", "epoch": 2}}))
+
+    found = collect_runs([root])
+    by_name = {r.name: r for r in found}
+    assert (by_name["motis_rstpreid_s2"].selected.epoch, by_name["motis_rstpreid_s2"].selected.source.name) == \
+        (9, "stages.json")
+    table = results_table(found)
+    head, rows = table_rows(table)
+    assert head[-1] == "Checkpoint"
+    assert rows["MoTIS (2 stages)"]["Checkpoint"] == "CUHK-PEDES: —; RSTPReid: test, best R@1"
+    assert rows["CLIP-KD"]["Checkpoint"] == "CUHK-PEDES: —; RSTPReid: mixed: val, best mAP ×1, — ×1"
+    assert rows["Baseline"]["Checkpoint"] == "—"
+    assert "test-set selection" in table
+
+    report = write_report([root], tmp_path / "rep", plots=False)["results"].read_text(encoding="utf-8")
+    assert "checkpoint: epoch 7 with the best R@1 on the test split (recorded in test_results.json)" in report
+    assert "checkpoint: epoch 9 with the best R@1 on the test split (recorded in stages.json)" in report
+    assert f"- run `motis_rstpreid_s3`, folder `{root / 'motis_rstpreid_s3'}`, seed 3\n" in report
+
+
+def test_a_malformed_or_contradictory_selection_names_the_file(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "r", name="r", dataset="rstpreid",
+                    results={**metrics_json(1, 2, 3, 4, 5), "selected": {"metric": "r1", "split": "train"}})
+    with pytest.raises(ReportError, match=r"r/test_results\.json: `selected\.split` must be one of"):
+        collect_runs([run])
+    run = write_run(tmp_path / "r", name="r", dataset="rstpreid", stages=THREE_STAGES,
+                    stages_extra={"selected": {"metric": "r1", "split": "val", "epoch": 3}},
+                    results={**metrics_json(1, 2, 3, 4, 5), "selected": {"metric": "r1", "split": "test",
+                                                                         "epoch": 3}})
+    with pytest.raises(ReportError, match="record different checkpoint choices"):
+        collect_runs([run])
+
+
+def test_cli_report_averages_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    written = write_seeded(tmp_path / "runs")
+    cli_main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-plots"])
+    _, rows = table_rows(capsys.readouterr().out)
+    assert rows["CLIP-KD"]["CUHK-PEDES"] == expected_cell(written[("CLIP-KD", "cuhk_pedes")])
+
+
+# --------------------------------------------------------------------------- mimic runs
+
+
+def test_mimic_keys_are_curves(tmp_path: Path) -> None:
+    history = [{"step": s, "epoch": s / 10, "loss": 1.0 + s, "loss_ce": 1.0 * s, "mimic/job0/teacher0/mse": 0.1 * s,
+                "mimic/job0/teacher1/mse": 0.2 * s, "mimic/job0/teacher0/mse/0": 9.0, "mimic/job0/weighted": 0.3 * s,
+                "mimic/total": 0.3 * s} for s in (5, 10)]
+    run = write_run(tmp_path / "m", name="m", dataset="rstpreid", history=history)
+    assert loss_series(run) == {"ce": ([5, 10], [5.0, 10.0]), "mimic/job0/teacher0/mse": ([5, 10], [0.5, 1.0]),
+                                "mimic/job0/teacher1/mse": ([5, 10], [1.0, 2.0])}
+    assert loss_series(run, weighted=True) == {"mimic/job0": ([5, 10], [1.5, 3.0])}

@@ -1,0 +1,233 @@
+"""The results table: methods x datasets like the published comparison, one configuration per cell.
+
+Cells read ``R@1 / R@5 / R@10 / mAP`` for one run and ``m ± s / ... (n=k)`` over ``k`` seeds of one
+configuration (mean and sample standard deviation; see :mod:`kd_trainer.report.seeds`).
+
+Two cells with the same label on the same dataset that are not seeds of one configuration (their
+recipes differ, or they record the same seed or none) are an error by default
+(``duplicates="error"``): a cell holds one configuration, and picking one silently would hide the
+other. ``duplicates="split"`` keeps both, each in its own row labelled ``<label> [<run name>]``
+(or ``[<folder>]`` when the names agree too). ``seeds="split"`` lists every run on its own instead
+of averaging seeds.
+
+Under the table, only when they apply:
+
+* ``≈`` marks cells whose R@1 mean is closer to another method's on the same dataset than their
+  seed spread (the sum of the two standard deviations; a single run adds none), each pair listed;
+* a ``Checkpoint`` column says on which split (and by which metric) each run kept its best epoch,
+  ``—`` for runs that do not record it, with a note when the test split chose it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+from kd_trainer.report.dataset_names import dataset_display_name, dataset_key, dataset_rank
+from kd_trainer.report.discovery import RunSummary, Selection, display_folder
+from kd_trainer.report.errors import ReportError
+from kd_trainer.report.seeds import (
+    MetricStats,
+    SeedGroup,
+    Seeds,
+    configuration_key,
+    group_seeds,
+    recipe_differences,
+    run_seed,
+)
+
+__all__ = ["TABLE_METRICS", "METRIC_NAMES", "MISSING", "NOT_RECORDED", "SPREAD_MARK", "Duplicates", "results_table",
+           "selection_text", "stats_text"]
+
+TABLE_METRICS = ("r1", "r5", "r10", "mAP")
+METRIC_NAMES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "mAP": "mAP", "mINP": "mINP"}
+MISSING = "–"  # en dash: the published tables' "no result"
+NOT_RECORDED = "—"  # em dash: a run that does not say how its checkpoint was chosen
+SPREAD_MARK = "≈"
+SPREAD_METRIC = "r1"  # the headline metric the spread check compares
+
+Duplicates = Literal["error", "split"]
+
+
+def _why_clash(groups: Sequence[SeedGroup]) -> str:
+    """Why runs sharing a label and dataset were not averaged as seeds of one configuration."""
+    runs = [r for g in groups for r in g.runs]
+    if len({configuration_key(r) for r in runs}) == 1:
+        seeds = [run_seed(r) for r in runs]
+        if None in seeds:
+            return "same configuration, but a recipe records no seed, so they cannot be averaged as seeds"
+        repeated = sorted(s for s, c in Counter(seeds).items() if c > 1)
+        return f"same configuration and the same seed ({', '.join(repeated)}): re-runs would count one seed twice"
+    first = runs[0]
+    diffs = sorted({k for r in runs[1:] for k in recipe_differences(first, r)})
+    shown = ", ".join(diffs[:6]) + (", ..." if len(diffs) > 6 else "")
+    return f"different configurations: their recipes differ in {shown}"
+
+
+def _row_labels(groups: Sequence[SeedGroup], duplicates: Duplicates) -> list[str]:
+    """The row label of each group; groups sharing (label, dataset) raise or get distinguishing suffixes."""
+    if duplicates not in ("error", "split"):
+        raise ValueError(f"duplicates must be 'error' or 'split', got {duplicates!r}")
+    clashing: dict[tuple[str, str], list[int]] = {}
+    for i, g in enumerate(groups):
+        clashing.setdefault((g.label, g.dataset), []).append(i)
+    labels = [g.label for g in groups]
+    clashes = {k: v for k, v in clashing.items() if len(v) > 1}
+    if clashes and duplicates == "error":
+        lines = [f"  {label!r} on {dataset_display_name(ds)}: "
+                 + ", ".join(str(r.folder) for i in idx for r in groups[i].runs)
+                 + f"\n    ({_why_clash([groups[i] for i in idx])})"
+                 for (label, ds), idx in clashes.items()]
+        raise ReportError("several runs share a method label and dataset, and a table cell holds one "
+                          "configuration (seeds of one configuration are averaged):\n" + "\n".join(lines)
+                          + "\nGive them distinct `method:` labels in their recipes, report fewer folders, "
+                          "or keep all of them as separate rows (--duplicates split).")
+    for idx in clashes.values():
+        names = ["+".join(r.name for r in groups[i].runs) for i in idx]
+        by_name = len(set(names)) == len(names)
+        for i, name in zip(idx, names):
+            tag = name if by_name else "+".join(display_folder(r.folder) for r in groups[i].runs)
+            labels[i] = f"{groups[i].label} [{tag}]"
+    return labels
+
+
+def stats_text(stats: MetricStats, of: int) -> str:
+    """``50.20``, ``50.20 ± 0.85``, plus ``(n=k)`` when only ``k`` of the group's ``of`` runs have the metric."""
+    text = f"{stats.mean:.2f}" if stats.std is None else f"{stats.mean:.2f} ± {stats.std:.2f}"
+    return text + (f" (n={stats.n})" if stats.n != of else "")
+
+
+def _cell(group: SeedGroup | None, keys: Sequence[str]) -> str:
+    if group is None:
+        return MISSING
+    parts = []
+    for k in keys:
+        stats = group.stats(k)
+        parts.append(MISSING if stats is None else stats_text(stats, group.n))
+    return " / ".join(parts) + (f" (n={group.n})" if group.n > 1 else "")
+
+
+def selection_text(selected: Selection | None) -> str:
+    """``val, best R@1`` / ``test, best R@1``, or ``—`` when the run does not record its choice."""
+    if selected is None:
+        return NOT_RECORDED
+    return f"{selected.split}, best {METRIC_NAMES.get(selected.metric, selected.metric)}"
+
+
+def _group_selection(group: SeedGroup) -> str:
+    texts = Counter(selection_text(s) for s in group.selections)
+    if len(texts) == 1:
+        return next(iter(texts))
+    return "mixed: " + ", ".join(f"{t} ×{c}" for t, c in sorted(texts.items()))
+
+
+def _row_selection(cells: dict[str, SeedGroup]) -> str:
+    texts = {d: _group_selection(g) for d, g in cells.items()}
+    if len(set(texts.values())) <= 1:
+        return next(iter(texts.values()), NOT_RECORDED)
+    return "; ".join(f"{dataset_display_name(d)}: {t}" for d, t in texts.items())
+
+
+def _spread_notes(rows: Sequence[str], cols: Sequence[str],
+                  cells: dict[tuple[str, str], SeedGroup]) -> tuple[set[tuple[str, str]], list[str]]:
+    """Pairs of rows whose R@1 means on one dataset differ by less than their seed spread."""
+    flagged: set[tuple[str, str]] = set()
+    notes: list[str] = []
+    name = METRIC_NAMES[SPREAD_METRIC]
+    for d in cols:
+        have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(SPREAD_METRIC)) is not None]
+        for i, (ra, sa) in enumerate(have):
+            for rb, sb in have[i + 1:]:
+                if sa.std is None and sb.std is None:
+                    continue  # no spread known: nothing to compare the difference with
+                spread = (sa.std or 0.0) + (sb.std or 0.0)
+                diff = abs(sa.mean - sb.mean)
+                if diff < spread:
+                    flagged |= {(ra, d), (rb, d)}
+                    notes.append(f"- {dataset_display_name(d)}: {ra} ({stats_text(sa, sa.n)}, n={sa.n}) and {rb} "
+                                 f"({stats_text(sb, sb.n)}, n={sb.n}): {name} means differ by {diff:.2f}, "
+                                 f"less than their seed spread {spread:.2f}")
+    if notes:
+        notes.insert(0, f"{SPREAD_MARK} {name} means closer than their seed spread (the sum of the two sample "
+                        "standard deviations; a single run adds none), so the seeds run so far cannot rank them:")
+    return flagged, notes
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def results_table(
+    runs: Sequence[RunSummary],
+    *,
+    with_minp: bool = False,
+    order: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    duplicates: Duplicates = "error",
+    seeds: Seeds = "mean",
+) -> str:
+    """A Markdown table like the published comparison: methods x datasets, ``R@1 / R@5 / R@10 / mAP``.
+
+    Rows are method labels in the order first seen, or ``order`` first (labels given there
+    without a run get an all-``–`` row, so a fixed layout stays fixed) followed by the others.
+    Columns are the datasets present, in the order of ``kd_trainer.data.formats.DATASETS``
+    (or ``datasets`` first). ``with_minp`` appends mINP to each cell; ``–`` marks a method
+    without a run on a dataset. Runs that are seeds of one configuration share a cell
+    (``seeds="mean"``) or get a row each (``seeds="split"``); see the module docstring for
+    ``duplicates``, the spread marks and the checkpoint column. Notes, when any, follow the table
+    after a blank line.
+    """
+    runs = list(runs)
+    if not runs:
+        raise ReportError("no finished runs to tabulate")
+    keys = [*TABLE_METRICS, *(["mINP"] if with_minp else [])]
+    groups = group_seeds(runs, seeds)
+    labels = _row_labels(groups, duplicates)
+
+    base_of: dict[str, str] = {}  # row label -> method label, so `order` also places split rows
+    for lab, g in zip(labels, groups):
+        base_of.setdefault(lab, g.label)
+    rows: list[str] = []
+    for want in order or []:
+        rows += [lab for lab in dict.fromkeys(labels) if base_of[lab] == want and lab not in rows]
+        if want not in base_of.values() and want not in rows:
+            rows.append(want)
+    rows += [lab for lab in dict.fromkeys(labels) if lab not in rows]
+
+    given = [dataset_key(d) for d in datasets or []]
+    present = sorted(dict.fromkeys(g.dataset for g in groups), key=dataset_rank)
+    cols = list(dict.fromkeys([*given, *present]))
+
+    cells = {(lab, g.dataset): g for lab, g in zip(labels, groups)}
+    flagged, spread_notes = _spread_notes(rows, cols, cells)
+    with_selection = any(r.selected is not None for r in runs)
+
+    head = [f"Method ({' / '.join(METRIC_NAMES[k] for k in keys)})", *(dataset_display_name(d) for d in cols)]
+    body = [[_md(lab), *(_cell(cells.get((lab, d)), keys) + (f" {SPREAD_MARK}" if (lab, d) in flagged else "")
+                         for d in cols)] for lab in rows]
+    if with_selection:
+        head.append("Checkpoint")
+        for lab, row in zip(rows, body):
+            row.append(_md(_row_selection({d: cells[(lab, d)] for d in cols if (lab, d) in cells})))
+    widths = [max(len(row[j]) for row in [head, *body]) for j in range(len(head))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else (":" + "-" * w + ":") for j, w in enumerate(widths)) + "|"
+    table = [line(head), rule, *(line(b) for b in body)]
+
+    notes: list[str] = []  # Markdown paragraphs
+    if any(g.n > 1 for g in groups):
+        notes.append("Cells over several seeds: mean ± sample standard deviation (n - 1), n = number of seeds.")
+    if spread_notes:
+        notes.append("\n".join(spread_notes))
+    if with_selection:
+        text = (f"Checkpoint: the split and metric that chose each run's kept epoch; {NOT_RECORDED} = not "
+                "recorded by the run.")
+        if any(r.selected is not None and r.selected.split == "test" for r in runs):
+            text += (" A checkpoint chosen on the test split is test-set selection (as the original code does): "
+                     "optimistic next to val-selected numbers.")
+        notes.append(text)
+    return "\n\n".join(["\n".join(table), *notes])
