@@ -28,7 +28,8 @@ __all__ = ["UNREADABLE_KINDS", "find_unreadable", "open_image", "unreadable_kind
 
 UNREADABLE_KINDS = ("missing", "empty", "not an image", "truncated", "corrupt")
 
-# Read by hint(): which recipe keys help with an image that fails while training reads it.
+# An image that fails while training reads it was not decoded at load: say which recipe keys
+# would have found it (or dropped it) before training started.
 _TRAIN_HINT = ("set data.verify_images: true to find every such image before training, "
                "and data.skip_unreadable: true to drop them (the count is reported)")
 

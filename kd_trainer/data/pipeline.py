@@ -30,7 +30,7 @@ import datasets
 import torch
 from PIL import Image
 
-from kd_trainer.data.formats import open_image
+from kd_trainer.data.images import open_image
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.data.transforms import build_image_transform, run_seeded, stable_seed
 
