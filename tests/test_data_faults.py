@@ -211,6 +211,7 @@ def test_splits_argument(tmp_path: Path) -> None:
     _write(tmp_path, _records(_base_rows()))
     assert set(load_pedes("cuhk_pedes", tmp_path, splits=("test", "train"))) == {
         "train", "test_gallery", "test_queries"}
+    assert set(load_pedes("cuhk_pedes", tmp_path, splits="val")) == {"val_gallery", "val_queries"}
     with pytest.raises(ValueError, match=r"unknown split name\(s\) \['tset'\]"):
         load_pedes("cuhk_pedes", tmp_path, splits=["train", "tset"])
     icfg = tmp_path / "icfg"

@@ -242,7 +242,8 @@ def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Rec
     # The walk misses nothing a stat would find except odd cases (case-insensitive file systems,
     # paths leaving imgs/ through ".."), so only the misses are checked again one by one.
     problems: dict[int, tuple[str, str]] = {
-        r.index: ("missing", "no such file") for r in records if r.rel_path not in on_disk and not os.path.isfile(r.path)}
+        r.index: ("missing", "no such file")
+        for r in records if r.rel_path not in on_disk and not os.path.isfile(r.path)}
     todo = [r for r in records if r.index not in problems and decode(r)]
     if todo:
         started = time.perf_counter()
@@ -469,7 +470,7 @@ def last_skipped() -> int:
 def _wanted_splits(spec: DatasetFormat, splits: Iterable[str] | None) -> tuple[str, ...]:
     if splits is None:
         return spec.splits
-    asked = list(splits)
+    asked = [splits] if isinstance(splits, str) else list(splits)
     unknown = [s for s in asked if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split name(s) {unknown}; splits are among {list(SPLITS)}")
