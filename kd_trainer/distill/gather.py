@@ -5,24 +5,41 @@ processes of batch b they must see all N*b samples, or N processes optimise a di
 than one process with batch N*b (losses.md, "Gathering across processes"). This is written once
 here and used for every term, as open_clip's ``gather_features`` is.
 
-The gradient. Every process computes the *same* loss ``L`` over the *same* gathered batch, so
-``dL/dX`` (X = the gathered features) is the same on every process. The exact gradient for this
-process's parameters is ``sum_r dL/dx_r`` over the shards it produced; DDP then *averages* the
-parameter gradients over processes. Returning ``N * dL/dx_local`` for the local shard makes that
-average exactly the single-process gradient, with no extra communication in backward (a
-backward all-reduce of ``dL/dX`` would give the same numbers). Other processes' shards arrive as
-constants. Per-sample terms (``fd``) need none of this: a local mean, averaged by DDP, is the
-global mean.
+Two ways to split the work, both exact (the same loss and parameter gradients as one process on
+the concatenated batch; ``tests/test_gather.py`` checks every batch-dependent term):
+
+- **Local rows** (the default; open_clip's ``local_loss``). The gathered features carry
+  ``rows``, this process's own samples, and every term whose spec says ``local_rows`` computes
+  only those rows against all gathered columns: ``b x B`` instead of ``B x B`` per process, no
+  work repeated. The term returns ``L_r = N/B sum_{i in rows_r} l_i`` (``losses/rows.py``), whose
+  mean over processes is the global loss ``L``. The gradient of ``L`` for this process's shard
+  ``x_s`` is ``sum_r dL_r/dx_s / N``: other processes' rows read ``x_s`` as columns. So backward
+  sums the gathered gradient over processes (one all-reduce of a ``B x D`` matrix per gathered
+  tower) and keeps this shard's rows: ``sum_r dL_r/dx_s = N dL/dx_s``. DDP then averages
+  parameter gradients over processes, which gives exactly ``dL/dtheta``. A term that ignores
+  ``rows`` (spec ``local_rows=False``) returns ``L`` on every process; the same backward then
+  gives ``N dL/dx_s`` too, so it stays exact, only repeated.
+- **Whole batch on every process** (``local_rows=False``). Every process computes the same
+  ``L`` over the whole gathered batch, so ``dL/dX`` is the same everywhere and backward returns
+  ``N * dL/dx_s`` for the local shard with no communication (the average DDP takes is then
+  ``dL/dtheta``). Costs ``N`` times the loss computation of local rows.
+
+Other processes' shards arrive as constants in forward; teacher embeddings and pids are plain
+data. Per-sample terms (``fd``) need none of this: a local mean, averaged by DDP, is the global
+mean.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kd_trainer.losses import Features
+from kd_trainer.losses import Features, LocalRows
+
+__all__ = ["gather_features"]
 
 
 def _sizes(n: int, device: torch.device) -> list[int]:
@@ -42,35 +59,68 @@ def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([o[:n] for o, n in zip(out, sizes)])
 
 
+def _shard(grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    start = sum(sizes[: dist.get_rank()])
+    return grad[start : start + sizes[dist.get_rank()]]
+
+
 class _GatherLocalGrad(torch.autograd.Function):
+    """Whole batch on every process: every process holds the same ``dL/dX``, no communication."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
-        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        ctx.sizes = sizes
         return _gather_padded(x.detach(), sizes)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]] * len(ctx.sizes), None
+        return _shard(grad, ctx.sizes) * len(ctx.sizes), None
 
 
-def gather_features(features: Features) -> Features:
-    """The global batch: every field gathered across processes, in rank order.
+class _GatherSummedGrad(torch.autograd.Function):
+    """Local rows: each process holds the gradient of its own rows; the shard's total is their sum."""
 
-    Student embeddings keep their gradient for the local shard (scaled as the module docstring
-    explains); teacher embeddings and pids are plain data. A no-op in a single process.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.sizes = sizes
+        return _gather_padded(x.detach(), sizes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        total = grad.contiguous().clone()  # all_reduce works in place; autograd's grad is not ours
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return _shard(total, ctx.sizes), None
+
+
+def gather_features(features: Features, *, local_rows: bool = True) -> Features:
+    """The global batch: every embedding and the pids gathered across processes, in rank order.
+
+    Student embeddings keep their gradient for the local shard (as the module docstring
+    explains); teacher embeddings and pids are plain data. With ``local_rows`` (the default) the
+    result's ``rows`` names this process's samples, and terms that support it compute only
+    those rows; each process's value of such a term is then its share of the global loss times
+    the number of processes, and the mean over processes is the global loss. A no-op in a
+    single process (``rows`` stays ``None``: every row).
     """
+    if features.rows is not None:
+        raise ValueError(f"these features are already a gathered batch (rows={features.rows}); gather them once")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    present = {k: v for k, v in vars(features).items() if v is not None}
+    present = {f.name: getattr(features, f.name) for f in fields(features) if f.name != "rows"}
+    present = {k: v for k, v in present.items() if v is not None}
     if not present:
         return features
+    lengths = {k: v.shape[0] for k, v in present.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"cannot gather features of different batch sizes: {lengths}")
     first = next(iter(present.values()))
     sizes = _sizes(first.shape[0], first.device)
-    out = {}
-    for name, value in present.items():
-        if value.requires_grad:
-            out[name] = _GatherLocalGrad.apply(value, sizes)
-        else:
-            out[name] = _gather_padded(value, sizes)
+    gather = _GatherSummedGrad if local_rows else _GatherLocalGrad
+    out: dict[str, Any] = {
+        name: gather.apply(value, sizes) if value.requires_grad else _gather_padded(value, sizes)
+        for name, value in present.items()
+    }
+    if local_rows:
+        start = sum(sizes[: dist.get_rank()])
+        out["rows"] = LocalRows(start, start + sizes[dist.get_rank()], sum(sizes), len(sizes))
     return Features(**out)

@@ -11,6 +11,7 @@ from kd_trainer.losses.registry import (
     TEACHER_TOWERS,
     TERMS,
     Features,
+    LocalRows,
     TermSpec,
     UnknownTermError,
     available_terms,
@@ -24,6 +25,7 @@ from kd_trainer.losses import task, contrastive, relational, feature  # noqa: E4
 
 __all__ = [
     "Features",
+    "LocalRows",
     "TermSpec",
     "UnknownTermError",
     "register_term",

@@ -3,6 +3,9 @@ embedding out of the batch (MoTIS, and CLIP-KD's interactive contrastive loss).
 
 Notation as in ``losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
 all L2-normalised; ``y = arange(B)``; ``T`` the distillation temperature.
+
+Both terms are means over rows (one student query against all teacher keys), so each computes
+only ``features.rows`` when given (``local_rows=True``, ``rows.py``).
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ __all__ = ["motis", "icl"]
     sides=("image", "text", "both"),
     reads={"image": ("student_image", "teacher_image"), "text": ("student_text", "teacher_text")},
     direct_compare=True,
+    local_rows=True,
 )
 def motis(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """MoTIS intra-modal teacher-student contrastive loss.
 
     image side ``CE(vs vt^T/T, y)``; text side ``CE(ts tt^T/T, y)``; both: their mean.
     """
+    r = features.rows
     return per_side(
         side,
-        image=lambda: ce(sim(unit(features.student_image), frozen_unit(features.teacher_image), temperature)),
-        text=lambda: ce(sim(unit(features.student_text), frozen_unit(features.teacher_text), temperature)),
+        image=lambda: ce(sim(unit(features.student_image), frozen_unit(features.teacher_image), temperature, r), r),
+        text=lambda: ce(sim(unit(features.student_text), frozen_unit(features.teacher_text), temperature, r), r),
     )
 
 
@@ -40,6 +45,7 @@ def motis(features: Features, *, temperature: float, side: str = "both") -> torc
     sides=("image", "text", "both"),
     reads={"image": ("student_image", "teacher_text"), "text": ("student_text", "teacher_image")},
     direct_compare=True,
+    local_rows=True,
 )
 def icl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """CLIP-KD interactive contrastive learning: student queries against the teacher's other modality.
@@ -47,8 +53,9 @@ def icl(features: Features, *, temperature: float, side: str = "both") -> torch.
     ``1/2 [CE(vs tt^T/tau, y) + CE(ts vt^T/tau, y)]``; side ``image`` is the first CE alone,
     side ``text`` the second (each trains one student tower), ``both`` their mean.
     """
+    r = features.rows
     return per_side(
         side,
-        image=lambda: ce(sim(unit(features.student_image), frozen_unit(features.teacher_text), temperature)),
-        text=lambda: ce(sim(unit(features.student_text), frozen_unit(features.teacher_image), temperature)),
+        image=lambda: ce(sim(unit(features.student_image), frozen_unit(features.teacher_text), temperature, r), r),
+        text=lambda: ce(sim(unit(features.student_text), frozen_unit(features.teacher_image), temperature, r), r),
     )

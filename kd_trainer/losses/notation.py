@@ -1,7 +1,12 @@
 """The notation of ``losses.md`` as tensor functions, so each term's body reads like its formula.
 
-``sim(X, Y, tau)`` is ``X @ Y.T / tau``; ``log_p(X, Y, tau)`` is ``log P(X, Y; tau)`` (row-wise
-log-softmax); ``ce``, ``sce``, ``kl`` and ``mse`` are ``CE``, ``SCE``, ``KL`` and ``MSE``.
+``sim(X, Y, tau)`` is ``X @ Y.T / tau``; ``cos(X, Y)`` is ``X @ Y.T``; ``log_p(X, Y, tau)`` is
+``log P(X, Y; tau)`` (row-wise log-softmax); ``ce``, ``sce``, ``kl`` and ``mse`` are ``CE``,
+``SCE``, ``KL`` and ``MSE``.
+
+Every function takes an optional ``rows`` (:class:`~kd_trainer.losses.rows.LocalRows`): the
+matrices then hold only those rows of ``X`` (against all of ``Y``), and the reductions return
+those rows' share of the global mean (``rows.py``). ``rows=None`` is the whole batch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["unit", "frozen_unit", "sim", "log_p", "p", "ce", "sce", "kl", "mse", "per_side"]
+from kd_trainer.losses.rows import LocalRows
+
+__all__ = ["unit", "frozen_unit", "sim", "cos", "log_p", "p", "ce", "sce", "kl", "mse", "row_mean", "per_side"]
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -31,40 +38,57 @@ def frozen_unit(x: torch.Tensor) -> torch.Tensor:
     return unit(x.detach())
 
 
-def sim(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+def _rows_of(x: torch.Tensor, rows: LocalRows | None) -> torch.Tensor:
+    return x if rows is None else rows.of(x)
+
+
+def cos(x: torch.Tensor, y: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
+    """``X @ Y.T`` (cosines, for unit rows): row ``i`` of ``X`` against every row of ``Y``."""
+    return _rows_of(x, rows) @ y.T
+
+
+def sim(x: torch.Tensor, y: torch.Tensor, tau: float, rows: LocalRows | None = None) -> torch.Tensor:
     """``X @ Y.T / tau``: the logits of row ``i`` of ``X`` against every row of ``Y``."""
-    return x @ y.T / tau
+    return cos(x, y, rows) / tau
 
 
-def log_p(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+def log_p(x: torch.Tensor, y: torch.Tensor, tau: float, rows: LocalRows | None = None) -> torch.Tensor:
     """``log P(X, Y; tau)``, computed with log-softmax (never the log of a softmax)."""
-    return F.log_softmax(sim(x, y, tau), dim=1)
+    return F.log_softmax(sim(x, y, tau, rows), dim=1)
 
 
-def p(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+def p(x: torch.Tensor, y: torch.Tensor, tau: float, rows: LocalRows | None = None) -> torch.Tensor:
     """``P(X, Y; tau)``, the row-wise softmax of ``X @ Y.T / tau``."""
-    return F.softmax(sim(x, y, tau), dim=1)
+    return F.softmax(sim(x, y, tau, rows), dim=1)
 
 
-def ce(logits: torch.Tensor) -> torch.Tensor:
+def row_mean(per_row: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
+    """``mean_i`` of a per-row loss: over the batch, or ``rows``' share of the global mean."""
+    return per_row.mean() if rows is None else rows.mean(per_row)
+
+
+def ce(logits: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
     """``CE(L, y)`` with ``y = arange(B)`` (positives on the diagonal), mean over rows."""
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return F.cross_entropy(logits, labels)
+    if rows is None:
+        return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+    return rows.mean(F.cross_entropy(logits, rows.labels(logits.device), reduction="none"))
 
 
-def sce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def sce(logits: torch.Tensor, target: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
     """``SCE(L, Q) = mean_i -sum_j Q_ij log softmax(L)_ij`` for a soft target ``Q``."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    return row_mean(-(target * F.log_softmax(logits, dim=1)).sum(dim=1), rows)
 
 
-def kl(log_p_: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl(log_p_: torch.Tensor, log_q: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
     """``KL(P || Q) = mean_i sum_j P_ij (log P_ij - log Q_ij)``, given ``log P`` and ``log Q``."""
-    return (log_p_.exp() * (log_p_ - log_q)).sum(dim=1).mean()
+    return row_mean((log_p_.exp() * (log_p_ - log_q)).sum(dim=1), rows)
 
 
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mse(a: torch.Tensor, b: torch.Tensor, rows: LocalRows | None = None) -> torch.Tensor:
     """``MSE(A, B)``: mean of the squared differences over all elements."""
-    return F.mse_loss(a, b)
+    if rows is None:
+        return F.mse_loss(a, b)
+    return rows.mean((a - b).pow(2).mean(dim=1))
 
 
 def per_side(

@@ -3,7 +3,8 @@
 A term is a pure function ``fn(features, *, temperature, side, **kwargs) -> scalar`` registered
 with :func:`register_term`, which also records what the trainer needs to know about it: which
 towers it reads and trains for each side, whether it needs a teacher, and whether it compares
-student and teacher embeddings directly (and so needs a projection when widths differ).
+student and teacher embeddings directly (and so needs a projection when widths differ), and
+whether it computes only a process's own rows of a gathered batch (``local_rows``, see ``rows.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from types import MappingProxyType
 
 import torch
 
+from kd_trainer.losses.rows import LocalRows
+
 __all__ = [
     "Features",
+    "LocalRows",
     "TermSpec",
     "UnknownTermError",
     "register_term",
@@ -41,13 +45,19 @@ DEFAULT_TEMPERATURE = {"task": 0.02, "distill": 0.5}
 
 @dataclass
 class Features:
-    """Embeddings of one batch. Row i of each is sample i; positives on the diagonal."""
+    """Embeddings of one batch. Row i of each is sample i; positives on the diagonal.
+
+    ``rows``: the rows this process computes when the batch was gathered from several processes
+    (set by ``gather_features``); terms whose spec says ``local_rows`` compute only those rows
+    against all columns. ``None``: every row.
+    """
 
     student_image: torch.Tensor | None = None  # vs, B x Ds
     student_text: torch.Tensor | None = None  # ts, B x Ds
     teacher_image: torch.Tensor | None = None  # vt, B x Dt
     teacher_text: torch.Tensor | None = None  # tt, B x Dt
     pids: torch.Tensor | None = None  # B, int64 (sdm needs it)
+    rows: LocalRows | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class TermSpec:
     batch_dependent: bool
     reads: Mapping[str, frozenset[str]] = field(hash=False)
     needs_pids: bool = False
+    local_rows: bool = False
 
     def _check_side(self, side: str) -> None:
         if side not in self.sides:
@@ -110,6 +121,7 @@ def register_term(
     direct_compare: bool = False,
     batch_dependent: bool = True,
     needs_pids: bool = False,
+    local_rows: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register the decorated function as loss term ``name``; returns the function unchanged.
 
@@ -126,6 +138,12 @@ def register_term(
             student narrower or wider than the teacher needs a projection.
         batch_dependent: A sample's loss depends on the other samples of the batch.
         needs_pids: The term reads ``features.pids``.
+        local_rows: Given ``features.rows``, the term computes only those rows against all
+            columns and returns their share of the global mean times the number of processes
+            (``rows.py``); with ``False`` it ignores ``features.rows`` and computes every row on
+            every process (still exact after ``gather_features``, only repeated). Declare it
+            only for a term that ``tests/test_gather.py`` proves: 2 processes with local rows
+            give the gradients of 1 process on the whole batch.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -163,6 +181,7 @@ def register_term(
             batch_dependent=batch_dependent,
             reads=MappingProxyType({s: table[s] for s in sides}),
             needs_pids=needs_pids,
+            local_rows=local_rows,
         )
         return fn
 
@@ -213,6 +232,12 @@ def _check_features(spec: TermSpec, side: str, features: Features) -> None:
         raise ValueError(f"term {spec.name!r}: embeddings of different batch sizes: {shapes}")
     if spec.needs_pids and features.pids.numel() != next(iter(shapes.values()))[0]:
         raise ValueError(f"term {spec.name!r}: {features.pids.numel()} pids for a batch of {shapes}")
+    rows = features.rows
+    if rows is not None and shapes and rows.total != next(iter(shapes.values()))[0]:
+        raise ValueError(
+            f"term {spec.name!r}: features.rows is {rows} (rows of a batch of {rows.total}), but the "
+            f"embeddings hold {next(iter(shapes.values()))[0]} samples: {shapes}"
+        )
     groups = [towers] if spec.direct_compare else [
         [t for t in towers if t in STUDENT_TOWERS], [t for t in towers if t in TEACHER_TOWERS]
     ]
