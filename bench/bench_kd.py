@@ -38,11 +38,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
 
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.data.pipeline import with_retrieval_transforms
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, ReplayDataset
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.distill.cache import TeacherCache
@@ -320,10 +322,6 @@ def loader_rate(dataset: Any, batch_size: int, workers: int, samples: int, pin: 
 
 
 def bench_loader(args: argparse.Namespace) -> dict[str, dict[int, float]]:
-    import datasets
-
-    from kd_trainer.data.pipeline import with_retrieval_transforms
-
     most = max(sum(loader_batches(args.loader_samples, args.batch_size, w)) for w in args.workers)
     rows = most * args.batch_size + 2 * args.batch_size  # two captions per image, as CUHK-PEDES
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,30 +6,27 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, SeedableRandomSampler, skip_first_batches
 from transformers import TrainingArguments
 
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.data.formats import load_pedes, open_image
-from kd_trainer.data.replay import (
-    ReplayConfig,
-    ReplayDataset,
-    ReplayEpochCallback,
-    ReplayTransform,
-    replay_seed,
-)
+from kd_trainer.data.formats import load_pedes
+from kd_trainer.data.images import open_image
+from kd_trainer.data.pipeline import with_retrieval_transforms
+from kd_trainer.data.replay import ReplayConfig, ReplayDataset, ReplayTransform, replay_seed
 from kd_trainer.data.synth import make_synth_pedes
-from kd_trainer.distill import cache as cache_mod
-from kd_trainer.distill.cache import (
-    CacheMismatchError,
-    TeacherCache,
-    build_teacher_cache,
-    plan_teacher_source,
-)
+from kd_trainer.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, plan_teacher_source
+from kd_trainer.distill.cache import policy as cache_mod
+from kd_trainer.distill.epochs import DatasetEpochCallback
+from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.losses import Features, compute_term
 from kd_trainer.models.factory import create_model
+from kd_trainer.recipe import TermConfig
 
 SIZE, CTX, K = (32, 16), 64, 2
 CFG = ReplayConfig(SIZE, augment=True, context_length=CTX, num_draws=K, seed=0)
@@ -202,9 +199,6 @@ def test_refuses_changed_image_size(setup):
 def test_trainer_reaches_dataset_set_epoch(setup, tmp_path):
     """transformers 5 / accelerate 1.15, one process: DataLoaderShard.set_epoch -> dataset.set_epoch
     reaches a non-persistent DataLoader worker, without any callback."""
-    from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
-    from kd_trainer.recipe import TermConfig
-
     seen: list[tuple[float, list[int], list[int]]] = []
 
     class Recording(DistillationTrainer):
@@ -230,10 +224,6 @@ def test_trainer_reaches_dataset_set_epoch(setup, tmp_path):
 def test_callback_covers_sharded_and_resumed_loaders(setup, wrapper):
     """Under DDP (BatchSamplerShard) and on a mid-epoch resume (skip_first_batches' SkipBatchSampler),
     accelerate 1.15 sets the wrapped sampler's epoch and, by its if/elif, not the dataset's; the callback does."""
-    from types import SimpleNamespace
-
-    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, SeedableRandomSampler, skip_first_batches
-
     ds = ReplayDataset(setup[0], CFG)
     sampler = torch.utils.data.BatchSampler(SeedableRandomSampler(ds), batch_size=4, drop_last=False)
     if wrapper == "ddp":
@@ -242,10 +232,25 @@ def test_callback_covers_sharded_and_resumed_loaders(setup, wrapper):
         loader = skip_first_batches(DataLoaderShard(ds, batch_sampler=sampler), 1)
     loader.set_epoch(3)
     assert ds.epoch == 0, "accelerate 1.15 skips dataset.set_epoch here (if this fails, it no longer does)"
-    ReplayEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=3.0), None, train_dataloader=loader)
+    DatasetEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=3.0), None, train_dataloader=loader)
     assert ds.epoch == 3
-    ReplayEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=4.5), None, train_dataloader=loader)
+    DatasetEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=4.5), None, train_dataloader=loader)
     assert ds.epoch == 4, "a mid-epoch resume keeps the epoch it resumes"
+
+
+def test_the_same_callback_sets_a_seeded_splits_epoch(setup):
+    """One epoch callback for both kinds of epoch-dependent split: the seeded (non-cache) train
+    split draws epoch e's augmentation once the callback has announced epoch e."""
+    split = with_retrieval_transforms(datasets.DatasetDict(train=setup[0]), image_size=SIZE, augment=True,
+                                      context_length=CTX, seed=0)["train"]
+    loader = torch.utils.data.DataLoader(split, batch_size=4, collate_fn=collate_retrieval)
+    first = split[0]["pixel_values"]
+    DatasetEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=2.0), None, train_dataloader=loader)
+    second = split[0]["pixel_values"]
+    assert not torch.equal(second, first), "epoch 2 draws another augmentation of row 0"
+    assert torch.equal(split[0]["pixel_values"], second), "and draws it again on a second read"
+    DatasetEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=0.0), None, train_dataloader=loader)
+    assert torch.equal(split[0]["pixel_values"], first), "back at epoch 0: epoch 0's draw"
 
 
 # ----------------------------------------------------------------------------- fallbacks

@@ -15,26 +15,10 @@ import torchvision
 import yaml
 from torch import nn
 
-from kd_trainer.distill.features import (
-    FeatureTap,
-    attention_maps,
-    layer_map,
-    mapped_names,
-    num_children,
-    parse_feature_name,
-    resolve_names,
-    value_relations,
-)
-from kd_trainer.distill.mimic import (
-    MimicEngine,
-    MimicHead,
-    MimicJob,
-    parse_mimic,
-    parse_mimic_config,
-    plan_adapter,
-    warmup_weight,
-)
-from kd_trainer.distill.mimic_losses import (
+from kd_trainer.distill.mimic import MimicEngine, MimicHead, plan_adapter
+from kd_trainer.losses.mimic import (
+    MIMIC_LOSSES,
+    UnknownMimicLossError,
     available_mimic_losses,
     build_loss,
     ce,
@@ -46,7 +30,14 @@ from kd_trainer.distill.mimic_losses import (
     l2,
     smooth_l1,
 )
+from kd_trainer.losses.registry import UnknownTermError
+from kd_trainer.models.attention import attention_maps, value_relations
 from kd_trainer.models.factory import create_model, get_architecture
+from kd_trainer.models.layer_maps import layer_map, mapped_names, num_children
+from kd_trainer.models.taps import Tap, parse_tap_name, resolve_names
+from kd_trainer.recipe import RecipeError, parse_recipe
+from kd_trainer.recipe.mimic import MimicConfig, MimicJob, parse_mimic_config
+from kd_trainer.recipe.schedules import Clock, Warmup
 
 CTX = 16  # short captions keep text attention maps tiny
 
@@ -91,6 +82,18 @@ def up_to_layer3(r: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x)))))))
 
 
+def parse_mimic(raw):
+    """The jobs of a ``mimic:`` block (a recipe keeps the whole parsed MimicConfig)."""
+    return parse_mimic_config(raw).jobs
+
+
+def warmup_weight(loss_weight: float, warm_up_iters: int, step: int) -> float:
+    """A job's weight at global ``step``, computed through the job's own schedule."""
+    job = MimicJob(loss={"type": "l2"}, teachers={"t": ["a"]}, student=["b"], loss_weight=loss_weight,
+                   warm_up_iters=warm_up_iters)
+    return job.weight(step)
+
+
 def clip_batch(b: int = 2):
     g = torch.Generator().manual_seed(1)
     return {"pixel_values": torch.randn(b, 3, 32, 16, generator=g),
@@ -103,7 +106,7 @@ def clip_batch(b: int = 2):
 def test_tap_captures_resnet_layer3_exactly_and_forgets_it(resnets):
     r18, _ = resnets
     x = torch.randn(2, 3, 32, 32)
-    with FeatureTap(r18, ["layer3", "layer1.0.conv1"]) as tap, torch.no_grad():
+    with Tap(r18, ["layer3", "layer1.0.conv1"]) as tap, torch.no_grad():
         with tap.capture() as feats:
             r18(x)
             got = feats["layer3"].clone()
@@ -122,7 +125,7 @@ def test_tap_captures_clip_blocks_of_both_towers(clip_pair):
     m, _ = clip_pair
     batch = clip_batch()
     names = ["clip.visual.transformer.resblocks.0", "clip.transformer.resblocks.0"]
-    with FeatureTap(m, names) as tap, torch.no_grad():
+    with Tap(m, names) as tap, torch.no_grad():
         with tap.capture() as feats:
             m(**batch)
             vis, txt = feats[names[0]], feats[names[1]]
@@ -138,7 +141,7 @@ def test_tap_captures_clip_blocks_of_both_towers(clip_pair):
 def test_unknown_names_list_close_ones_and_wrapper_prefixes_resolve(resnets):
     r18, _ = resnets
     with pytest.raises(ValueError, match=r"'layer3'.*Top-level modules: conv1"):
-        FeatureTap(r18, ["layer33"])
+        Tap(r18, ["layer33"])
     with pytest.raises(ValueError, match="layer4.1.conv2"):
         resolve_names(r18, ["layer4.1.conv22"])
     wrapped = nn.Module()
@@ -154,13 +157,13 @@ def test_tuple_outputs_take_element_zero_unless_indexed():
     m = nn.Sequential()
     m.add_module("pair", Pair())
     x = torch.ones(2, 3)
-    with FeatureTap(m, ["pair", "pair:1"]) as tap, tap.capture() as feats:
+    with Tap(m, ["pair", "pair:1"]) as tap, tap.capture() as feats:
         m.pair(x)
         torch.testing.assert_close(feats["pair"], x + 1)
         torch.testing.assert_close(feats["pair:1"], x * 10)
-    assert parse_feature_name("a.b@value:4").heads == 4
+    assert parse_tap_name("a.b@value:4").heads == 4
     with pytest.raises(ValueError, match="unknown kind"):
-        parse_feature_name("a@keys")
+        parse_tap_name("a@keys")
 
 
 def _reference_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -172,7 +175,7 @@ def test_attention_maps_match_multihead_attention_with_weights(clip_pair):
     batch = clip_batch()
     clip = m.clip
     names = ["clip.transformer.resblocks.0@attn", "clip.visual.transformer.resblocks.0.attn@attn"]
-    with FeatureTap(m, names) as tap, torch.no_grad():
+    with Tap(m, names) as tap, torch.no_grad():
         with tap.capture() as feats:
             m(**batch)
             got_txt, got_vis = feats[names[0]], feats[names[1]]
@@ -203,7 +206,7 @@ def test_capture_survives_gradient_checkpointing(clip_pair):
     student = copy.deepcopy(clip_pair[0]).train()
     student.clip.set_grad_checkpointing(True)
     names = ["clip.transformer.resblocks.0", "clip.transformer.resblocks.0@attn"]
-    with FeatureTap(student, names) as tap:
+    with Tap(student, names) as tap:
         with tap.capture() as feats:
             student(input_ids=clip_batch()["input_ids"])
             loss = feats[names[0]].pow(2).mean() + feats[names[1]].pow(2).mean()
@@ -404,6 +407,90 @@ def test_config_errors_name_the_key():
         parse_mimic(raw)
     with pytest.raises(ValueError, match=r"needs a 'student' key"):
         parse_mimic({"teacher0": {"mimic_name": ["a"]}})
+
+
+def test_mimic_losses_are_one_table_with_the_registry_error():
+    assert set(MIMIC_LOSSES) == {"l2", "l1", "smooth_l1", "cosine", "kl", "kd", "ce", "kld"}  # our names only
+    assert MIMIC_LOSSES["kd"].fn is kd and MIMIC_LOSSES["l2"].aliases["l2_loss"] == {"normalize": True,
+                                                                                     "batch_mean": True}
+    with pytest.raises(TypeError):
+        MIMIC_LOSSES["mine"] = MIMIC_LOSSES["l2"]  # read-only, as losses.TERMS
+    with pytest.raises(UnknownMimicLossError) as info:
+        build_loss("kd_los")
+    # one except clause catches an unknown name from either table, as a lookup or as bad config
+    assert isinstance(info.value, UnknownTermError) and isinstance(info.value, KeyError)
+    assert isinstance(info.value, ValueError) and "Did you mean 'kd_loss'?" in str(info.value)
+
+
+def test_job_weight_is_the_recipes_warmup_schedule():
+    job = MimicJob(loss={"type": "l2"}, teachers={"t": ["a"]}, student=["b"], loss_weight=3.0, warm_up_iters=4)
+    assert job.weight_schedule == Warmup(value=3.0, steps=4, clock="run")
+    # the run's step, not the stage's: a job keeps ramping across stages and resumes
+    clock = Clock(step=2, stage_step=0)
+    assert job.weight_schedule(clock) == job.weight(2) == 3.0 * 2 / 4
+    assert [job.weight(s) for s in range(6)] == [0.0, 0.75, 1.5, 2.25, 3.0, 3.0]
+    flat = job.model_copy(update={"warm_up_iters": -1})
+    assert [flat.weight(s) for s in (0, 1, 100)] == [3.0, 3.0, 3.0]
+
+
+def test_config_refuses_two_jobs_of_one_name_and_two_checkpoints_for_one_teacher():
+    job = MimicJob(name="same", loss={"type": "l2"}, teachers={"t": ["a"]}, student=["b"])
+    with pytest.raises(ValueError, match=r"mimic: job name 'same' appears twice"):
+        MimicConfig.from_jobs([job, job])
+    raw = yaml.safe_load(JOBS)
+    raw["mimic"]["mimic_job0"]["teacher1"] = {"mimic_name": ["layer3"], "teacher_weight": "/ckpt/other.pth"}
+    with pytest.raises(ValueError, match=r"mimic_job1\.teacher1\.teacher_weight '/ckpt/t1.pth' differs from "
+                                         r"'/ckpt/other.pth' given in mimic_job0"):
+        parse_mimic_config(raw)
+    with pytest.raises(ValueError, match="part of the log keys"):
+        MimicJob(name="a/b", loss={"type": "l2"}, teachers={"t": ["a"]}, student=["b"])
+
+
+def shapes_recipe(mimic, **teachers) -> dict:
+    """A classification recipe around a ``mimic:`` block (nothing is built or trained)."""
+    return {"name": "m", "task": "classification",
+            "data": {"name": "synth_shapes", "shapes": {"num_classes": 4}},
+            "student": {"arch": "resnet18"},
+            "teachers": {name: {"arch": "resnet34", **cfg} for name, cfg in teachers.items()},
+            "mimic": mimic}
+
+
+def test_recipe_takes_every_mimic_shape_typed_once_and_saved_form_reloads():
+    native = [{"loss": {"type": "kd_loss", "kwargs": {"T": 2}}, "teachers": {"teacher0": ["net.fc"]},
+               "student": ["net.fc"]},
+              {"name": "stage3", "loss": {"type": "l2"}, "warm_up_iters": 5, "teachers": {"teacher0": ["net.layer3"]},
+               "student": ["net.layer3"]}]
+    up = yaml.safe_load(SINGLE)["mimic"]
+    for shape in (native, up, {"jobs": native, "task_loss": False}):
+        recipe = parse_recipe(shapes_recipe(shape, teacher0={}))
+        assert isinstance(recipe.mimic, MimicConfig)
+        assert recipe.mimic == parse_mimic_config(shape)
+        # what a run saves beside its weights reads back to the same config
+        saved = recipe.model_dump(mode="json")
+        assert parse_recipe(saved).mimic == recipe.mimic
+    assert [j.name for j in parse_recipe(shapes_recipe(native, teacher0={})).mimic.jobs] == ["mimic_job0", "stage3"]
+    assert parse_recipe(shapes_recipe({"jobs": native, "task_loss": False}, teacher0={})).mimic.task_loss is False
+    with pytest.raises(RecipeError, match=r"mimic\.1\.loss"):
+        parse_recipe(shapes_recipe([native[0], {**native[1], "loss": {"type": "l3"}}], teacher0={}))
+    with pytest.raises(RecipeError, match=r"mimic jobs name teachers \['teacher0'\]"):
+        parse_recipe(shapes_recipe(native, teacher1={}))
+
+
+def test_up_teacher_weight_is_the_teachers_checkpoint():
+    """Seed 002: ``teacher_weight: xxx  # path of teacher model``. It loads that teacher (the
+    recipe's checkpoint, the one field the run loads teachers from); it is not a loss factor."""
+    up = yaml.safe_load(SINGLE)["mimic"]  # teacher0.teacher_weight: /ckpt/teacher0.pth
+    recipe = parse_recipe(shapes_recipe(up, teacher0={}))
+    assert recipe.teachers["teacher0"].checkpoint == "/ckpt/teacher0.pth"
+    assert parse_recipe(shapes_recipe(up, teacher0={"checkpoint": "/ckpt/teacher0.pth"})).teachers[
+        "teacher0"].checkpoint == "/ckpt/teacher0.pth"
+    with pytest.raises(RecipeError, match=r"teacher 'teacher0': mimic teacher_weight '/ckpt/teacher0.pth' and the "
+                                          r"recipe's checkpoint '/elsewhere.pth' differ"):
+        parse_recipe(shapes_recipe(up, teacher0={"checkpoint": "/elsewhere.pth"}))
+    without = {**up, "teacher0": {"mimic_name": up["teacher0"]["mimic_name"]}}
+    assert parse_recipe(shapes_recipe(without, teacher0={})).teachers["teacher0"].checkpoint is None
+    with pytest.raises(RecipeError, match=r"mimic\.teacher0\.teacher_weight is the path of the teacher's checkpoint"):
+        parse_recipe(shapes_recipe({**up, "teacher0": {**up["teacher0"], "teacher_weight": 0.5}}, teacher0={}))
 
 
 # --------------------------------------------------------------------------- adapters and engine

@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kd_trainer.distill.mimic import ADAPTED_KEY, MimicEngine, MimicJob
+from kd_trainer.distill.mimic import ADAPTED_KEY, MimicEngine
 from kd_trainer.models.factory import create_model, get_architecture
+from kd_trainer.recipe.mimic import MimicJob
 
 CTX = 16
 TOTAL = 6

@@ -1,6 +1,6 @@
 """Replayable augmentation: IRRA's training transform with its randomness fixed by (image, draw).
 
-Distillation from a teacher cache (:mod:`kd_trainer.distill.cache`) needs the student to see
+Distillation from a teacher cache (built in the distill layer) needs the student to see
 *exactly* the augmented image the teacher embedded when the cache was built. So instead of
 drawing fresh randomness for every sample, the training transform runs with the random
 number generators seeded by ``replay_seed(image_id, k, seed)``: draw ``k`` of image
@@ -34,22 +34,23 @@ DataLoader workers see it whether they are persistent or not. Who calls ``set_ep
   (``BatchSamplerShard``; ``skip_first_batches``' ``SkipBatchSampler``), sets the epoch of the
   sampler inside it and, because that branch of its ``if/elif`` matched, *not* the dataset's.
 
-:class:`ReplayEpochCallback` (``on_epoch_begin``, which the Trainer calls right before the
-epoch's ``iter()``) covers every case; always add it to the Trainer's callbacks.
+So whatever drives training must call ``set_epoch`` itself at every epoch start, before the
+epoch's ``iter()``: the trainer's epoch callback (``kd_trainer.distill.epochs``) does. This
+module knows nothing about the Trainer.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import datasets
+import PIL
 import torch
+import torchvision
 from PIL import Image
-from transformers import TrainerCallback
 
-from kd_trainer.data.formats import open_image
+from kd_trainer.data.images import open_image
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.data.transforms import build_image_transform, run_seeded, stable_seed
 
@@ -59,7 +60,6 @@ __all__ = [
     "CACHE_TEXT_ROW",
     "ReplayConfig",
     "ReplayDataset",
-    "ReplayEpochCallback",
     "ReplayTransform",
     "TrainRows",
     "draw_index",
@@ -137,9 +137,6 @@ class ReplayConfig:
     def fingerprint_dict(self) -> dict[str, Any]:
         """Everything that changes the cached inputs, JSON-ready. Library versions are in because
         a torchvision or Pillow upgrade may change resizing or how the transforms draw."""
-        import PIL
-        import torchvision
-
         return {
             **asdict(self),
             "image_size": list(self.image_size),
@@ -214,7 +211,7 @@ class ReplayDataset(torch.utils.data.Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the draws of ``epoch``; called by accelerate / :class:`ReplayEpochCallback`."""
+        """Select the draws of ``epoch``; called by accelerate and by the trainer's epoch callback."""
         self._epoch.fill_(int(epoch))
 
     @property
@@ -241,17 +238,3 @@ class ReplayDataset(torch.utils.data.Dataset):
             CACHE_TEXT_ROW: as_long(index),
             "draws": as_long(k),
         }
-
-
-class ReplayEpochCallback(TrainerCallback):
-    """Sets the train dataset's epoch at the start of every epoch, before its ``iter()``.
-
-    Needed under DDP and on a mid-epoch resume, where accelerate's ``DataLoaderShard.set_epoch``
-    sets the wrapped sampler's epoch and skips the dataset's; harmless (same value) otherwise.
-    """
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None, **kwargs: Any) -> None:
-        dataset = getattr(train_dataloader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            # state.epoch is e + (step+1)/steps: exactly e at a boundary, fractional on a mid-epoch resume.
-            dataset.set_epoch(math.floor(float(state.epoch or 0.0) + 1e-9))

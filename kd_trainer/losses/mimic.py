@@ -1,9 +1,15 @@
-"""Losses between one student feature and one teacher feature (UP/EOD's mimic losses).
+"""Mimic losses: one student tapped output against one teacher tapped output (UP/EOD's mimic).
 
-Each is a pure function ``fn(s, t, **kwargs) -> scalar`` registered by the name a mimic job
-types in ``loss.type``. UP/EOD's names (``l2_loss``, ``kl_loss``, ``kd_loss``, ``ce_loss``)
-are accepted as aliases and bring UP's defaults with them, so a UP config computes what UP
-computed:
+The second table of named losses beside :mod:`kd_trainer.losses.registry`'s terms, kept in the
+same style: pure functions registered by the names users type, a read-only table
+(:data:`MIMIC_LOSSES`, as ``TERMS``), and a lookup that names the closest valid name and lists
+all of them. Terms read a batch's embeddings (``Features``) and know towers and sides; mimic
+losses read two tensors of one shape, ``fn(s, t, **kwargs) -> scalar``, which is why they are a
+table of their own. An unknown name raises :class:`UnknownMimicLossError`, an
+``UnknownTermError``, so one ``except`` catches an unknown loss name from either table.
+
+UP/EOD's names (``l2_loss``, ``kl_loss``, ``kd_loss``, ``ce_loss``) are accepted as aliases and
+bring UP's defaults with them, so a UP config computes what UP computed:
 
 - ``l2_loss`` -> ``l2`` with ``normalize=True, batch_mean=True`` (UP's ``base`` mimicker
   registers its ``l2_loss`` with ``feat_norm: True, batch_mean: True`` and merges the
@@ -15,9 +21,9 @@ computed:
   into :attr:`BuiltLoss.scale`; the engine multiplies it into the job weight, so logged
   per-teacher values stay unweighted.
 
-Channel dimension: 1 for 4-D feature maps ``N x C x H x W``, the last dimension otherwise
-(``N x C`` logits, ``N x L x C`` tokens); ``dim`` overrides it. UP always used dim 1, which
-equals ours except for token features, where dim 1 would be the sequence.
+Channel dimension: 1 for 4-D maps ``N x C x H x W``, the last dimension otherwise (``N x C``
+logits, ``N x L x C`` tokens); ``dim`` overrides it. UP always used dim 1, which equals ours
+except for token outputs, where dim 1 would be the sequence.
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from kd_trainer.losses.registry import UnknownTermError
+
 __all__ = [
+    "MIMIC_LOSSES",
     "MimicLossSpec",
+    "UnknownMimicLossError",
     "BuiltLoss",
     "register_mimic_loss",
     "get_mimic_loss",
@@ -75,8 +86,14 @@ class BuiltLoss:
         return self.fn(s, t)
 
 
+class UnknownMimicLossError(UnknownTermError):
+    """An unknown mimic loss name (a ``KeyError`` for lookups, a ``ValueError`` for validators)."""
+
+
 _REGISTRY: dict[str, MimicLossSpec] = {}
 _ALIASES: dict[str, tuple[str, Mapping[str, Any]]] = {}
+MIMIC_LOSSES: Mapping[str, MimicLossSpec] = MappingProxyType(_REGISTRY)
+"""Read-only view of every registered mimic loss, by our name (aliases resolve through :func:`get_mimic_loss`)."""
 
 
 def register_mimic_loss(
@@ -103,15 +120,15 @@ def available_mimic_losses() -> list[str]:
     return sorted([*_REGISTRY, *_ALIASES])
 
 
-def _unknown(name: str) -> ValueError:
+def _unknown(name: str) -> UnknownMimicLossError:
     valid = available_mimic_losses()
     close = difflib.get_close_matches(str(name), valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown mimic loss {name!r}.{hint} Valid: {', '.join(valid)}.")
+    return UnknownMimicLossError(f"unknown mimic loss {name!r}.{hint} Valid: {', '.join(valid)}.")
 
 
 def canonical_loss_name(name: str) -> str:
-    """Our name for ``name`` (``l2_loss`` -> ``l2``); raises ``ValueError`` listing valid names."""
+    """Our name for ``name`` (``l2_loss`` -> ``l2``); raises :class:`UnknownMimicLossError` listing valid names."""
     if name in _REGISTRY:
         return name
     if name in _ALIASES:
@@ -157,7 +174,7 @@ def _cdim(x: torch.Tensor, dim: int | None) -> int:
 
 def _check(s: torch.Tensor, t: torch.Tensor) -> None:
     if s.shape != t.shape:
-        raise ValueError(f"student feature {tuple(s.shape)} and teacher feature {tuple(t.shape)} differ in shape")
+        raise ValueError(f"student output {tuple(s.shape)} and teacher output {tuple(t.shape)} differ in shape")
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""Which terms may read the teacher cache, and so where each stage's teacher embeddings come from.
+
+A cache holds the teacher's final embeddings only. A stage whose teacher terms all read just
+those takes them from the cache (no teacher forward); a stage with any term that needs more
+(intermediate teacher outputs) runs the online teacher, and the decision is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS, TermSpec, get_term
+
+__all__ = ["CACHEABLE_TOWERS", "TeacherSourcePlan", "plan_teacher_source", "term_uses_cache"]
+
+logger = logging.getLogger("kd_trainer")
+
+# The teacher outputs a cache holds. A term reading anything else (e.g. a mimic term on patch
+# tokens or attention maps) needs the online teacher.
+CACHEABLE_TOWERS = frozenset({"teacher_image", "teacher_text"})
+
+
+def term_uses_cache(term: TermSpec | str, side: str = "both") -> bool:
+    """True when ``term`` (a spec, or a name to look up) reads, for ``side``, only teacher
+    outputs the cache holds.
+
+    Every term of :mod:`kd_trainer.losses` reads only final embeddings, so all qualify. A term
+    reading intermediate teacher outputs (a tower outside ``CACHEABLE_TOWERS``, or a spec
+    flagged ``reads_teacher_internals``) does not.
+    """
+    spec = get_term(term) if isinstance(term, str) else term
+    teacher_towers = spec.towers(side) - STUDENT_TOWERS
+    return teacher_towers <= CACHEABLE_TOWERS and not getattr(spec, "reads_teacher_internals", False)
+
+
+@dataclass(frozen=True)
+class TeacherSourcePlan:
+    """Where one stage's teacher embeddings come from.
+
+    ``use_cache``: ``TeacherCache.lookup`` replaces the teacher forward. When any teacher term
+    needs the online teacher, the whole stage uses it (its forward yields the final embeddings
+    anyway, and from the replayed images they equal the cached ones).
+    """
+
+    cached_terms: tuple[str, ...]
+    online_terms: tuple[str, ...]
+    use_cache: bool
+    needs_teacher_model: bool
+    message: str
+
+
+def _label_spec_side(term: Any) -> tuple[str, TermSpec, str]:
+    """(label, spec, side) of a planned term (its spec already looked up, so it is not looked up
+    again), a ``TermConfig`` or a ``(name, side)`` pair."""
+    cfg = getattr(term, "config", term)
+    if isinstance(cfg, (tuple, list)):
+        name, side = cfg
+        label = name if side == "both" else f"{name}[{side}]"  # as TermConfig.key
+    else:
+        name, side, label = cfg.name, cfg.side, getattr(cfg, "key", cfg.name)
+    spec = getattr(term, "spec", None)
+    return label, spec if spec is not None else get_term(name), side
+
+
+def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: str = "",
+                        log: logging.Logger | None = logger) -> TeacherSourcePlan:
+    """Decide cache vs online teacher for one stage's terms, and log one line saying which.
+
+    ``terms``: the stage's planned terms (anything with ``.config`` and ``.spec``, as
+    :class:`kd_trainer.distill.plan.PlannedTerm`), ``TermConfig``s, or ``(name, side)`` pairs.
+    """
+    teacher_terms = [_label_spec_side(t) for t in terms]
+    teacher_terms = [t for t in teacher_terms if t[1].towers(t[2]) & TEACHER_TOWERS]
+    cached = tuple(label for label, spec, s in teacher_terms if cache_available and term_uses_cache(spec, s))
+    online = tuple(label for label, _, _ in teacher_terms if label not in cached)
+    where = f"stage {stage!r}: " if stage else ""
+    if not teacher_terms:
+        plan = TeacherSourcePlan((), (), False, False, f"{where}no term reads the teacher")
+    elif not online:
+        plan = TeacherSourcePlan(cached, (), True, False,
+                                 f"{where}teacher embeddings from the cache for {list(cached)} (no teacher forward)")
+    elif not cache_available:
+        plan = TeacherSourcePlan((), online, False, True, f"{where}no teacher cache: online teacher for {list(online)}")
+    else:
+        plan = TeacherSourcePlan((), online + cached, False, True,
+                                 f"{where}terms {list(online)} read teacher outputs the cache does not hold "
+                                 f"(only final embeddings are cached): falling back to the online teacher for "
+                                 f"this stage, cache unused")
+    if log is not None:
+        (log.warning if plan.online_terms and cache_available else log.info)("teacher source: %s", plan.message)
+    return plan
