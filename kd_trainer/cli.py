@@ -28,7 +28,7 @@ from kd_trainer.models.factory import get_architecture, list_architectures
 from kd_trainer.models.importers import model_from_checkpoint
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
-from kd_trainer.run import INPUT_ERRORS, build_model, prepare_data, replay_config
+from kd_trainer.run import build_model, one_line_errors, prepare_data, replay_config
 from kd_trainer.run import main as run_main
 
 COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher")
@@ -59,7 +59,7 @@ def _eval(ns: argparse.Namespace) -> None:
     if teacher is None and set(pairings) - {"model"}:
         raise SystemExit(f"error: pairings {sorted(set(pairings) - {'model'})} need --teacher")
     name = canonical_dataset_name(ns.dataset)
-    raw = load_pedes(name, ns.root)
+    raw = load_pedes(name, ns.root, splits=[ns.split])
     if f"{ns.split}_gallery" not in raw:
         raise SystemExit(f"error: {ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
 
@@ -110,7 +110,7 @@ def _report(ns: argparse.Namespace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedRunWarning)
         try:
-            written = write_report(ns.runs, ns.out, with_minp=ns.minp, duplicates=ns.duplicates,
+            written = write_report(ns.runs, ns.out, with_minp=ns.minp, duplicates=ns.duplicates, seeds=ns.seeds,
                                    plots=not ns.no_plots, weighted=ns.weighted)
         except (ReportError, PlotDependencyError) as e:
             error: BaseException | None = e
@@ -177,16 +177,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="reports", help="folder for results.md and <run>_losses.png (default: reports)")
     p.add_argument("--minp", action="store_true", help="append mINP to each table cell")
     p.add_argument("--duplicates", choices=["error", "split"], default="error",
-                   help="two runs with one method label on one dataset: stop (default) or give each its own row")
+                   help="two runs with one method label on one dataset that are not seeds of one configuration: "
+                        "stop (default) or give each its own row (seeds of one configuration are averaged)")
+    p.add_argument("--seeds", choices=["mean", "split"], default="mean",
+                   help="seeds of one configuration: one mean ± std (n) cell (default) or a row per run")
     p.add_argument("--weighted", action="store_true", help="plot the weighted loss terms")
     p.add_argument("--no-plots", action="store_true", help="only results.md (no matplotlib needed)")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
+    with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2
         _dispatch(ns)
-    except INPUT_ERRORS as e:  # a bad recipe, dataset or checkpoint: the message says it all
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def _dispatch(ns: argparse.Namespace) -> None:

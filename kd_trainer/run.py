@@ -40,7 +40,13 @@ from accelerate import PartialState
 from huggingface_hub import get_token
 from transformers import Trainer, TrainingArguments, set_seed
 
-from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
+from kd_trainer.data import (
+    DatasetFormatError,
+    canonical_dataset_name,
+    load_pedes,
+    unwrap_worker_error,
+    with_retrieval_transforms,
+)
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset
 from kd_trainer.data.shapes import ShapesDataset, make_synth_shapes
 from kd_trainer.data.synth import make_synth_pedes
@@ -97,7 +103,10 @@ def prepare_data(recipe: Recipe) -> RunData:
             raise RecipeError(f"data.synth is only for synth_pedes, but data.name is {cfg.name!r}")
         with PartialState().main_process_first():  # one process writes, the others wait and reuse
             make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
-    raw = load_pedes(name, cfg.root, skip_unreadable=cfg.skip_unreadable)
+    # Only the splits this run uses are loaded (and their images checked).
+    wanted = {"train", cfg.eval_split} | ({cfg.test_split} if cfg.test_split else set())
+    raw = load_pedes(name, cfg.root, splits=wanted, skip_unreadable=cfg.skip_unreadable,
+                     verify_images=cfg.verify_images, duplicates=cfg.duplicates)
     # Seeded augmentation: the images depend only on (seed, epoch, row), so resuming is exact.
     splits = with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
                                        context_length=cfg.context_length, dataset_name=name, seed=recipe.seed)
@@ -381,10 +390,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
+    with one_line_errors():
         return run(load_recipe(ns.recipe, ns.overrides))
-    except INPUT_ERRORS as e:  # bad recipe, data or checkpoint: the message names it; no traceback
-        print(f"error: {e}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input and known faults end in ``error: <message>`` and exit code 2, without a traceback;
+    a data error raised inside a DataLoader worker is unwrapped to its own one line first."""
+    try:
+        yield
+    except INPUT_ERRORS as e:
+        print(f"error: {unwrap_worker_error(e) or e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as e:
+        data_error = unwrap_worker_error(e)
+        if data_error is None:
+            raise  # a bug: its traceback is what a report needs
+        print(f"error: {data_error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

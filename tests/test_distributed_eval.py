@@ -12,7 +12,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.models.factory import create_model
 
-from test_trainer import batch_items  # noqa: E402
+from tiny import batch_items
 
 
 def split(n_gallery: int, n_queries: int):

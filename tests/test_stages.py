@@ -16,7 +16,7 @@ from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import StageConfig
 
-from test_trainer import batch_items  # noqa: E402  (tests/ is on sys.path under pytest's rootdir)
+from tiny import batch_items
 
 IMAGE, TEXT = TOWER_PREFIXES["image"], TOWER_PREFIXES["text"]
 

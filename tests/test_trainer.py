@@ -11,26 +11,10 @@ from transformers import TrainingArguments
 
 from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.models.factory import create_model
+
+from tiny import batch_items
+from tiny import micro_pair as make_models
 from kd_trainer.recipe import TermConfig
-
-
-def batch_items(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(n):
-        ids = torch.zeros(77, dtype=torch.long)
-        ids[0], ids[1:6], ids[6] = 49406, torch.randint(300, 4000, (5,), generator=g), 49407
-        items.append({"pixel_values": torch.randn(3, 32, 16, generator=g), "input_ids": ids,
-                      "pids": torch.tensor(i // 2), "image_ids": torch.tensor(i)})
-    return items
-
-
-def make_models(seed: int = 0):
-    torch.manual_seed(seed)
-    student = create_model("micro")
-    torch.manual_seed(seed + 1)
-    teacher = create_model("micro")
-    return student, teacher
 
 
 def train_once(tmp_path, terms, *, batch: int, accum: int, steps: int = 1, **extra):

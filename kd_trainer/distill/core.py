@@ -41,11 +41,11 @@ from kd_trainer.distill.mimic import MimicEngine
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.distill.running_means import RunningMeans
 from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer, StageSwitcher, find_wrapped
+from kd_trainer.log_keys import MIMIC_TOTAL_KEY, stage_key, term_key
 from kd_trainer.recipe import RecipeError
 
 STAGES_FILE = "stages.json"
 ADAPTERS_FILE = "mimic_adapters.json"
-MIMIC_TOTAL = "mimic/total"
 # Written last into a checkpoint folder, once every process has saved its part: a folder without
 # it is a save that was interrupted, and `resume_from_checkpoint: true` never picks it.
 COMPLETE_MARKER = "checkpoint_complete"
@@ -76,7 +76,7 @@ class DistillationTrainer(Trainer):
         max_nonfinite_skips: int = 0,
         **kwargs: Any,
     ) -> None:
-        self.plan = plan.bind(model)
+        self.plan = plan
         # Non-finite losses stop the run (0), or up to this many micro-batches are skipped first.
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skipped = 0
@@ -84,14 +84,15 @@ class DistillationTrainer(Trainer):
         collator = kwargs.get("data_collator") or default_data_collator
         self.has_mimic = bool(mimic_jobs)  # the task's forwards read it while the engine is built
         self.mimic = self._mimic_engine(model, mimic_jobs, kwargs.get("train_dataset"), collator)
+        plan.bind(model, always=("mimic_head.",))  # after the adapters exist: they train in every stage
         callbacks = list(callbacks or [])
-        if not plan.is_single:
+        if plan.uses_stage_optimizer:
             callbacks.append(StageSwitcher(plan))
         callbacks.append(_EpochSetter(self))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         # The student's forward takes no **kwargs already; say it, so no refactor flips it.
         self.model_accepts_loss_kwargs = False
-        if not plan.is_single and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if plan.uses_stage_optimizer and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("multi-stage recipes need the staged optimizer, which DeepSpeed and FSDP replace with "
                              "their own; run each stage as its own recipe, chained with student.checkpoint")
         if self.args.dataloader_persistent_workers and set_augmentation_epoch(self.train_dataset, 0):
@@ -146,7 +147,7 @@ class DistillationTrainer(Trainer):
         return epochs, per_epoch, examples, samples, total_bs, steps_in_epoch, total
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None and not self.plan.is_single:
+        if self.optimizer is None and self.plan.uses_stage_optimizer:
             self.optimizer = StageOptimizer(self._stage_optimizer, stage=self.current_stage.index)
         optimizer = super().create_optimizer(model) if self.optimizer is None else self.optimizer
         if self.mimic is not None:
@@ -185,7 +186,7 @@ class DistillationTrainer(Trainer):
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """Clip only what this stage trains: parameters frozen by name inside a trained tower still
         get autograd gradients, which are dropped here so they neither count nor move."""
-        if not self.plan.is_single:
+        if self.plan.uses_stage_optimizer:
             chosen = self.current_stage.params
             for n, p in self.model.named_parameters():
                 if n not in chosen:
@@ -273,18 +274,18 @@ class DistillationTrainer(Trainer):
                         *, record: bool) -> torch.Tensor:
         coefs, alpha = stage.coefficients(self.plan.clock(self.state.global_step))
         weighted = {key: coefs.get(key, 1.0) * v for key, v in values.items()}
-        parts = list(weighted.values()) + ([mimic[MIMIC_TOTAL]] if mimic else [])
+        parts = list(weighted.values()) + ([mimic[MIMIC_TOTAL_KEY]] if mimic else [])
         if not parts:
             raise ValueError(f"stage {stage.name!r} has no loss: no term, no task loss and no mimic job")
         total = parts[0]
         for part in parts[1:]:
             total = total + part
         if record:
-            prefix = "" if self.plan.is_single else f"{stage.name}/"
-            logged = {f"{prefix}loss_{k}": v for k, v in values.items()}
-            logged.update({f"{prefix}loss_{k}_weighted": v for k, v in weighted.items()})
+            name = None if self.plan.is_single else stage.name
+            logged = {term_key(k, stage=name): v for k, v in values.items()}
+            logged.update({term_key(k, weighted=True, stage=name): v for k, v in weighted.items()})
             if alpha is not None:
-                logged[f"{prefix}alpha"] = torch.tensor(alpha, device=total.device)
+                logged[stage_key("alpha", name)] = torch.tensor(alpha, device=total.device)
             self._logged.add({**logged, **mimic})
         return total
 

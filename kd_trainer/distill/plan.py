@@ -178,11 +178,18 @@ class RunPlan:
         """Some term compares student and teacher embeddings directly (projections when widths differ)."""
         return any(t.spec.direct_compare for t in self.terms)
 
-    def bind(self, model: nn.Module) -> "RunPlan":
-        """Resolve each stage's trainable parameters and frozen towers on the student ``model``."""
+    @property
+    def uses_stage_optimizer(self) -> bool:
+        """A fresh optimizer per stage: several stages, a partial trainable set, or a stage LR."""
+        return not self.is_single or self.stages[0].learning_rate is not None
+
+    def bind(self, model: nn.Module, *, always: tuple[str, ...] = ()) -> "RunPlan":
+        """Resolve each stage's trainable parameters and frozen towers on the student ``model``;
+        parameters under the ``always`` prefixes (the mimic adapters) train in every stage."""
+        extra = frozenset(n for n, _ in model.named_parameters() if always and n.startswith(always))
         for s in self.stages:
             names = frozenset(trainable_names(model, s.trainable))
-            s.params, s.frozen_towers = names, tuple(sorted({"image", "text"} - towers_of(names)))
+            s.params, s.frozen_towers = names | extra, tuple(sorted({"image", "text"} - towers_of(names)))
         return self
 
     @property

@@ -28,6 +28,7 @@ from kd_trainer.distill.core import DistillationTrainer
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.evaluation import evaluate_retrieval
+from kd_trainer.log_keys import hybrid_key
 from kd_trainer.losses import Features
 from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
 from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME
@@ -164,7 +165,7 @@ class RetrievalTrainer(DistillationTrainer):
         for tower in stage.eval_hybrids if self.teacher is not None else []:
             image_model, text_model = (model, self.teacher) if tower == "image" else (self.teacher, model)
             hybrid = evaluate_retrieval(image_model, split.gallery, split.queries, text_model=text_model, **common)
-            metrics.update({f"{prefix}_hybrid_{tower}_{k}": v for k, v in hybrid.items()})
+            metrics.update({hybrid_key(tower, k, prefix=prefix): v for k, v in hybrid.items()})
         return metrics
 
     def saved_configs(self, model: nn.Module) -> dict[str, Any]:

@@ -21,6 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from transformers import TrainingArguments
 
+from kd_trainer.data.formats import canonical_dataset_name
+from kd_trainer.losses import get_term
+from kd_trainer.models.factory import list_architectures
 from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 
@@ -61,7 +64,14 @@ class DataConfig(_Strict):
     eval_split: Literal["val", "test"] = Field(
         "val", description="Split evaluated during training; datasets without val (ICFG-PEDES) fall back to test.")
     test_split: Literal["val", "test"] | None = Field("test", description="Split evaluated after training; null skips.")
-    skip_unreadable: bool = Field(False, description="Drop missing/undecodable images (counted and reported).")
+    skip_unreadable: bool = Field(
+        False, description="Drop unreadable images (missing, empty, not an image, truncated, corrupt) at load, "
+                           "counted by kind; decodes the train images to find them.")
+    verify_images: bool = Field(
+        False, description="Decode every train image at load (in parallel), so an unreadable one stops the run "
+                           "before training. Val/test images are always decoded. Implied by skip_unreadable.")
+    duplicates: Literal["warn", "error", "drop"] = Field(
+        "warn", description="Repeated (image, caption) pairs in a split: keep and warn, refuse, or keep the first.")
     synth: SynthConfig | None = Field(None, description="Only for synth_pedes: generate the data if missing.")
     shapes: ShapesConfig | None = Field(None, description="Only for synth_shapes (task: classification).")
 
@@ -93,11 +103,18 @@ class ModelConfig(_Strict):
 class TermConfig(_Strict):
     name: str = Field(description="A registered loss term (see `kd-trainer terms`).")
     weight: ScheduleLike = Field(1.0, description="A number, or a schedule (see kd_trainer/distill/schedules.py).")
-    temperature: float | None = Field(None, description="Absolute temperature; null uses the term's default.")
+    temperature: float | None = Field(None, gt=0, description="Absolute temperature; null uses the term's default.")
     side: Literal["image", "text", "both"] = "both"
     group: Literal["task", "distill"] | None = Field(
         None, description="Which side of the alpha mix the term is on; null takes the term's kind (`kd-trainer terms`).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the term.")
+
+    @model_validator(mode="after")
+    def _registered(self) -> "TermConfig":
+        spec = get_term(self.name)  # an unknown name lists the closest registered terms
+        if self.side not in spec.sides:
+            raise ValueError(f"loss term {self.name!r} has no side {self.side!r}; allowed: {list(spec.sides)}")
+        return self
 
     @property
     def key(self) -> str:
@@ -195,6 +212,8 @@ class Recipe(_Strict):
         if self.mimic is not None:  # jobs name defined teachers; UP's teacher_weight becomes their checkpoint
             resolve_mimic_teachers(self.mimic, {**(self.teachers or {}),
                                                 **({"teacher": self.teacher} if self.teacher is not None else {})})
+        if self.task == "retrieval":
+            self._check_retrieval_names()
         if self.task == "classification":
             if self.loss is not None or self.stages is not None:
                 raise ValueError("task: classification trains with cross-entropy plus `mimic:` jobs; "
@@ -215,6 +234,20 @@ class Recipe(_Strict):
                                  "(stages.N.epochs or stages.N.steps)")
         return self
 
+    def _check_retrieval_names(self) -> None:
+        """Dataset and architecture names, and a teacher for every term that reads one."""
+        canonical_dataset_name(self.data.name)  # lists the valid names
+        known = list_architectures()
+        for role, cfg in (("student", self.student), ("teacher", self.teacher), *(self.teachers or {}).items()):
+            if cfg is not None and isinstance(cfg.arch, str) and cfg.arch not in known:
+                close = difflib.get_close_matches(cfg.arch, known, n=3)
+                raise ValueError(f"{role}.arch: unknown architecture {cfg.arch!r}"
+                                 + (f"; did you mean {', '.join(close)}?" if close else "")
+                                 + f" Named architectures: {', '.join(known)} (or give the architecture as a dict)")
+        needs = [t.key for t in self.all_terms if get_term(t.name).needs_teacher]
+        if needs and self.teacher is None:
+            raise ValueError(f"loss terms {needs} read a teacher, but the recipe has no `teacher:`")
+
     @property
     def all_terms(self) -> list[TermConfig]:
         """Every term of every stage (the single stage of a `loss:` recipe)."""
@@ -228,6 +261,25 @@ class Recipe(_Strict):
 def _training_fields() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainingArguments)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# TrainingArguments accepts these silently (or fails only deep inside training).
+_RANGES = (
+    ("learning_rate", lambda v: v >= 0, "a learning rate >= 0"),
+    ("per_device_train_batch_size", lambda v: v >= 1, "a batch size >= 1"),
+    ("per_device_eval_batch_size", lambda v: v >= 1, "a batch size >= 1"),
+    ("gradient_accumulation_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("max_steps", lambda v: v == -1 or v >= 1, "-1 (train num_train_epochs) or a step count >= 1"),
+    ("num_train_epochs", lambda v: v > 0, "a number of epochs > 0"),
+    ("weight_decay", lambda v: v >= 0, "a weight decay >= 0"),
+    ("warmup_steps", lambda v: v >= 0, "a step count >= 0"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
+    ("logging_steps", lambda v: v > 0, "a step count (or fraction) > 0"),
+    ("save_steps", lambda v: v > 0, "a step count (or fraction) > 0"),
+    ("eval_steps", lambda v: v > 0, "a step count (or fraction) > 0"),
+    ("dataloader_num_workers", lambda v: v >= 0, "a worker count >= 0"),
+    ("max_grad_norm", lambda v: v >= 0, "a norm >= 0 (0 disables clipping)"),
+)
 
 
 def validate_training_args(training: dict[str, Any]) -> None:
@@ -254,6 +306,9 @@ def validate_training_args(training: dict[str, Any]) -> None:
                              f"{e.errors()[0]['msg']}") from None
         except Exception:  # a type pydantic cannot build a validator for: let TrainingArguments judge it
             continue
+    for key, ok, expected in _RANGES:
+        if key in training and training[key] is not None and not ok(training[key]):
+            raise ValueError(f"'training.{key}' = {training[key]!r} is out of range: expected {expected}")
     if training.get("push_to_hub") and not training.get("hub_model_id"):
         raise ValueError("'training.push_to_hub' needs 'training.hub_model_id' (e.g. your-name/tinyclip-rstpreid-kd): "
                          "the student's open_clip folder is pushed there at the end of the run")
@@ -286,7 +341,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
             raise RecipeError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); quote strings with ':' or '#' in them") from None
         node: Any = raw
         for i, k in enumerate(keys[:-1]):
             where = ".".join(keys[: i + 1])
@@ -324,7 +383,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Recipe file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem} "
+                          "(YAML indents with spaces, never tabs)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"Recipe {str(path)!r} cannot be read: {e}") from None
     if overrides:
         apply_overrides(raw, overrides)
     return parse_recipe(raw, str(path))

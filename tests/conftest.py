@@ -1,0 +1,33 @@
+"""Fixtures shared by the test modules (the builders themselves live in ``tests/tiny.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import TrainingArguments
+
+from tiny import batch_items as _batch_items
+from tiny import micro_pair as _micro_pair
+
+
+@pytest.fixture
+def tiny_pair():
+    """(student, teacher): two ``micro`` dual encoders with different seeds."""
+    return _micro_pair()
+
+
+@pytest.fixture
+def tiny_batch():
+    """Eight retrieval items (32x16 images, two captions per pid)."""
+    return _batch_items(8)
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """TrainingArguments for a few deterministic CPU steps; keyword overrides are applied."""
+    def make(**kw):
+        base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                    learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    report_to="none", save_strategy="no", logging_steps=1, seed=0, remove_unused_columns=False,
+                    use_cpu=True, disable_tqdm=True)
+        return TrainingArguments(**{**base, **kw})
+    return make
