@@ -49,8 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import open_clip
+import safetensors.torch
 import torch
+import yaml
+from huggingface_hub import CommitOperationAdd
+from open_clip.transformer import QuickGELU
 
+from kd_trainer.data.transforms import CLIP_MEAN, CLIP_STD
 from kd_trainer.models.factory import RetrievalModel, get_architecture
 
 logger = logging.getLogger("kd_trainer")
@@ -136,8 +142,6 @@ class ModelCardInfo:
         ``teacher`` (``teacher.arch``), ``metrics`` and ``recipe_yaml``; ``overrides`` win, which is
         where ``license``, ``repo_id``, ``datasets`` or ``base_model`` come in.
         """
-        import yaml
-
         folder = Path(run_dir)
         recipe_path, results_path = folder / RECIPE_FILE, folder / RESULTS_FILE
         recipe_text = recipe_path.read_text() if recipe_path.is_file() else None
@@ -161,16 +165,12 @@ class ModelCardInfo:
 
 
 def _clip_mean_std() -> tuple[list[float], list[float]]:
-    from kd_trainer.data.transforms import CLIP_MEAN, CLIP_STD
-
     return list(CLIP_MEAN), list(CLIP_STD)
 
 
 def _uses_quick_gelu(clip: torch.nn.Module) -> bool:
     """Whether the built model runs QuickGELU: read from its modules, since the weights were
     trained with whatever activation the model really had, whatever a config file claims."""
-    from open_clip.transformer import QuickGELU
-
     return any(isinstance(m, QuickGELU) for m in clip.modules())
 
 
@@ -238,8 +238,6 @@ def _check_config_matches(model_cfg: dict[str, Any], tensors: Mapping[str, torch
     """Build the configured CLIP on the meta device (no memory, no init cost) and compare its keys
     and shapes with the weights, so a config that open_clip would fail to load (strictly) is caught
     here, not by whoever downloads the model."""
-    import open_clip
-
     cfg = json.loads(json.dumps(model_cfg))  # a deep copy, as the JSON open_clip will read
     quick_gelu = bool(cfg.pop("quick_gelu", False))
     with torch.device("meta"):
@@ -266,8 +264,6 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
 
 
 def _front_matter(info: ModelCardInfo) -> str:
-    import yaml
-
     meta: dict[str, Any] = {"library_name": "open_clip"}
     if info.license:
         meta["license"] = info.license
@@ -377,8 +373,6 @@ def export_open_clip(
     ``README.md``; plus ``recipe.yaml`` / ``test_results.json`` when the card carries a recipe /
     metrics. The config is checked against the weights before anything is written.
     """
-    import safetensors.torch
-
     if card is None:
         arch = model.arch if isinstance(model.arch, str) else "student"
         info = ModelCardInfo(recipe_name=str(arch))
@@ -458,8 +452,6 @@ def push_export_to_hub(
     A ``revision`` other than ``main`` is created as a branch first (the Hub refuses commits to a
     missing branch). Returns the commit URL (or the repo id when the API gives none).
     """
-    from huggingface_hub import CommitOperationAdd
-
     plan = hub_upload_plan(folder)
     if api is None:
         from huggingface_hub import HfApi

@@ -156,11 +156,11 @@ def eos_pooling_warning(folder: Path, eos_token_id: int, vocab_size: int) -> str
     With EOS the highest id of the vocabulary the argmax is the first EOS, so the two agree."""
     if eos_token_id in (HF_LEGACY_EOS, vocab_size - 1):
         return None
-    return (f"{str(folder)!r}: this Hugging Face CLIPModel pools text at the first eos_token_id ({eos_token_id}), "
-            f"but the converted open_clip model pools at the highest token id in each sequence. Its text embeddings "
-            f"differ from the HF model's for every caption holding a token id above {eos_token_id} (any id up to "
-            f"{vocab_size - 1}). Use it only with a tokenizer whose EOS is the highest id in every sequence (CLIP's "
-            f"BPE tokenizer, EOS = vocab_size - 1, as kd_trainer tokenises), or keep the HF model for this one.")
+    return (f"{str(folder)!r}: this Hugging Face CLIPModel pools text at the first eos_token_id ({eos_token_id}); "
+            "the converted open_clip model pools at the highest token id in each sequence. Their text embeddings "
+            f"differ for every caption holding an id above {eos_token_id} (ids run to {vocab_size - 1}). What to do: "
+            "use the converted model only with a tokenizer whose EOS is the highest id of the vocabulary, as CLIP's "
+            "BPE tokenizer (the one kd_trainer uses) is, or evaluate this model with transformers instead.")
 
 
 def read_hf_folder(folder: Path, trusted: bool = False) -> Source:

@@ -19,6 +19,7 @@ from kd_trainer.models.factory import RetrievalModel, get_architecture
 from kd_trainer.models.loading.errors import CheckpointError
 from kd_trainer.models.loading.files import read_file
 from kd_trainer.models.loading.source import KD_TRAINER, PathLike, Source
+from kd_trainer.models.loading.stride import irra_grid
 
 MODEL_CONFIG_NAME = "kd_trainer_model.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -77,8 +78,11 @@ def read_run_folder(folder: Path, trusted: bool = False) -> Source:
             f"expected one of {list(WEIGHT_FILES)}. The open_clip export in a run folder leaves out the training-"
             "only projections and adapters, so it is not read in their place; point to a checkpoint-N folder "
             "inside the run instead.")
-    stride = cfg.get("stride_size")
-    return Source(KD_TRAINER, folder, read_file(file, trusted=trusted), arch=cfg["arch"],
-                  arch_name=cfg.get("arch_name"), image_size=(int(cfg["image_size"][0]), int(cfg["image_size"][1])),
-                  context_length=int(cfg["context_length"]), stride_size=int(stride) if stride else None,
-                  projection_dim=cfg.get("projection_dim"))
+    size = (int(cfg["image_size"][0]), int(cfg["image_size"][1]))
+    stride = int(cfg["stride_size"]) if cfg.get("stride_size") else None
+    patch = get_architecture(cfg["arch"])["vision_cfg"].get("patch_size", 16)
+    patch = patch if isinstance(patch, int) else patch[0]
+    grid = irra_grid(size, patch, stride) if stride is not None else (size[0] // patch, size[1] // patch)
+    return Source(KD_TRAINER, folder, read_file(file, trusted=trusted), visual_grid=grid, arch=cfg["arch"],
+                  arch_name=cfg.get("arch_name"), image_size=size, context_length=int(cfg["context_length"]),
+                  stride_size=stride, projection_dim=cfg.get("projection_dim"))
