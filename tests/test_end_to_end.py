@@ -19,7 +19,7 @@ from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.evaluation import evaluate_retrieval
-from kd_trainer.models.checkpoint import CheckpointError, load_model
+from kd_trainer.models.loading import CheckpointError, load_model
 from kd_trainer.recipe import load_recipe
 from kd_trainer.run import run
 
@@ -197,7 +197,7 @@ def torch_equal(a, b) -> bool:
 def test_retrieval_recipe_with_mimic_jobs_on_clip_layers(tmp_path: Path, teacher_run: Path, data_root: Path):
     """UP-style mimic on CLIP towers beside the embedding terms: hidden states through a linear
     adapter, and text attention maps recomputed from the hooked block inputs."""
-    from kd_trainer.models.checkpoint import load_model as reload
+    from kd_trainer.models.loading import load_model as reload
 
     out = tmp_path / "mimic"
     mimic = {"mimic_as_jobs": True,
