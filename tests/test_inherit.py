@@ -170,7 +170,11 @@ def test_same_depth_and_width_gives_bit_identical_embeddings(teacher):
     for got, want in zip(_embed(student), _embed(teacher)):
         assert torch.equal(got, want)
     assert len(report.tensors) == len(teacher.state_dict()) and not report.cut
-    assert not report.unused and not report.kept
+    assert not report.unused and not report.kept and not report.notes
+    half = _student(TEACHER).half()  # a cast is the one change: values equal in float16
+    report = inherit_weights(half, teacher)
+    assert report.notes == ["source weights in float32, student in float16: values are cast"]
+    assert all(torch.equal(v, teacher.state_dict()[k].half()) for k, v in half.state_dict().items())
     assert "widths: unchanged" in report.summary()
 
 

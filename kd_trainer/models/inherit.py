@@ -387,12 +387,18 @@ def _behaviour_problems(student: RetrievalModel, source: RetrievalModel) -> list
             "function; derive the student from the source's architecture)" for k in a if k in b and a[k] != b[k]]
 
 
-def _stride_notes(student: RetrievalModel, source: RetrievalModel) -> list[str]:
+def _notes(student: RetrievalModel, source: RetrievalModel) -> list[str]:
+    """Differences the rules accept but a reader should know of: the patch stride and the dtype."""
+    notes = []
     s, d = tuple(source.clip.visual.conv1.stride), tuple(student.clip.visual.conv1.stride)
-    if s == d:
-        return []
-    return [f"patch stride {s[0]}x{s[1]} in the source, {d[0]}x{d[1]} in the student: the patch filters are "
-            "inherited, the student keeps its stride and its position grid is resized"]
+    if s != d:
+        notes.append(f"patch stride {s[0]}x{s[1]} in the source, {d[0]}x{d[1]} in the student: the patch filters "
+                     "are inherited, the student keeps its stride and its position grid is resized")
+    s_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in source.parameters()})
+    d_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in student.parameters()})
+    if s_dtypes != d_dtypes:
+        notes.append(f"source weights in {'/'.join(s_dtypes)}, student in {'/'.join(d_dtypes)}: values are cast")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +424,7 @@ def _build(student: RetrievalModel, source: RetrievalModel, layers: LayerSelecti
            source_name: str | None) -> tuple[dict[str, torch.Tensor], InheritReport]:
     maps = _layer_maps(student, source, layers)
     name = source_name or (source.arch if isinstance(source.arch, str) else "source model")
-    report = InheritReport(source=name, layers=maps, notes=_stride_notes(student, source))
+    report = InheritReport(source=name, layers=maps, notes=_notes(student, source))
     grids = (tuple(source.clip.visual.grid_size), tuple(student.clip.visual.grid_size))
     src_sd, dst_sd = source.state_dict(), student.state_dict()
     problems = _behaviour_problems(student, source)
