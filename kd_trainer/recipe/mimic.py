@@ -33,7 +33,7 @@ from kd_trainer.recipe.schedules import Clock, Constant, Warmup
 
 __all__ = [
     "AdapterMode",
-    "MimicLoss",
+    "MimicLossConfig",
     "MimicJob",
     "MimicConfig",
     "parse_mimic_config",
@@ -43,7 +43,7 @@ __all__ = [
 AdapterMode = Literal["auto", "none", "linear", "conv1x1"]
 
 
-class MimicLoss(BaseModel):
+class MimicLossConfig(BaseModel):
     """UP's ``cfgs.loss``: a registered mimic loss name (ours or UP's) and its kwargs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +52,7 @@ class MimicLoss(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loss")
 
     @model_validator(mode="after")
-    def _buildable(self) -> MimicLoss:
+    def _buildable(self) -> MimicLossConfig:
         build_loss(self.type, self.kwargs)  # unknown names/kwargs fail at config time
         return self
 
@@ -77,7 +77,7 @@ class MimicJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("mimic_job0", description="job name; the second part of every log key")
-    loss: MimicLoss = Field(description="the loss between paired tapped outputs (UP: cfgs.loss)")
+    loss: MimicLossConfig = Field(description="the loss between paired tapped outputs (UP: cfgs.loss)")
     loss_weight: float = Field(1.0, ge=0, description="job weight after warm-up")
     warm_up_iters: int = Field(-1, ge=-1, description="linear ramp length in global steps; -1 or 0: none")
     teachers: dict[str, list[str]] = Field(

@@ -6,7 +6,6 @@ the ``mimic:`` block of a recipe, parsed once into jobs, in :mod:`kd_trainer.rec
 """
 
 from kd_trainer.distill.mimic.adapters import MimicHead, make_adapter, plan_adapter
-from kd_trainer.distill.mimic.engine import ADAPTED_KEY, TOTAL_KEY, Captured, MimicEngine, MimicStep
+from kd_trainer.distill.mimic.engine import ADAPTED_KEY, Captured, MimicEngine, MimicStep
 
-__all__ = ["ADAPTED_KEY", "TOTAL_KEY", "Captured", "MimicEngine", "MimicHead", "MimicStep", "make_adapter",
-           "plan_adapter"]
+__all__ = ["ADAPTED_KEY", "Captured", "MimicEngine", "MimicHead", "MimicStep", "make_adapter", "plan_adapter"]

@@ -29,10 +29,10 @@ def plan_adapter(mode: str, s_shape: Sequence[int], t_shape: Sequence[int]) -> t
     if mode == "none":
         if s != t:
             raise ValueError("shapes differ and adapter is 'none'; set adapter: auto (or linear/conv1x1) to learn a "
-                             "projection of the student feature")
+                             "projection of the student output")
         return None
     if len(s) != len(t):
-        raise ValueError(f"features have different ranks ({len(s)} vs {len(t)}); no adapter can bridge that")
+        raise ValueError(f"tapped outputs have different ranks ({len(s)} vs {len(t)}); no adapter can bridge that")
     if mode == "auto":
         if s == t:
             return None
@@ -46,7 +46,7 @@ def plan_adapter(mode: str, s_shape: Sequence[int], t_shape: Sequence[int]) -> t
         return ("conv1x1", s[1], t[1])
     if mode == "linear":
         if s[:-1] != t[:-1]:
-            raise ValueError("token features differ in a dimension other than the last (batch or sequence length); "
+            raise ValueError("token outputs differ in a dimension other than the last (batch or sequence length); "
                              "only the width can be adapted")
         return ("linear", s[-1], t[-1])
     raise ValueError(f"unknown adapter mode {mode!r}; valid: auto, none, linear, conv1x1")
@@ -62,7 +62,7 @@ def make_adapter(kind: str, c_in: int, c_out: int) -> nn.Module:
 
 
 class MimicHead(nn.Module):
-    """The trainable adapters of all mimic jobs, one per (job, teacher, feature pair).
+    """The trainable adapters of all mimic jobs, one per (job, teacher, tap pair).
 
     Attach it to the student (``student.mimic_head = engine.head``) so the Trainer's optimizer,
     checkpoints and DDP see it. Every adapter exists only to train the student and is dropped

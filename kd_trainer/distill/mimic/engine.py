@@ -12,7 +12,7 @@ One step, the way a ``compute_loss`` uses it::
         out = student(**inputs)                      # the ordinary student forward
         engine.run_teachers(inputs)                  # eval mode, torch.no_grad()
         logs = engine.losses(cap.student, cap.teachers, step=global_step)
-    loss = task_loss + logs[TOTAL_KEY]               # taps are empty again here
+    loss = task_loss + logs[MIMIC_TOTAL_KEY]         # taps are empty again here
 
 Adapters run at the end of the student's forward (a forward hook the engine puts on the
 student), so a DDP-wrapped student runs them inside its forward; ``out[ADAPTED_KEY]`` holds
@@ -41,9 +41,8 @@ from kd_trainer.models.taps import WRAPPER_PREFIXES, Tap, TappedOutputs, parse_t
 from kd_trainer.recipe.mimic import MimicConfig, MimicJob
 from kd_trainer.recipe.schedules import Clock
 
-__all__ = ["ADAPTED_KEY", "TOTAL_KEY", "Captured", "MimicEngine", "MimicStep"]
+__all__ = ["ADAPTED_KEY", "Captured", "MimicEngine", "MimicStep"]
 
-TOTAL_KEY = MIMIC_TOTAL_KEY  # the one value to add to the loss
 # Where a training forward of the student puts its adapted outputs (a dict output only).
 ADAPTED_KEY = "mimic_adapted"
 
@@ -152,7 +151,7 @@ class MimicEngine:
         for job in self.jobs:
             keys += [self._keys[job.name, t] for t in job.teachers]
             keys.append(mimic_weighted_key(job.name))
-        return keys + [TOTAL_KEY]
+        return keys + [MIMIC_TOTAL_KEY]
 
     # ---------------------------------------------------------------- capture and forwards
 
@@ -368,7 +367,7 @@ class MimicEngine:
             out[mimic_weighted_key(job.name)] = weighted
             total = weighted if total is None else total + weighted
         assert total is not None
-        out[TOTAL_KEY] = total
+        out[MIMIC_TOTAL_KEY] = total
         return out
 
     # ---------------------------------------------------------------- teardown
