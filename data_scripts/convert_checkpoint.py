@@ -1,5 +1,5 @@
 """Convert a pretrained CLIP checkpoint into a kd_trainer model folder (``model.safetensors`` +
-``kd_trainer_model.json``), which ``kd_trainer.models.checkpoint.load_model`` and recipes read back.
+``kd_trainer_model.json``), which ``kd_trainer.models.loading.load_model`` and recipes read back.
 
 Inputs: IRRA ``best.pth`` (with its ``configs.yaml``), TinyCLIP files (open_clip keys or the release
 layout), OpenAI TorchScript archives, open_clip checkpoints and folders, Hugging Face ``CLIPModel``

@@ -7,6 +7,8 @@
     kd-trainer cache-teacher RECIPE [--out DIR]   embed the train set with the teacher once (teacher.cache)
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
+    kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
+    kd-trainer eval --onnx DIR --dataset NAME --root DIR [--onnx-variant int8]   evaluate an exported folder
 """
 
 from __future__ import annotations
@@ -25,13 +27,24 @@ from kd_trainer.distill.cache import build_teacher_cache
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
 from kd_trainer.models.factory import get_architecture, list_architectures
-from kd_trainer.models.importers import model_from_checkpoint
+from kd_trainer.models.loading import model_from_checkpoint
+from kd_trainer.models.onnx_export import (
+    VARIANTS,
+    DeployDependencyError,
+    ExportVerificationError,
+    OnnxDualEncoder,
+    evaluate_onnx,
+    export_onnx,
+    format_export_report,
+    update_model_card,
+    verify_onnx_export,
+)
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
 from kd_trainer.run import build_model, one_line_errors, prepare_data, replay_config
 from kd_trainer.run import main as run_main
 
-COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher")
+COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "export-onnx")
 
 
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
@@ -85,6 +98,57 @@ def _eval(ns: argparse.Namespace) -> None:
     out = Path(ns.output) if ns.output else default_dir / f"eval_{name}_{ns.split}.json"
     out.write_text(json.dumps(results["model"] if pairings == ["model"] else results, indent=2))
     print(f"wrote {out}")
+
+
+def _eval_onnx(ns: argparse.Namespace) -> None:
+    """Evaluate a folder written by export-onnx: images and captions preprocessed from its
+    preprocess.json, run through its graphs, ranked by the same metric code as any model."""
+    if ns.teacher or ns.pairings or ns.arch or ns.image_size or ns.context_length:
+        raise SystemExit("error: --onnx evaluates the exported folder as it is; --teacher, --pairings, --arch, "
+                         "--image-size and --context-length do not apply")
+    try:
+        encoder = OnnxDualEncoder(ns.model, ns.onnx_variant)
+    except DeployDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    name = canonical_dataset_name(ns.dataset)
+    raw = load_pedes(name, ns.root, splits=[ns.split])
+    if f"{ns.split}_gallery" not in raw:
+        raise SystemExit(f"error: {ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
+    metrics = evaluate_onnx(encoder, raw[f"{ns.split}_gallery"], raw[f"{ns.split}_queries"], dataset_name=name,
+                            batch_size=ns.batch_size)
+    print(f"{name}/{ns.split}, text-to-image (%):")
+    print(format_metrics({f"{Path(ns.model).name} (ONNX {ns.onnx_variant})": metrics}))
+    out = Path(ns.output) if ns.output else Path(ns.model) / f"eval_{name}_{ns.split}_{ns.onnx_variant}.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+
+
+def _export_onnx(ns: argparse.Namespace) -> None:
+    """ONNX graphs of a model, checked against it (on a dataset split when one is given); the results
+    go to export_report.json and, for a run folder, to its model card. A failed check exits 1."""
+    if ns.dataset is None and ns.root is not None:
+        raise SystemExit("error: --root needs --dataset (the split to check retrieval on)")
+    model = _load_any(ns.model, ns.arch, None, ns.context_length, ns.irra_config)
+    try:
+        export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size)
+        root = (ns.root or "./data") if ns.dataset else None
+        report = verify_onnx_export(ns.out, model, dataset=ns.dataset, root=root, split=ns.split,
+                                    tolerance=ns.tolerance, atol=ns.atol, batch_size=ns.batch_size)
+    except DeployDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ExportVerificationError as e:
+        print(format_export_report(e.report))
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(format_export_report(report))
+    print(f"wrote {Path(ns.out) / 'export_report.json'}")
+    card = Path(ns.model) / "README.md"
+    if card.is_file():
+        print(f"added the export to the model card {update_model_card(card, report, ns.out)}")
+    else:
+        print(f"no model card ({card}) to add the export to; the results are in export_report.json")
 
 
 def _cache_teacher(ns: argparse.Namespace) -> None:
@@ -157,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="what to evaluate (default: model; with --teacher, all four)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output", help="metrics JSON (default: eval_<dataset>_<split>.json beside the model)")
+    p.add_argument("--onnx", action="store_true", help="MODEL is a folder written by export-onnx")
+    p.add_argument("--onnx-variant", choices=VARIANTS, default="fp32", help="which graphs of --onnx (default fp32)")
     p = sub.add_parser("demo", help="SynthPEDES demo: teacher, student without KD, student with KD")
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
@@ -169,6 +235,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: fp32 on CPU, bf16 autocast on GPU (embeddings are stored in fp32 either way)")
+    p = sub.add_parser("export-onnx", help="ONNX graphs of a model (+ INT8/FP16), checked against it on a split")
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder or any checkpoint `eval` reads")
+    p.add_argument("--out", required=True, help="folder for the graphs, preprocess.json and export_report.json")
+    p.add_argument("--int8", action="store_true", help="also dynamically quantised INT8 graphs")
+    p.add_argument("--fp16", action="store_true", help="also half-precision graphs (GPU/NPU runtimes)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="export at this input size (default: the model's; the check compares with the model's)")
+    p.add_argument("--dataset", help="check retrieval on this dataset's split: fail on a drop beyond --tolerance")
+    p.add_argument("--root", help="the dataset's root folder (default ./data)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--tolerance", type=float, default=0.5, help="largest R@1 / mAP drop allowed, in points")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest fp32 embedding difference allowed")
+    p.add_argument("--arch", help="architecture of a bare state dict (see `kd-trainer archs`)")
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--irra-config", "--teacher-config", dest="irra_config",
+                   help="IRRA's configs.yaml of the checkpoint (default: next to it)")
+    p.add_argument("--batch-size", type=int, default=64)
     sub.add_parser("terms", help="list the registered loss terms")
     sub.add_parser("archs", help="list the named architectures")
     p = sub.add_parser("report", help="results table (methods x datasets) and loss-curve plots of finished runs")
@@ -193,7 +276,9 @@ def _dispatch(ns: argparse.Namespace) -> None:
     if ns.command == "train":
         run_main([ns.recipe, *ns.overrides])
     elif ns.command == "eval":
-        _eval(ns)
+        _eval_onnx(ns) if ns.onnx else _eval(ns)
+    elif ns.command == "export-onnx":
+        _export_onnx(ns)
     elif ns.command == "demo":
         run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
     elif ns.command == "report":

@@ -55,7 +55,7 @@ from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.core import NonFiniteLossError
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer, retrieval_plan
-from kd_trainer.models.checkpoint import CheckpointError, load_weights
+from kd_trainer.models.loading import CheckpointError, load_weights
 from kd_trainer.models.classifier import load_classifier
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
 from kd_trainer.models.factory import RetrievalModel, create_model

@@ -21,7 +21,6 @@ from kd_trainer.data.pipeline import with_retrieval_transforms
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset, ReplayTransform, replay_seed
 from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, plan_teacher_source
-from kd_trainer.distill.cache import policy as cache_mod
 from kd_trainer.distill.epochs import DatasetEpochCallback
 from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.losses import Features, compute_term
@@ -267,18 +266,3 @@ def test_plan_uses_cache_for_embedding_terms(caplog):
     assert not off.use_cache and off.needs_teacher_model
 
 
-def test_plan_falls_back_for_intermediate_features(monkeypatch, caplog):
-    real = cache_mod.get_term
-
-    def fake(name):
-        spec = real("fd" if name == "mimic" else name)
-        if name == "mimic":
-            spec = copy.copy(spec)
-            object.__setattr__(spec, "reads_teacher_internals", True)
-        return spec
-
-    monkeypatch.setattr(cache_mod, "get_term", fake)
-    with caplog.at_level(logging.INFO, logger="kd_trainer"):
-        plan = plan_teacher_source([("cross_kd", "both"), ("mimic", "both")], cache_available=True, stage="s1")
-    assert not plan.use_cache and plan.needs_teacher_model
-    assert "mimic" in plan.online_terms and "falling back to the online teacher" in caplog.text

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler
 
 from kd_trainer.data.pipeline import set_augmentation_epoch
+from kd_trainer.distill.epochs import DatasetEpochCallback
 from kd_trainer.distill.mimic import MimicEngine
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.distill.running_means import RunningMeans
@@ -88,7 +89,7 @@ class DistillationTrainer(Trainer):
         callbacks = list(callbacks or [])
         if plan.uses_stage_optimizer:
             callbacks.append(StageSwitcher(plan))
-        callbacks.append(_EpochSetter(self))
+        callbacks.append(DatasetEpochCallback())  # seeded augmentation and cache draws follow the epoch
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         # The student's forward takes no **kwargs already; say it, so no refactor flips it.
         self.model_accepts_loss_kwargs = False
@@ -343,24 +344,6 @@ class DistillationTrainer(Trainer):
         for name, content in files.items():
             with open(os.path.join(output_dir, name), "w") as f:
                 json.dump(content, f, indent=2)
-
-
-class _EpochSetter(TrainerCallback):
-    """Tells the train split which epoch begins, before the epoch's DataLoader iterator (and its
-    workers) exists: seeded augmentation and replayed cache draws depend on it. Counted from the
-    global step, so a resumed run agrees with an uninterrupted one (accelerate's own
-    ``set_epoch`` reaches the sampler, not the dataset, under DDP and on a mid-epoch resume)."""
-
-    def __init__(self, trainer: DistillationTrainer):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        epoch = state.global_step // (self.trainer.plan.steps_per_epoch or 1)
-        dataset = self.trainer.train_dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        else:
-            set_augmentation_epoch(dataset, epoch)
 
 
 def last_complete_checkpoint(output_dir: str) -> str:

@@ -31,8 +31,8 @@ from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.log_keys import hybrid_key
 from kd_trainer.losses import Features
 from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
-from kd_trainer.models.checkpoint import MODEL_CONFIG_NAME
-from kd_trainer.models.factory import RetrievalModel, get_architecture
+from kd_trainer.models.factory import RetrievalModel
+from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
 from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
 
 
@@ -190,19 +190,3 @@ def teacher_embeddings(
         if "teacher_text" in towers:
             out["teacher_text"] = teacher.clip.encode_text(inputs["input_ids"])
     return {k: v.clone() for k, v in out.items()} if inference_mode else out
-
-
-def model_config(model: RetrievalModel) -> dict[str, Any]:
-    """What :func:`kd_trainer.models.checkpoint.load_model` needs to rebuild ``model``."""
-    proj = model.image_proj.out_features if model.image_proj is not None else None
-    conv = model.clip.visual.conv1
-    # An IRRA teacher may stride its patches by less than their size; load_model rebuilds that.
-    stride = {"stride_size": int(conv.stride[0])} if tuple(conv.stride) != tuple(conv.kernel_size) else {}
-    return {
-        **stride,
-        "arch": get_architecture(model.arch) if model.arch is not None else None,
-        "arch_name": model.arch if isinstance(model.arch, str) else None,
-        "image_size": list(model.image_size),
-        "context_length": model.context_length,
-        "projection_dim": proj,
-    }

@@ -214,6 +214,9 @@ class Recipe(_Strict):
                                                 **({"teacher": self.teacher} if self.teacher is not None else {})})
         if self.task == "retrieval":
             self._check_retrieval_names()
+            if self.mimic is not None and not self.mimic.task_loss:
+                raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
+                                 "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
         if self.task == "classification":
             if self.loss is not None or self.stages is not None:
                 raise ValueError("task: classification trains with cross-entropy plus `mimic:` jobs; "

@@ -28,12 +28,12 @@ def term_uses_cache(term: TermSpec | str, side: str = "both") -> bool:
     outputs the cache holds.
 
     Every term of :mod:`kd_trainer.losses` reads only final embeddings, so all qualify. A term
-    reading intermediate teacher outputs (a tower outside ``CACHEABLE_TOWERS``, or a spec
-    flagged ``reads_teacher_internals``) does not.
+    reading other teacher outputs (a tower outside ``CACHEABLE_TOWERS``) would not. Mimic jobs
+    on the main teacher read its hooked layers and always run it live (``RetrievalTrainer``).
     """
     spec = get_term(term) if isinstance(term, str) else term
     teacher_towers = spec.towers(side) - STUDENT_TOWERS
-    return teacher_towers <= CACHEABLE_TOWERS and not getattr(spec, "reads_teacher_internals", False)
+    return teacher_towers <= CACHEABLE_TOWERS
 
 
 @dataclass(frozen=True)
