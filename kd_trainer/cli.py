@@ -5,6 +5,7 @@
     kd-trainer eval MODEL --dataset NAME --root DIR [--split test] [--teacher T] [--pairings ...]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
     kd-trainer cache-teacher RECIPE [--out DIR]   embed the train set with the teacher once (teacher.cache)
+    kd-trainer plan RECIPE [key.sub=value ...] [--json]  what each stage will do, without training
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
     kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
@@ -39,12 +40,13 @@ from kd_trainer.models.onnx_export import (
     update_model_card,
     verify_onnx_export,
 )
+from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
 from kd_trainer.run import build_model, one_line_errors, prepare_data, replay_config
 from kd_trainer.run import main as run_main
 
-COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "export-onnx")
+COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "plan", "export-onnx")
 
 
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
@@ -252,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--irra-config", "--teacher-config", dest="irra_config",
                    help="IRRA's configs.yaml of the checkpoint (default: next to it)")
     p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("plan", help="print what each stage of a recipe will do (groups, LR and alpha per epoch, "
+                                    "terms, precision, kept checkpoint), without training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub.add_parser("terms", help="list the registered loss terms")
     sub.add_parser("archs", help="list the named architectures")
     p = sub.add_parser("report", help="results table (methods x datasets) and loss-curve plots of finished runs")
@@ -279,6 +286,9 @@ def _dispatch(ns: argparse.Namespace) -> None:
         _eval_onnx(ns) if ns.onnx else _eval(ns)
     elif ns.command == "export-onnx":
         _export_onnx(ns)
+    elif ns.command == "plan":
+        report = plan_report(load_recipe(ns.recipe, ns.overrides))
+        print(json.dumps(report, indent=2) if ns.json else format_plan(report))
     elif ns.command == "demo":
         run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
     elif ns.command == "report":

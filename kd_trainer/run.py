@@ -54,11 +54,12 @@ from kd_trainer.distill.cache import CacheMismatchError, TeacherCache
 from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.core import NonFiniteLossError
 from kd_trainer.distill.plan import RunPlan
-from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer, retrieval_plan
+from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
 from kd_trainer.models.loading import CheckpointError, load_weights
 from kd_trainer.models.classifier import load_classifier
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
 from kd_trainer.models.factory import RetrievalModel, create_model
+from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError, dump_recipe, load_recipe
 
 logger = logging.getLogger("kd_trainer")
@@ -206,6 +207,7 @@ def fit(trainer: Trainer, recipe: Recipe) -> None:
         Path(out, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
     resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest complete
     trainer.train(resume_from_checkpoint=resume)
+    trainer.restore_selected()  # with `select:`, the best evaluation of the last stage is the result
     trainer.save_model(out)
     trainer.save_state()
 
@@ -291,14 +293,6 @@ def preflight(recipe: Recipe, args: TrainingArguments) -> None:
         raise RecipeError("the run cannot start:\n  - " + "\n  - ".join(problems))
 
 
-def run_plan(recipe: Recipe) -> RunPlan:
-    """The retrieval recipe's plan: its stages and terms, looked up and checked once."""
-    plan = retrieval_plan(recipe.loss, recipe.stages, has_teacher=recipe.teacher is not None)
-    if plan.teacher_terms and recipe.teacher is None:
-        raise RecipeError(f"loss terms {plan.teacher_terms} need a `teacher:` in the recipe")
-    return plan
-
-
 def run_classification(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     """The classification example: SynthShapes, torchvision classifiers, cross-entropy plus the
     recipe's UP/EOD mimic jobs from its named teachers. Same recipe, trainer core and logging."""
@@ -336,7 +330,7 @@ def run(recipe: Recipe) -> dict[str, float]:
 def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
     set_seed(recipe.seed)
-    plan = run_plan(recipe)
+    plan = RunPlan.from_recipe(recipe)
     jobs = recipe.mimic.jobs if recipe.mimic is not None else []
     data = prepare_data(recipe)
 
@@ -346,6 +340,11 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
         teacher = build_model(recipe.teacher, recipe)
     student = build_model(recipe.student, recipe,
                           projection_dim=teacher.embed_dim if teacher is not None and plan.direct_compare else None)
+
+    if recipe.precision == "original":  # the seed code's fp16 weights, for both models
+        for role, model in (("teacher", teacher), ("student", student)):
+            if model is not None:
+                logger.info("precision original, %s: %s", role, convert_to_original_fp16(model).summary())
 
     cache, train_dataset = None, data.splits["train"]
     if teacher is not None and recipe.teacher.cache is not None:
@@ -364,14 +363,14 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
         teacher_cache=cache,
         max_nonfinite_skips=recipe.nonfinite_skips,
         train_dataset=train_dataset,
-        eval_dataset=data.split(recipe.data.eval_split),
+        eval_dataset=data.split(recipe.select.split if recipe.select is not None else recipe.data.eval_split),
     )
     fit(trainer, recipe)
 
     metrics: dict[str, float] = {}
     if recipe.data.test_split is not None:
         metrics = trainer.evaluate(data.split(recipe.data.test_split), metric_key_prefix="test")
-        trainer.save_metrics("test", metrics)
+        trainer.save_metrics("test", {**metrics, **({"selected": trainer.selected} if trainer.selected else {})})
         if trainer.is_world_process_zero():
             logger.info("test metrics: %s", json.dumps(metrics))
     if trainer.is_world_process_zero():

@@ -25,7 +25,7 @@ LAYERS = {
     "models": 2,
     "recipe": 3,
     "distill": 4,
-    "run": 5, "cli": 5, "demo": 5, "report": 5, "__main__": 5, "__init__": 5,
+    "run": 5, "cli": 5, "demo": 5, "report": 5, "plan_view": 5, "__main__": 5, "__init__": 5,
 }
 # Optional dependencies may be imported where they are used, so the package works without them.
 OPTIONAL = {"onnx", "onnxruntime", "matplotlib", "pycocotools", "faster_coco_eval", "torchmetrics", "torch_npu",

@@ -39,6 +39,8 @@ from transformers import Trainer, TrainerCallback, default_data_collator, get_sc
 from kd_trainer.data.pipeline import set_augmentation_epoch
 from kd_trainer.distill.epochs import DatasetEpochCallback
 from kd_trainer.distill.mimic import MimicEngine
+from kd_trainer.distill.optim import create_optimizer as original_optimizer
+from kd_trainer.distill.optim import create_scheduler as original_scheduler
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.distill.running_means import RunningMeans
 from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer, StageSwitcher, find_wrapped
@@ -103,6 +105,8 @@ class DistillationTrainer(Trainer):
         if self.mimic is not None:
             self.mimic.teachers.update({n: t for n, t in self.teachers.items() if n in self.mimic.teachers})
         self._logged = RunningMeans()
+        self.selected: dict[str, Any] | None = None  # the kept evaluation (plan.select), and its weights
+        self._selected_weights: dict[str, torch.Tensor] | None = None
 
     # --- the task's hooks ------------------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class DistillationTrainer(Trainer):
         stage = self.plan.stages[index]
         decay = set(self.get_decay_parameter_names(self.model))
         named = [(n, p) for n, p in self.model.named_parameters() if n in stage.params]
+        if stage.optim is not None:  # the seed code's Adam and parameter groups
+            return original_optimizer(named, stage.optim)
         groups = [
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
@@ -175,7 +181,10 @@ class DistillationTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             def build(index: int, inner: torch.optim.Optimizer) -> Any:
-                n = self.plan.stages[index].num_steps
+                stage, per = self.plan.stages[index], self.plan.steps_per_epoch or 1
+                n = stage.num_steps
+                if stage.optim is not None:  # per-epoch warm-up + cosine over the stage's own epochs
+                    return original_scheduler(inner, stage.optim, steps_per_epoch=per, num_epochs=-(-n // per))
                 return get_scheduler(self.args.lr_scheduler_type, optimizer=inner,
                                      num_warmup_steps=self.args.get_warmup_steps(n), num_training_steps=n,
                                      scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
@@ -308,6 +317,8 @@ class DistillationTrainer(Trainer):
         self._memory_tracker.start()
         split = eval_dataset if eval_dataset is not None else self.eval_dataset
         metrics = self.evaluate_split(split, metric_key_prefix)
+        if metric_key_prefix == "eval":
+            self._keep_if_best(metrics, getattr(split, "name", "eval"))
         if not self.plan.is_single:
             metrics[f"{metric_key_prefix}_stage"] = self.plan.stage_done_at(self.state.global_step).index + 1
         self.log(metrics)
@@ -329,6 +340,31 @@ class DistillationTrainer(Trainer):
             with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
                 f.write(f"{self.state.global_step}\n")
 
+    def _keep_if_best(self, metrics: dict[str, float], split: str) -> None:
+        """With ``plan.select``: remember the weights of the best evaluation of the last stage (the
+        original keeps best.pth of its last stage; earlier stages always hand on their final weights)."""
+        select, step = self.plan.select, self.state.global_step
+        last = self.plan.stages[-1]
+        value = metrics.get(f"eval_{select.metric}") if select is not None else None
+        if value is None or self.plan.stage_done_at(step) is not last or step <= last.start_step:
+            return
+        if self.selected is None or value > self.selected["value"]:
+            model = self.accelerator.unwrap_model(self.model)
+            self._selected_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            per_epoch = self.plan.steps_per_epoch or 1
+            self.selected = {"metric": select.metric, "split": split, "value": value, "step": step,
+                             "epoch": round((step - last.start_step) / per_epoch, 3), "stage": last.name}
+
+    def restore_selected(self) -> dict[str, Any] | None:
+        """Put the kept evaluation's weights back into the student (before it is saved and tested);
+        returns what was kept, or None when nothing is selected."""
+        if self._selected_weights is None:
+            return None
+        self.accelerator.unwrap_model(self.model).load_state_dict(self._selected_weights)
+        logger.info("keeping the student of stage %r epoch %s: best %s %.2f on %s", self.selected["stage"],
+                    self.selected["epoch"], self.selected["metric"], self.selected["value"], self.selected["split"])
+        return self.selected
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The weights (adapters included, for resuming), plus what rebuilds the model without the
         recipe, the stage layout, and which keys are training-only adapters."""
@@ -338,7 +374,7 @@ class DistillationTrainer(Trainer):
             return
         files = dict(self.saved_configs(self.accelerator.unwrap_model(self.model)))
         if self.plan.steps_per_epoch is not None:  # laid out by a train() call
-            files[STAGES_FILE] = self.plan.to_json()
+            files[STAGES_FILE] = {**self.plan.to_json(), **({"selected": self.selected} if self.selected else {})}
         if self.mimic is not None:
             files[ADAPTERS_FILE] = {"training_only": self.mimic.head.training_only_keys("mimic_head.")}
         for name, content in files.items():

@@ -21,7 +21,8 @@ from torch import nn
 from kd_trainer.losses import Features, TermSpec, get_term
 from kd_trainer.losses.registry import TEACHER_TOWERS
 from kd_trainer.models.towers import towers_of, trainable_names
-from kd_trainer.recipe import LossConfig, StageConfig, TermConfig, Trainable
+from kd_trainer.recipe import LossConfig, OptimSettings, Recipe, RecipeError, SelectConfig, StageConfig, TermConfig
+from kd_trainer.recipe import Trainable
 from kd_trainer.recipe.schedules import Clock, ScheduleLike, value_at
 
 logger = logging.getLogger("kd_trainer")
@@ -93,6 +94,8 @@ class Stage:
     # towers it runs without autograd because it trains nothing of them.
     params: frozenset[str] = frozenset()
     frozen_towers: tuple[str, ...] = ()
+    # The seed code's optimiser and per-epoch schedule (`optim: {preset: original}`); None: the Trainer's.
+    optim: OptimSettings | None = None
 
     @property
     def num_steps(self) -> int:
@@ -130,11 +133,26 @@ class RunPlan:
     Trainer's own length.
     """
 
-    def __init__(self, stages: Sequence[Stage]):
+    def __init__(self, stages: Sequence[Stage], select: SelectConfig | None = None):
         if not stages:
             raise ValueError("a run plan needs at least one stage")
         self.stages = list(stages)
         self.steps_per_epoch: int | None = None
+        self.select = select  # keep the last stage's best evaluation (None: its last weights)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "RunPlan":
+        """A retrieval recipe's plan: its stages (or single loss), terms, optimisers and selection."""
+        has_teacher = recipe.teacher is not None
+        plan = cls.from_configs(recipe.stages, has_teacher=has_teacher) if recipe.stages is not None \
+            else cls.single(recipe.loss)
+        for stage, cfg in zip(plan.stages, recipe.stages or [None]):
+            eff = recipe.stage_optim(cfg)
+            stage.optim = None if eff is None or eff.uses_trainer else eff.resolve()
+        plan.select = recipe.select
+        if plan.teacher_terms and not has_teacher:
+            raise RecipeError(f"loss terms {plan.teacher_terms} need a `teacher:` in the recipe")
+        return plan
 
     @classmethod
     def from_configs(cls, configs: Sequence[StageConfig], *, has_teacher: bool) -> "RunPlan":
@@ -180,8 +198,10 @@ class RunPlan:
 
     @property
     def uses_stage_optimizer(self) -> bool:
-        """A fresh optimizer per stage: several stages, a partial trainable set, or a stage LR."""
-        return not self.is_single or self.stages[0].learning_rate is not None
+        """Our own optimizer per stage: several stages, a partial trainable set, a stage LR, or an
+        ``optim:`` preset (a single stage keeps the Trainer's otherwise)."""
+        first = self.stages[0]
+        return not self.is_single or first.learning_rate is not None or first.optim is not None
 
     def bind(self, model: nn.Module, *, always: tuple[str, ...] = ()) -> "RunPlan":
         """Resolve each stage's trainable parameters and frozen towers on the student ``model``;

@@ -33,6 +33,7 @@ from kd_trainer.losses import Features
 from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
+from kd_trainer.models.precision import float32_embeddings
 from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
 
 
@@ -111,7 +112,9 @@ class RetrievalTrainer(DistillationTrainer):
                 and not self._mimic_on_teacher:
             return self.teacher_cache.lookup(inputs, towers)
         self.teacher.eval()  # guard against a caller's .train() on everything
-        return teacher_embeddings(self.teacher, inputs, towers, inference_mode=not self._mimic_on_teacher)
+        # Embeddings reach the losses in fp32 whatever the weights' precision (precision: original).
+        return float32_embeddings(teacher_embeddings(self.teacher, inputs, towers,
+                                                     inference_mode=not self._mimic_on_teacher))
 
     def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         device = next(teacher.parameters()).device
@@ -121,9 +124,9 @@ class RetrievalTrainer(DistillationTrainer):
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         # Mimic taps may sit in either tower: then both run.
         towers = stage.towers | STUDENT_TOWERS if self.has_mimic else stage.towers
-        return model(pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
-                     input_ids=inputs["input_ids"] if "student_text" in towers else None,
-                     no_grad=stage.frozen_towers)
+        return float32_embeddings(model(pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
+                                        input_ids=inputs["input_ids"] if "student_text" in towers else None,
+                                        no_grad=stage.frozen_towers))
 
     def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
                     stage: Stage) -> dict[str, torch.Tensor]:

@@ -1,12 +1,15 @@
 """The recipe layer: the YAML schema of a run (:mod:`.schema`), its weight schedules
 (:mod:`.schedules`), parsed once and validated before anything is built."""
 
+from kd_trainer.recipe.mimic import MimicConfig, MimicJob, parse_mimic_config
+from kd_trainer.recipe.optim import ORIGINAL, OptimConfig, OptimSettings
 from kd_trainer.recipe.schema import (
     DataConfig,
     LossConfig,
     ModelConfig,
     Recipe,
     RecipeError,
+    SelectConfig,
     ShapesConfig,
     StageConfig,
     SynthConfig,
@@ -20,7 +23,8 @@ from kd_trainer.recipe.schema import (
 )
 
 __all__ = [
-    "DataConfig", "LossConfig", "ModelConfig", "Recipe", "RecipeError", "ShapesConfig", "StageConfig",
+    "ORIGINAL", "MimicConfig", "MimicJob", "OptimConfig", "OptimSettings", "parse_mimic_config",
+    "DataConfig", "LossConfig", "ModelConfig", "Recipe", "RecipeError", "SelectConfig", "ShapesConfig", "StageConfig",
     "SynthConfig", "TermConfig", "Trainable", "apply_overrides", "dump_recipe", "load_recipe", "parse_recipe",
     "validate_training_args",
 ]

@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 from kd_trainer.data.formats import canonical_dataset_name
 from kd_trainer.losses import get_term
 from kd_trainer.models.factory import list_architectures
+from kd_trainer.recipe.optim import OptimConfig
 from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 
@@ -100,6 +101,15 @@ class ModelConfig(_Strict):
                                            "changing the run's seed does not invalidate the cache.")
 
 
+class SelectConfig(_Strict):
+    """Which checkpoint of the last stage a run keeps: the evaluation with the best ``metric``."""
+
+    metric: Literal["r1", "r5", "r10", "mAP", "mINP"] = Field("r1", description="Higher is better.")
+    split: Literal["val", "test"] = Field(
+        "val", description="Split evaluated every epoch to choose on. test reproduces the original, and is "
+                           "test-set selection: report it as such. Datasets without val (ICFG-PEDES) use test.")
+
+
 class TermConfig(_Strict):
     name: str = Field(description="A registered loss term (see `kd-trainer terms`).")
     weight: ScheduleLike = Field(1.0, description="A number, or a schedule (see kd_trainer/distill/schedules.py).")
@@ -154,6 +164,8 @@ class StageConfig(_Strict):
         "all", description="image | text | all, or a list of parameter-name prefixes of the student "
                            "(e.g. clip.visual.transformer.resblocks.9). Everything else is frozen.")
     learning_rate: float | None = Field(None, gt=0, description="This stage's peak LR; null: training.learning_rate.")
+    optim: OptimConfig | None = Field(
+        None, description="This stage's optimiser and LR schedule, over the recipe's `optim:` (written fields win).")
     eval_hybrids: list[Literal["image", "text"]] | None = Field(
         None, description="Hybrid pairings evaluated in this stage: image = student image x teacher text, "
                           "text = teacher image x student text. Null: the tower this stage trains, if only one.")
@@ -186,6 +198,17 @@ class Recipe(_Strict):
                           "field names (kd_trainer/recipe/mimic.py); parsed once into a MimicConfig.")
     loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
     stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
+    optim: OptimConfig | None = Field(
+        None, description="The optimiser and LR schedule: {preset: original} reproduces the seed code (Adam, eps "
+                          "1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); null or "
+                          "{preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
+    precision: Literal["original"] | None = Field(
+        None, description="original: the seed code's fp16 weights (Linear, Conv, attention and projection "
+                          "matrices of student and teacher; LayerNorm in fp32), the student trained in them. "
+                          "Null: fp32 weights, with training.bf16/fp16 for mixed precision (recommended).")
+    select: SelectConfig | None = Field(
+        None, description="Keep the best evaluation of the last stage (by `metric`, on `split`) as the run's final "
+                          "student, as the original keeps best.pth; null keeps the last weights.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
     nonfinite_skips: int = Field(
         0, ge=0, description="Micro-batches whose loss is NaN or infinite that may be skipped (zero gradient) before "
@@ -214,6 +237,7 @@ class Recipe(_Strict):
                                                 **({"teacher": self.teacher} if self.teacher is not None else {})})
         if self.task == "retrieval":
             self._check_retrieval_names()
+            self._check_optim_and_precision()
             if self.mimic is not None and not self.mimic.task_loss:
                 raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
                                  "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
@@ -236,6 +260,28 @@ class Recipe(_Strict):
                 raise ValueError(f"training.{fixed[0]} conflicts with `stages:`: each stage sets its own length "
                                  "(stages.N.epochs or stages.N.steps)")
         return self
+
+    def stage_optim(self, stage: "StageConfig | None") -> OptimConfig | None:
+        """A stage's effective ``optim:`` block: the recipe's, with the stage's written fields on top."""
+        own = stage.optim if stage is not None else None
+        return self.optim.merged(own) if self.optim is not None else own
+
+    def _check_optim_and_precision(self) -> None:
+        originals = [s.name for s in self.stages or [] if s.learning_rate is not None
+                     and (eff := self.stage_optim(s)) is not None and not eff.uses_trainer]
+        if originals:
+            raise ValueError(f"stages {originals} set learning_rate beside an `optim:` preset; give the stage's LR as "
+                             "stages.N.optim.lr")
+        if self.precision == "original":
+            mixed = [k for k in ("fp16", "bf16") if self.training.get(k)]
+            if mixed:
+                raise ValueError(f"precision: original trains fp16 weights itself; drop training.{mixed[0]}")
+            if self.mimic is not None:
+                raise ValueError("precision: original with mimic jobs is not supported: adapters are fp32 and "
+                                 "would receive fp16 features")
+        if self.select is not None and self.training.get("eval_strategy", "no") in ("no", None):
+            raise ValueError("select: keeps the best evaluation, so the run must evaluate: set "
+                             "training.eval_strategy: epoch")
 
     def _check_retrieval_names(self) -> None:
         """Dataset and architecture names, and a teacher for every term that reads one."""

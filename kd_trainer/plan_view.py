@@ -1,0 +1,126 @@
+"""``kd-trainer plan RECIPE``: what each stage of a recipe will do, without training.
+
+Users read it to check a recipe against a paper: per stage, which towers train and which
+parameter groups the optimiser gets (each with its LR and weight decay), the LR and alpha at
+every epoch, every term with its side, temperature and group, the precision of the weights, and
+which checkpoint the run keeps. Models are built on the ``meta`` device (no weights, no memory),
+so the real ViT-B/16 plan prints in a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
+from kd_trainer.distill.plan import RunPlan, Stage
+from kd_trainer.models.factory import create_model, get_architecture
+from kd_trainer.models.precision import convert_to_original_fp16
+from kd_trainer.recipe import Recipe
+from kd_trainer.recipe.schedules import Clock, ScheduleLike, uses_epochs, value_at
+
+
+def _meta_model(arch: Any, recipe: Recipe, projection_dim: int | None = None) -> Any:
+    with torch.device("meta"):
+        return create_model(arch, image_size=tuple(recipe.data.image_size), context_length=recipe.data.context_length,
+                            projection_dim=projection_dim)
+
+
+def _per_epoch(schedule: ScheduleLike | None, epochs: int) -> list[float] | None:
+    """A weight or alpha at every epoch of a stage (None when it moves within epochs, by steps)."""
+    if schedule is None:
+        return None
+    if not isinstance(schedule, (int, float)) and not uses_epochs(schedule):
+        return None
+    return [value_at(schedule, Clock(epoch=e, stage_epoch=e)) for e in range(epochs)]
+
+
+def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe) -> dict[str, Any]:
+    named = [(n, p) for n, p in student.named_parameters() if n in stage.params]
+    if stage.optim is None:
+        training = recipe.training
+        return {"preset": "trainer", "optim": training.get("optim", "adamw_torch"),
+                "lr": stage.learning_rate or training.get("learning_rate", 5e-5),
+                "weight_decay": training.get("weight_decay", 0.0),
+                "schedule": training.get("lr_scheduler_type", "linear"), "tensors": len(named)}
+    o = stage.optim
+    groups = param_groups(named, lr=o.lr, weight_decay=o.weight_decay, bias_lr_factor=o.bias_lr_factor,
+                          head_lr_factor=o.head_lr_factor, head_keywords=o.head_keywords,
+                          bias_weight_decay=o.bias_weight_decay, heads_before_bias=o.heads_before_bias)
+    return {"preset": "original", "type": o.type, "betas": list(o.betas), "eps": o.eps,
+            "groups": [{k: g[k] for k in ("kind", "tensors", "elements", "lr", "weight_decay")}
+                       for g in describe_groups(groups)],
+            "lr_per_epoch": lr_per_epoch(o, stage.epochs) if stage.epochs else None,
+            "schedule": f"{o.warmup_epochs} warm-up epochs from x{o.warmup_factor}, then {o.schedule}, "
+                        f"stepped per {o.step_unit}"}
+
+
+def plan_report(recipe: Recipe) -> dict[str, Any]:
+    """The plan of a retrieval recipe as plain data (what ``kd-trainer plan`` prints)."""
+    plan = RunPlan.from_recipe(recipe)
+    teacher_dim = None
+    if recipe.teacher is not None and plan.direct_compare:
+        teacher_dim = get_architecture(recipe.teacher.arch)["embed_dim"]
+    student = _meta_model(recipe.student.arch, recipe, projection_dim=teacher_dim)
+    plan.bind(student)
+    precision: dict[str, Any] = {"mode": recipe.precision or "fp32 weights",
+                                 "mixed": "bf16" if recipe.training.get("bf16") else
+                                 "fp16" if recipe.training.get("fp16") else None}
+    if recipe.precision == "original":
+        report = convert_to_original_fp16(student)
+        precision["student_fp16_tensors"] = len(report.converted)
+        precision["student_fp32_tensors"] = len(report.kept)
+    stages = []
+    for s in plan.stages:
+        epochs = s.epochs or 0
+        stages.append({
+            "name": s.name, "epochs": s.epochs, "steps": s.steps, "trains": s.trainable,
+            "trainable_tensors": len(s.params), "no_autograd_towers": list(s.frozen_towers),
+            "terms": [{"key": t.key, "side": t.config.side, "temperature": t.temperature, "group": t.group,
+                       "weight": t.config.weight if isinstance(t.config.weight, (int, float))
+                       else t.config.weight.model_dump(), "kwargs": t.config.kwargs} for t in s.terms],
+            "alpha_per_epoch": _per_epoch(s.alpha, epochs) if epochs else None,
+            "optimiser": _stage_optimiser(s, student, recipe),
+            "eval_hybrids": s.eval_hybrids,
+        })
+    kept = "the last weights of the last stage"
+    if plan.select is not None:
+        kept = (f"the epoch of the last stage with the best {plan.select.metric} on {plan.select.split}"
+                + (" (test-set selection, as the original)" if plan.select.split == "test" else ""))
+    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "stages": stages,
+            "checkpoint_kept": kept}
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    """The report as the lines ``kd-trainer plan`` prints."""
+    lines = [f"plan of {report['recipe']}" + (f" ({report['method']})" if report["method"] else "")]
+    p = report["precision"]
+    lines.append(f"precision: {p['mode']}" + (f", mixed {p['mixed']}" if p["mixed"] else "")
+                 + (f" ({p['student_fp16_tensors']} student tensors fp16, {p['student_fp32_tensors']} fp32)"
+                    if "student_fp16_tensors" in p else ""))
+    for i, s in enumerate(report["stages"], 1):
+        length = f"{s['epochs']} epochs" if s["epochs"] else (f"{s['steps']} steps" if s["steps"] else "the run")
+        lines.append(f"\nstage {i}/{len(report['stages'])} {s['name']!r}: {length}; trains {s['trains']} "
+                     f"({s['trainable_tensors']} tensors)"
+                     + (f"; no autograd in {', '.join(s['no_autograd_towers'])}" if s["no_autograd_towers"] else ""))
+        for t in s["terms"]:
+            lines.append(f"  term {t['key']:<20} side {t['side']:<5} T {t['temperature']:<6g} group {t['group']:<8}"
+                         f" weight {t['weight']}" + (f" {t['kwargs']}" if t["kwargs"] else ""))
+        o = s["optimiser"]
+        if o["preset"] == "trainer":
+            lines.append(f"  optimiser: Trainer {o['optim']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, "
+                         f"{o['schedule']} schedule over the stage")
+        else:
+            lines.append(f"  optimiser: {o['type']} betas {o['betas']} eps {o['eps']:g}; {o['schedule']}")
+            for g in o["groups"]:
+                lines.append(f"    group {g['kind']:<9} {g['tensors']:>4} tensors {g['elements']:>10,} elements  "
+                             f"lr {g['lr']:.3g}  weight decay {g['weight_decay']:g}")
+            if o["lr_per_epoch"]:
+                lines.append("  base lr per epoch: " + " ".join(f"{v:.3g}" for v in o["lr_per_epoch"]))
+        if s["alpha_per_epoch"]:
+            lines.append("  alpha per epoch: " + " ".join(f"{v:g}" for v in s["alpha_per_epoch"]))
+        if s["eval_hybrids"]:
+            lines.append(f"  hybrid evaluation: {', '.join(s['eval_hybrids'])}")
+    lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
+    return "\n".join(lines)
