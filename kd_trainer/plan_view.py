@@ -16,6 +16,7 @@ import torch
 from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.models.factory import create_model, get_architecture
+from kd_trainer.models.inherit import plan_inheritance
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import Recipe
 from kd_trainer.recipe.schedules import Clock, ScheduleLike, uses_epochs, value_at
@@ -61,9 +62,16 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     plan = RunPlan.from_recipe(recipe)
     teacher_dim = None
     if recipe.teacher is not None and plan.direct_compare:
-        teacher_dim = get_architecture(recipe.teacher.arch)["embed_dim"]
-    student = _meta_model(recipe.student.arch, recipe, projection_dim=teacher_dim)
+        teacher_dim = get_architecture(recipe.teacher.architecture())["embed_dim"]
+    student = _meta_model(recipe.student.architecture(), recipe, projection_dim=teacher_dim)
     plan.bind(student)
+    inheritance = None
+    inherit = recipe.student.inherit
+    if inherit is not None and inherit.source == "teacher" and recipe.teacher is not None:
+        source = _meta_model(recipe.teacher.architecture(), recipe)
+        inheritance = plan_inheritance(student, source, layers=inherit.layers).summary()
+    elif inherit is not None:
+        inheritance = f"from {inherit.source}, layers {inherit.layers} (the map is printed when the run loads it)"
     precision: dict[str, Any] = {"mode": recipe.precision or "fp32 weights",
                                  "mixed": "bf16" if recipe.training.get("bf16") else
                                  "fp16" if recipe.training.get("fp16") else None}
@@ -89,7 +97,7 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
         kept = (f"the epoch of the last stage with the best {plan.select.metric} on {plan.select.split}"
                 + (" (test-set selection, as the original)" if plan.select.split == "test" else ""))
     return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "stages": stages,
-            "checkpoint_kept": kept}
+            "inheritance": inheritance, "checkpoint_kept": kept}
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -99,6 +107,8 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"precision: {p['mode']}" + (f", mixed {p['mixed']}" if p["mixed"] else "")
                  + (f" ({p['student_fp16_tensors']} student tensors fp16, {p['student_fp32_tensors']} fp32)"
                     if "student_fp16_tensors" in p else ""))
+    if report["inheritance"]:
+        lines.append("student inherited from its source:\n  " + report["inheritance"].replace("\n", "\n  "))
     for i, s in enumerate(report["stages"], 1):
         length = f"{s['epochs']} epochs" if s["epochs"] else (f"{s['steps']} steps" if s["steps"] else "the run")
         lines.append(f"\nstage {i}/{len(report['stages'])} {s['name']!r}: {length}; trains {s['trains']} "

@@ -55,16 +55,18 @@ from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.core import NonFiniteLossError
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
-from kd_trainer.models.loading import CheckpointError, load_weights
+from kd_trainer.models.loading import CheckpointError, load_weights, model_from_checkpoint
 from kd_trainer.models.classifier import load_classifier
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
 from kd_trainer.models.factory import RetrievalModel, create_model
+from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError, dump_recipe, load_recipe
 
 logger = logging.getLogger("kd_trainer")
 
 LOCK_FILE = ".kd_trainer.lock"
+INHERITANCE_FILE = "inheritance.txt"  # where each student tensor came from, in an inherited run
 
 
 class RunFault(RuntimeError):
@@ -123,16 +125,29 @@ def replay_config(recipe: Recipe) -> ReplayConfig:
                         seed=recipe.teacher.cache_seed)
 
 
-def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None) -> RetrievalModel:
-    """A model of the recipe's image size and caption length, with its checkpoint loaded."""
-    model = create_model(cfg.arch, image_size=tuple(recipe.data.image_size),
-                         context_length=recipe.data.context_length, projection_dim=projection_dim)
+def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None,
+                teacher: RetrievalModel | None = None) -> RetrievalModel:
+    """A model of the recipe's image size and caption length, with its weights: loaded from its
+    checkpoint, or inherited from a source (the recipe's ``teacher``, or any checkpoint)."""
+    size, length = tuple(recipe.data.image_size), recipe.data.context_length
+    model = create_model(cfg.architecture(), image_size=size, context_length=length, projection_dim=projection_dim)
     if cfg.checkpoint:
         # Any known format: a kd_trainer run (continue-from), open_clip/OpenAI/TinyCLIP weights
         # (position embeddings resized to this image size), a HF CLIPModel folder, IRRA's best.pth.
         load_weights(model, cfg.checkpoint, irra_config=cfg.config)
     elif cfg.config:
         raise RecipeError("`config:` (IRRA's configs.yaml) is given without the `checkpoint:` it describes")
+    if cfg.inherit is not None:
+        source = teacher if cfg.inherit.source == "teacher" else model_from_checkpoint(
+            cfg.inherit.source, irra_config=cfg.inherit.config, image_size=size, context_length=length)
+        if source is None:
+            raise RecipeError("student.inherit.source: teacher, but the recipe has no `teacher:`")
+        report = inherit_weights(model, source, layers=cfg.inherit.layers,
+                                 source_name=None if cfg.inherit.source == "teacher" else cfg.inherit.source)
+        if PartialState().is_main_process:
+            out = Path(recipe.training.get("output_dir") or Path("runs") / recipe.name)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / INHERITANCE_FILE).write_text(str(report) + "\n")
     return model
 
 
@@ -335,11 +350,14 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     data = prepare_data(recipe)
 
     mimic_on_teacher = any("teacher" in job.teachers for job in jobs)
+    inherits = recipe.student.inherit is not None and recipe.student.inherit.source == "teacher"
     teacher = None
-    if recipe.teacher is not None and (plan.wants_teacher or mimic_on_teacher):
+    if recipe.teacher is not None and (plan.wants_teacher or mimic_on_teacher or inherits):
         teacher = build_model(recipe.teacher, recipe)
-    student = build_model(recipe.student, recipe,
+    student = build_model(recipe.student, recipe, teacher=teacher,
                           projection_dim=teacher.embed_dim if teacher is not None and plan.direct_compare else None)
+    if not (plan.wants_teacher or mimic_on_teacher):
+        teacher = None  # it only gave the student its weights
 
     if recipe.precision == "original":  # the seed code's fp16 weights, for both models
         for role, model in (("teacher", teacher), ("student", student)):

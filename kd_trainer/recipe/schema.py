@@ -23,6 +23,7 @@ from transformers import TrainingArguments
 
 from kd_trainer.data.formats import canonical_dataset_name
 from kd_trainer.losses import get_term
+from kd_trainer.models.derive import DERIVE_KEYS, derive_architecture
 from kd_trainer.models.factory import list_architectures
 from kd_trainer.recipe.optim import OptimConfig
 from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
@@ -84,6 +85,22 @@ class DataConfig(_Strict):
         return v
 
 
+LayerSelection = Union[Literal["first", "uniform", "uniform_last"], list[int]]
+
+
+class InheritConfig(_Strict):
+    """Weight inheritance: the student's tensors taken from a larger source model."""
+
+    source: str = Field(
+        "teacher", description="teacher (the recipe's teacher, as loaded), or any checkpoint the importers read: "
+                               "IRRA best.pth, OpenAI .pt, open_clip, a HF CLIPModel folder, a run folder.")
+    config: str | None = Field(None, description="IRRA's configs.yaml for an IRRA source checkpoint.")
+    layers: LayerSelection | dict[Literal["vision", "text"], LayerSelection] = Field(
+        "first", description="Which source layers the student keeps, for both towers or per tower: first "
+                             "(layers 0..n-1, the original), uniform (every k-th, TinyCLIP), uniform_last "
+                             "(evenly spaced, last included), or a list of source layer indices.")
+
+
 class ModelConfig(_Strict):
     arch: str | dict[str, Any] = Field(description="Architecture name (kd_trainer/models/configs/*.json) or dict.")
     checkpoint: str | None = Field(
@@ -99,6 +116,37 @@ class ModelConfig(_Strict):
     cache_draws: int = Field(8, gt=0, description="Augmentation draws per image in the cache (K).")
     cache_seed: int = Field(0, description="Seeds the cached draws; kept apart from the run's seed so that "
                                            "changing the run's seed does not invalidate the cache.")
+    # A student derived from a named architecture: e.g. {arch: clip-vit-b16, vision_layers: 6}.
+    vision_layers: int | None = Field(None, gt=0, description="Derive: this many vision layers.")
+    text_layers: int | None = Field(None, gt=0, description="Derive: this many text layers.")
+    vision_width: int | None = Field(None, gt=0, description="Derive: vision width (keeps the head width).")
+    text_width: int | None = Field(None, gt=0, description="Derive: text width (keeps the head width).")
+    vision_heads: int | None = Field(None, gt=0, description="Derive: vision attention heads.")
+    text_heads: int | None = Field(None, gt=0, description="Derive: text attention heads.")
+    embed_dim: int | None = Field(None, gt=0, description="Derive: joint embedding width.")
+    vision_mlp_ratio: float | None = Field(None, gt=0, description="Derive: vision MLP width / width.")
+    text_mlp_ratio: float | None = Field(None, gt=0, description="Derive: text MLP width / width.")
+    inherit: InheritConfig | None = Field(
+        None, description="Student only: initialise every tensor from a source model by layer selection and "
+                          "channel slicing (TinyCLIP's weight inheritance), strictly; then `checkpoint` is not given.")
+
+    @property
+    def derived(self) -> dict[str, Any]:
+        """The architecture changes written beside ``arch`` (empty: the architecture as named)."""
+        return {k: v for k in DERIVE_KEYS if (v := getattr(self, k)) is not None}
+
+    def architecture(self) -> str | dict[str, Any]:
+        """The architecture to build: as named, or derived from the name with the changes above."""
+        return derive_architecture(self.arch, **self.derived) if self.derived else self.arch
+
+    @model_validator(mode="after")
+    def _derivable(self) -> "ModelConfig":
+        if self.derived:
+            derive_architecture(self.arch, **self.derived)  # a width the heads cannot split is named here
+        if self.inherit is not None and self.checkpoint is not None:
+            raise ValueError("give either `checkpoint:` (load these weights) or `inherit:` (take them from a "
+                             "source by the inheritance rules), not both")
+        return self
 
 
 class SelectConfig(_Strict):
@@ -232,6 +280,8 @@ class Recipe(_Strict):
     def _loss_or_stages(self) -> "Recipe":
         if self.student.cache is not None:
             raise ValueError("student.cache: only a teacher's embeddings can be cached (teacher.cache)")
+        if any(t is not None and t.inherit is not None for t in (self.teacher, *(self.teachers or {}).values())):
+            raise ValueError("inherit: is for the student (a teacher loads its own checkpoint)")
         if self.mimic is not None:  # jobs name defined teachers; UP's teacher_weight becomes their checkpoint
             resolve_mimic_teachers(self.mimic, {**(self.teachers or {}),
                                                 **({"teacher": self.teacher} if self.teacher is not None else {})})
