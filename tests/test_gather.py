@@ -12,19 +12,23 @@ float64 agrees to 1e-15.)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.losses import TERMS, Features, LocalRows, compute_term, register_term
+from kd_trainer.models.factory import create_model
 
 BATCH_DEPENDENT = sorted(n for n, s in TERMS.items() if s.batch_dependent)
-# Every (term, side), and crd with a teacher temperature of its own.
-CASES = [(n, side, {}) for n in BATCH_DEPENDENT for side in TERMS[n].sides] + [
+# Every (term, side), and crd with a teacher temperature of its own. The per-sample fd too: given
+# the gathered batch it computes its own rows, which stays exact for uneven shards.
+CASES = [(n, side, {}) for n in sorted(TERMS) for side in TERMS[n].sides] + [
     ("crd", "both", {"teacher_temperature": 0.2})
 ]
 TOL = {"atol": 1e-9, "rtol": 1e-9}
@@ -130,3 +134,60 @@ def test_gathering_twice_is_refused():
     f = Features(student_image=torch.ones(2, 3), rows=LocalRows(0, 2, 2, 1))
     with pytest.raises(ValueError, match="already a gathered batch"):
         gather_features(f)
+
+
+# --- the real DDP wrapper around a tiny CLIP, with the trainer's two gathers -----------------------
+
+
+def trainer_step(model, batch: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], gather: bool):
+    """One step's loss as ``DistillationTrainer.compute_loss`` builds it: plain and projected
+    student embeddings gathered separately (local rows, the default), every term on the gathered
+    features (the per-sample ``fd`` too, exact with uneven shards)."""
+    out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
+    plain = Features(student_image=out["image_embeds"], student_text=out["text_embeds"], pids=batch["pids"],
+                     **teacher)
+    projected = Features(student_image=out["image_embeds_proj"], student_text=out["text_embeds_proj"],
+                         pids=batch["pids"], **teacher)
+    plain_global, projected_global = plain, projected
+    if gather:
+        plain_global = gather_features(plain)
+        proj = gather_features(Features(student_image=projected.student_image, student_text=projected.student_text))
+        projected_global = Features(**{**vars(plain_global), "student_image": proj.student_image,
+                                       "student_text": proj.student_text})
+        assert plain_global.rows is not None and projected_global.rows == plain_global.rows
+    loss = (compute_term("itc", plain_global) + compute_term("cross_kd", plain_global, temperature=0.5)
+            + compute_term("motis", projected_global, temperature=0.5) + compute_term("fd", projected_global))
+    loss.backward()
+    inner = model.module if isinstance(model, DDP) else model
+    return {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, sizes: list[int]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        total, ctx = sum(sizes), 16
+        g = torch.Generator().manual_seed(2)
+        batch = {"pixel_values": torch.randn(total, 3, 32, 16, generator=g, dtype=torch.float64),
+                 "input_ids": torch.randint(1, 400, (total, ctx), generator=g),
+                 "pids": torch.tensor([i // 2 for i in range(total)])}
+        teacher = {"teacher_image": torch.randn(total, 48, generator=g, dtype=torch.float64),
+                   "teacher_text": torch.randn(total, 48, generator=g, dtype=torch.float64)}
+        torch.manual_seed(0)
+        student = create_model("micro", context_length=ctx, projection_dim=48).double()
+        want = trainer_step(copy.deepcopy(student), batch, teacher, gather=False)
+
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        ddp = DDP(student, find_unused_parameters=True)  # the Trainer's default
+        got = trainer_step(ddp, {k: v[lo:hi] for k, v in batch.items()},
+                           {k: v[lo:hi] for k, v in teacher.items()}, gather=True)  # averaged by DDP
+        assert set(got) == set(want) and len(want) > 10
+        for name, w in want.items():
+            torch.testing.assert_close(got[name], w, **TOL, msg=lambda m: f"{name} (rank {rank}): {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_the_trainers_gathers_equals_one_process(tmp_path):
+    """Backward's all-reduce of the gathered gradient runs beside DDP's own bucket all-reduces."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), [4, 2]), nprocs=2, join=True)

@@ -25,8 +25,9 @@ the concatenated batch; ``tests/test_gather.py`` checks every batch-dependent te
   ``dL/dtheta``). Costs ``N`` times the loss computation of local rows.
 
 Other processes' shards arrive as constants in forward; teacher embeddings and pids are plain
-data. Per-sample terms (``fd``) need none of this: a local mean, averaged by DDP, is the global
-mean.
+data. Per-sample terms (``fd``) need no other process's samples, but a local mean averaged by DDP
+is the global mean only when every process holds as many samples; given the gathered batch,
+``fd`` computes its own rows' share and is exact for any shard sizes.
 """
 
 from __future__ import annotations

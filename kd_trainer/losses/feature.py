@@ -17,6 +17,7 @@ __all__ = ["fd"]
     reads={"image": ("student_image", "teacher_image"), "text": ("student_text", "teacher_text")},
     direct_compare=True,
     batch_dependent=False,
+    local_rows=True,
 )
 def fd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """CLIP-KD feature distillation on L2-normalised embeddings.
@@ -24,10 +25,19 @@ def fd(features: Features, *, temperature: float, side: str = "both") -> torch.T
     ``MSE(proj(vs), vt) + MSE(proj(ts), tt)`` (a sum: CLIP-KD weights it 2000); side ``image``
     is the first MSE alone, side ``text`` the second. ``proj`` is applied by the caller when
     the student and teacher widths differ. The temperature is ignored.
+
+    Per-sample, so it needs no other process's samples; but given a gathered batch with
+    ``features.rows`` it computes its own rows' share (``rows.py``), which stays exact when
+    processes hold different numbers of samples (a local mean averaged by DDP does not).
     """
+    r = features.rows
+
+    def own(x: torch.Tensor) -> torch.Tensor:
+        return x if r is None else r.of(x)
+
     return per_side(
         side,
-        image=lambda: mse(unit(features.student_image), frozen_unit(features.teacher_image)),
-        text=lambda: mse(unit(features.student_text), frozen_unit(features.teacher_text)),
+        image=lambda: mse(unit(own(features.student_image)), frozen_unit(own(features.teacher_image)), r),
+        text=lambda: mse(unit(own(features.student_text)), frozen_unit(own(features.teacher_text)), r),
         both="sum",
     )

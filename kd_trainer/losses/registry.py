@@ -141,9 +141,10 @@ def register_term(
         local_rows: Given ``features.rows``, the term computes only those rows against all
             columns and returns their share of the global mean times the number of processes
             (``rows.py``); with ``False`` it ignores ``features.rows`` and computes every row on
-            every process (still exact after ``gather_features``, only repeated). Declare it
-            only for a term that ``tests/test_gather.py`` proves: 2 processes with local rows
-            give the gradients of 1 process on the whole batch.
+            every process (still exact after ``gather_features``, only repeated): the choice of
+            a term that needs a statistic of the whole batch beyond its columns.
+            ``tests/test_gather.py`` proves every registered term: N processes with local rows
+            give the loss and gradients of 1 process on the whole batch.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
