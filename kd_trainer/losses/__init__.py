@@ -1,7 +1,8 @@
 """Loss terms of ``losses.md``, registered by the names users type (``kd-trainer terms`` lists them).
 
 Importing this package registers every term: task terms in :mod:`.task`, distillation terms in
-:mod:`.contrastive`, :mod:`.relational` and :mod:`.feature`.
+:mod:`.contrastive`, :mod:`.relational` and :mod:`.feature`. Which rows of a gathered batch a
+process computes, and their share of the global mean: :mod:`.rows`.
 """
 
 from kd_trainer.losses.registry import (
