@@ -481,6 +481,14 @@ def _wanted_splits(spec: DatasetFormat, splits: Iterable[str] | None) -> tuple[s
     return wanted
 
 
+class PedesSplits(datasets.DatasetDict):
+    """The splits of one dataset, and what loading found: ``load_report`` (:class:`LoadReport`)
+    and ``skipped_images`` (the paths dropped by ``skip_unreadable``)."""
+
+    load_report: LoadReport | None = None
+    skipped_images: list[str] = []
+
+
 def load_pedes(
     name: str,
     root: str | os.PathLike,
@@ -545,7 +553,7 @@ def load_pedes(
         notes = "".join(f"; {n}" for n in report.notes())
         return f"{spec.display_name} {split} from {ann}{notes}"
 
-    out = datasets.DatasetDict()
+    out = PedesSplits()
     for s in wanted:
         if s == "train":
             out["train"] = _train_split(by_split[s], spec, desc("train"))
@@ -575,7 +583,7 @@ def summarize(dsd: datasets.DatasetDict) -> str:
             rows.append((s, len(set(_column(g, "pid"))), g.num_rows, q.num_rows))
     lines = [f"{title:<14}{'identities':>12}{'images':>10}{'captions':>10}"]
     lines += [f"  {s:<12}{p:>12,}{i:>10,}{c:>10,}" for s, p, i, c in rows]
-    report = getattr(dsd, "load_report", None)
+    report = dsd.load_report if isinstance(dsd, PedesSplits) else None
     if report is not None:
         lines += [f"  ({note})" for note in report.notes()]
     return "\n".join(lines)

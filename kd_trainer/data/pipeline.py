@@ -30,6 +30,7 @@ import datasets
 import torch
 from PIL import Image
 
+from kd_trainer.data.formats import PedesSplits
 from kd_trainer.data.images import open_image
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.data.transforms import build_image_transform, run_seeded, stable_seed
@@ -95,7 +96,7 @@ def with_retrieval_transforms(
     ``dataset_name`` is used in error messages; by default the name stored by ``load_pedes``.
     ``seed`` makes the train split's augmentation a function of (seed, epoch, row) (see above).
     """
-    out = datasets.DatasetDict()
+    out = PedesSplits()
     for split, ds in dsd.items():
         name = dataset_name or ds.info.dataset_name or ""
         train = split == "train"
@@ -104,8 +105,8 @@ def with_retrieval_transforms(
         if split_seed is not None:
             ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
         out[split] = ds.with_transform(RetrievalTransform(image_tf, context_length, name, seed=split_seed))
-    out.skipped_images = list(getattr(dsd, "skipped_images", []))
-    out.load_report = getattr(dsd, "load_report", None)
+    if isinstance(dsd, PedesSplits):
+        out.skipped_images, out.load_report = list(dsd.skipped_images), dsd.load_report
     return out
 
 
