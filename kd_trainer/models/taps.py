@@ -14,6 +14,11 @@ Tap names (the strings in ``mimic_name`` lists)::
     ""                                       the model's own output (UP's convention)
     encoder.block:1                          element 1 of a tuple/list output
                                              (without ``:K`` a tuple output gives element 0)
+    backbone.fpn:0                           entry ``"0"`` of a dict output (an FPN level);
+    backbone.fpn:pool                        a dict output must name its entry, and an unknown
+                                             key is refused with the valid ones
+    rpn.head:0:2                             keys chain into nested outputs: element 0 of the
+                                             tuple (a list of levels), then its element 2
     clip.transformer.resblocks.3@attn        attention probabilities, B x heads x L x S
     clip.transformer.resblocks.3@value       MiniLM value relation, B x heads x S x S
     clip.transformer.resblocks.3@value:4     the same with 4 relation heads (MiniLM-v2),
@@ -39,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +59,7 @@ __all__ = [
     "TappedOutputs",
     "parse_tap_name",
     "resolve_names",
+    "select_output",
     "WRAPPER_PREFIXES",
 ]
 
@@ -68,12 +74,16 @@ class TapSpec:
     name: str  # as the user wrote it; the key in the tapped outputs
     path: str  # dotted module path as written (before wrapper-prefix resolution)
     kind: str = "output"  # output | attn | value
-    index: int | None = None  # tuple element for kind == "output"
+    keys: tuple[str, ...] = ()  # kind == "output": tuple/list indices or dict keys, outermost first
     heads: int | None = None  # relation heads for kind == "value" (None: the module's heads)
 
 
 def parse_tap_name(name: str) -> TapSpec:
-    """Parse ``path``, ``path:K``, ``path@attn``, ``path@value`` or ``path@value:H``."""
+    """Parse ``path``, ``path:K[:K2...]``, ``path@attn``, ``path@value`` or ``path@value:H``.
+
+    A key ``K`` is a tuple/list index or a dict key; which one is only known when the module's
+    output is seen, so keys are kept as written and checked by :func:`select_output`.
+    """
     if not isinstance(name, str):
         raise TypeError(f"tap name must be a string, got {type(name).__name__}: {name!r}")
     if "@" in name:
@@ -95,13 +105,64 @@ def parse_tap_name(name: str) -> TapSpec:
             raise ValueError(f"tap {name!r}: ':K' tuple indexing cannot be combined with '@{kind}'")
         return TapSpec(name=name, path=path, kind=kind, heads=heads)
     if ":" in name:
-        path, _, idx = name.rpartition(":")
-        try:
-            index = int(idx)
-        except ValueError:
-            raise ValueError(f"tap {name!r}: tuple index {idx!r} after ':' is not an integer") from None
-        return TapSpec(name=name, path=path, index=index)
+        path, *keys = name.split(":")  # module paths never hold ':'
+        if not all(keys):
+            raise ValueError(f"tap {name!r}: an empty key after ':'; write path:K with K a tuple index or dict key")
+        return TapSpec(name=name, path=path, keys=tuple(keys))
     return TapSpec(name=name, path=name)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {', '.join(repr(str(k)) for k in value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def select_output(spec: TapSpec, output: Any) -> Any:
+    """What ``spec`` takes from a module's ``output``: walk its keys (tuple/list index, dict key).
+
+    Without keys a tuple/list output gives its element 0 (a module returning ``(out, extra)``),
+    and a dict output is refused: which entry (which FPN level) is meant must be written. A key
+    that the output does not have is refused with the keys it has, and so is a selection that
+    ends on a list or dict instead of one tensor.
+    """
+    value = output
+    if not spec.keys:
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        if isinstance(value, Mapping):
+            raise ValueError(f"tap {spec.name!r}: {spec.path or 'the model'} returned {_describe(value)}; name one "
+                             f"entry, e.g. '{spec.name}:{next(iter(value), 'KEY')}'")
+        return value
+    for depth, key in enumerate(spec.keys):
+        where = ":".join((spec.path, *spec.keys[:depth])) if depth else spec.path
+        if isinstance(value, Mapping):
+            found = [k for k in value if str(k) == key]
+            if not found:
+                raise ValueError(f"tap {spec.name!r}: {where} returned {_describe(value)}, and no key {key!r}; "
+                                 f"valid keys: {', '.join(repr(str(k)) for k in value)}")
+            value = value[found[0]]
+        elif isinstance(value, (tuple, list)):
+            try:
+                index = int(key)
+            except ValueError:
+                raise ValueError(f"tap {spec.name!r}: {where} returned {_describe(value)}, which takes an integer "
+                                 f"index, not {key!r}; valid: 0..{len(value) - 1}") from None
+            if not -len(value) <= index < len(value):
+                raise ValueError(f"tap {spec.name!r}: {where} returned {_describe(value)}; index {index} is out of "
+                                 f"range, valid: 0..{len(value) - 1}")
+            value = value[index]
+        else:
+            raise ValueError(f"tap {spec.name!r}: ':{key}' given but {where} returned {_describe(value)}, not a "
+                             "tuple, list or dict")
+    if isinstance(value, (tuple, list, Mapping)):
+        raise ValueError(f"tap {spec.name!r} selects {_describe(value)}, not one tensor; add a key "
+                         f"(e.g. '{spec.name}:{next(iter(value), 0) if isinstance(value, Mapping) else 0}')")
+    return value
 
 
 def resolve_names(
@@ -246,13 +307,7 @@ class Tap:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active:
                 return
-            out = output
-            if isinstance(out, (tuple, list)):
-                out = out[spec.index if spec.index is not None else 0]
-            elif spec.index is not None:
-                raise TypeError(f"tap {spec.name!r}: ':{spec.index}' given but {spec.path} returned "
-                                f"{type(output).__name__}, not a tuple")
-            self._put(spec.name, out)
+            self._put(spec.name, select_output(spec, output))
 
         return hook
 

@@ -57,6 +57,17 @@ class ShapesConfig(_Strict):
     seed: int = 0
 
 
+class SynthDetConfig(_Strict):
+    """Only for synth_det (the detection example): generate it under ``<root>/SynthDet``."""
+
+    num_classes: int = 6
+    train_images: int = 400
+    test_images: int = 100
+    image_size: int = 96
+    max_objects: int = 4
+    seed: int = 0
+
+
 class DataConfig(_Strict):
     name: str = Field(description="cuhk_pedes | icfg_pedes | rstpreid | synth_pedes (case and -/_ insensitive)")
     root: str = Field("./data", description="Folder holding the dataset folder (e.g. ./data/CUHK-PEDES).")
@@ -76,6 +87,7 @@ class DataConfig(_Strict):
         "warn", description="Repeated (image, caption) pairs in a split: keep and warn, refuse, or keep the first.")
     synth: SynthConfig | None = Field(None, description="Only for synth_pedes: generate the data if missing.")
     shapes: ShapesConfig | None = Field(None, description="Only for synth_shapes (task: classification).")
+    det: SynthDetConfig | None = Field(None, description="Only for synth_det (task: detection).")
 
     @field_validator("image_size")
     @classmethod
@@ -231,9 +243,10 @@ class StageConfig(_Strict):
 class Recipe(_Strict):
     name: str = Field(description="Run name, used in reports and model cards.")
     method: str | None = Field(None, description="Display label in reports, e.g. 'MoTIS (2 stages)'.")
-    task: Literal["retrieval", "classification"] = Field(
+    task: Literal["retrieval", "classification", "detection"] = Field(
         "retrieval", description="retrieval: CLIP dual encoders (the default); classification: torchvision "
-                                 "classifiers on synth_shapes, distilled with mimic jobs only.")
+                                 "classifiers on synth_shapes; detection: torchvision Faster R-CNNs on synth_det; "
+                                 "both distilled with mimic jobs only.")
     seed: int = 42
     data: DataConfig
     student: ModelConfig
@@ -291,9 +304,9 @@ class Recipe(_Strict):
             if self.mimic is not None and not self.mimic.task_loss:
                 raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
                                  "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
-        if self.task == "classification":
+        if self.task in ("classification", "detection"):
             if self.loss is not None or self.stages is not None:
-                raise ValueError("task: classification trains with cross-entropy plus `mimic:` jobs; "
+                raise ValueError(f"task: {self.task} trains with its own task loss plus `mimic:` jobs; "
                                  "`loss:`/`stages:` hold retrieval terms")
             return self
         if (self.loss is None) == (self.stages is None):

@@ -1,0 +1,71 @@
+"""Run a detection recipe: SynthDet -> Faster R-CNN teachers and student -> mimic distillation -> mAP.
+
+The detection example of UP/EOD's distillation config (``faster_rcnn_r152_50_1x_feature_mimic``):
+a Faster R-CNN teacher's FPN features (and, optionally, RPN outputs of a second teacher) are
+mimicked by a smaller Faster R-CNN student, beside the student's own detection losses.
+
+1. generate SynthDet (once; every process waits for the first to write it);
+2. build the named teachers and the student (:func:`kd_trainer.models.detector.load_detector`),
+   each with its checkpoint;
+3. train with the detector's losses plus the recipe's mimic jobs (:class:`DetectionTrainer`);
+4. evaluate COCO mAP on the test split and save the metrics.
+
+``run.py`` dispatches here for ``task: detection``; it passes its own ``fit`` (recipe record,
+training with resume, final save), which this module cannot import without an import cycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from accelerate import PartialState
+from transformers import Trainer, TrainingArguments, set_seed
+
+from kd_trainer.data.synth_det import SynthDetDataset, collate_detection, make_synth_det
+from kd_trainer.distill.detection import DetectionTrainer
+from kd_trainer.models.detector import Detector, load_detector
+from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
+
+__all__ = ["build_detector", "run_detection"]
+
+Fit = Callable[[Trainer, Recipe], None]
+
+
+def build_detector(cfg: ModelConfig, recipe: Recipe, role: str) -> Detector:
+    """A detector of ``cfg.arch`` for the recipe's SynthDet classes and image size; an architecture
+    the detector cannot build is a recipe error naming ``role`` (``student``, ``teachers.teacher0``)."""
+    det = recipe.data.det
+    try:
+        return load_detector(cfg.arch, num_classes=det.num_classes, image_size=det.image_size,
+                             checkpoint=cfg.checkpoint)
+    except ValueError as e:
+        if type(e) is not ValueError:  # a CheckpointError says what it is itself
+            raise
+        raise RecipeError(f"{role}.arch: {e}") from None
+
+
+def run_detection(recipe: Recipe, args: TrainingArguments, *, fit: Fit) -> dict[str, float]:
+    """Train and evaluate a ``task: detection`` recipe; returns the test metrics
+    (``test_map``, ``test_map_50``, ``test_map_75`` in percent, ``test_samples``)."""
+    set_seed(recipe.seed)
+    if recipe.data.name != "synth_det" or recipe.data.det is None:
+        raise RecipeError("task: detection runs on data.name: synth_det with a data.det block")
+    if recipe.teacher is not None:
+        raise RecipeError("task: detection reads its teachers from `teachers:` (teacher0, teacher1, ... as the "
+                          "mimic jobs name them), not from `teacher:`")
+    folder = Path(recipe.data.root) / "SynthDet"
+    with PartialState().main_process_first():  # one process writes, the others wait and reuse
+        make_synth_det(folder, **recipe.data.det.model_dump())
+    train, test = SynthDetDataset(folder, "train", train=True), SynthDetDataset(folder, "test", train=False)
+    teachers = {name: build_detector(cfg, recipe, f"teachers.{name}") for name, cfg in (recipe.teachers or {}).items()}
+    student = build_detector(recipe.student, recipe, "student")
+    mimic = recipe.mimic
+    trainer = DetectionTrainer(model=student, args=args, teachers=teachers,
+                               jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
+                               max_nonfinite_skips=recipe.nonfinite_skips, data_collator=collate_detection,
+                               train_dataset=train, eval_dataset=test)
+    fit(trainer, recipe)
+    metrics = trainer.evaluate(test, metric_key_prefix="test")
+    trainer.save_metrics("test", metrics)
+    return metrics
