@@ -21,7 +21,7 @@ from torch import nn
 from kd_trainer.losses import Features, TermSpec, get_term
 from kd_trainer.losses.registry import TEACHER_TOWERS
 from kd_trainer.models.towers import towers_of, trainable_names
-from kd_trainer.recipe import LossConfig, OptimSettings, Recipe, RecipeError, SelectConfig, StageConfig, TermConfig
+from kd_trainer.recipe import LossConfig, OptimSettings, Recipe, SelectConfig, StageConfig, TermConfig
 from kd_trainer.recipe import Trainable
 from kd_trainer.recipe.schedules import Clock, ScheduleLike, value_at
 
@@ -150,8 +150,6 @@ class RunPlan:
             eff = recipe.stage_optim(cfg)
             stage.optim = None if eff is None or eff.uses_trainer else eff.resolve()
         plan.select = recipe.select
-        if plan.teacher_terms and not has_teacher:
-            raise RecipeError(f"loss terms {plan.teacher_terms} need a `teacher:` in the recipe")
         return plan
 
     @classmethod

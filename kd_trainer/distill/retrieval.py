@@ -15,6 +15,7 @@ into the global batch (:mod:`kd_trainer.distill.gather`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -138,19 +139,20 @@ class RetrievalTrainer(DistillationTrainer):
         projected = Features(student_image=outputs.get("image_embeds_proj", outputs.get("image_embeds")),
                              student_text=outputs.get("text_embeds_proj", outputs.get("text_embeds")),
                              pids=pids, **teacher)
-        # Batch-dependent terms see the global batch (every process's samples); per-sample terms
-        # keep the local mean, which DDP's gradient averaging turns into the global mean.
-        plain_global, projected_global = plain, projected
-        if self.accelerator.num_processes > 1 and stage.batch_dependent:
-            plain_global, projected_global = gather_features(plain), gather_features(projected)
-        values = {}
-        for term in stage.terms:
-            if term.spec.batch_dependent:
-                feats = projected_global if term.spec.direct_compare else plain_global
+        # Every term sees the global batch (every process's samples) and computes only this
+        # process's rows of it; the gather's backward sums the gradient over processes, so N
+        # processes optimise what one process on the concatenated batch does (distill/gather.py).
+        if self.accelerator.num_processes > 1:
+            plain_global = gather_features(plain)
+            if projected.student_image is plain.student_image and projected.student_text is plain.student_text:
+                projected_global = plain_global
             else:
-                feats = projected if term.spec.direct_compare else plain
-            values[term.key] = term(feats)
-        return values
+                proj = gather_features(Features(student_image=projected.student_image,
+                                                student_text=projected.student_text))
+                projected_global = dataclasses.replace(plain_global, student_image=proj.student_image,
+                                                       student_text=proj.student_text)
+            plain, projected = plain_global, projected_global
+        return {term.key: term(projected if term.spec.direct_compare else plain) for term in stage.terms}
 
     def evaluate_split(self, split: RetrievalSplit, prefix: str) -> dict[str, float]:
         """R@1/5/10, mAP and mINP of the student on a whole split (ranking needs the full gallery),
