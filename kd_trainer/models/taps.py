@@ -115,11 +115,13 @@ def parse_tap_name(name: str) -> TapSpec:
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
+    kind = type(value).__name__
+    kind = f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
     if isinstance(value, Mapping):
-        return f"a {type(value).__name__} with keys {', '.join(repr(str(k)) for k in value)}"
+        return f"{kind} with keys {', '.join(repr(str(k)) for k in value)}"
     if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}"
-    return f"a {type(value).__name__}"
+        return f"{kind} of {len(value)}"
+    return kind
 
 
 def select_output(spec: TapSpec, output: Any) -> Any:
