@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
-import torch.multiprocessing as mp
+from accelerate import Accelerator
 
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.evaluation import evaluate_retrieval
+from kd_trainer.evaluation import embed_dataset, evaluate_retrieval
 from kd_trainer.models.factory import create_model
 
-from tiny import batch_items
+from tiny import batch_items, gloo_env, spawn_gloo
 
 
 def split(n_gallery: int, n_queries: int):
@@ -24,10 +23,7 @@ def split(n_gallery: int, n_queries: int):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), ACCELERATE_USE_CPU="1")
-    from accelerate import Accelerator
-
+    gloo_env(rank, world, port)
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2, accelerator.state
     torch.manual_seed(0)
@@ -35,8 +31,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     gallery, queries = split(11, 7)  # neither divides by 2, nor by the batch size of 3
     metrics = evaluate_retrieval(model, gallery, queries, batch_size=3, collate_fn=collate_retrieval,
                                  accelerator=accelerator, progress=False)
-    from kd_trainer.evaluation import embed_dataset
-
     feats, pids = embed_dataset(model.encode_image, gallery, "pixel_values", device=torch.device("cpu"),
                                 batch_size=3, collate_fn=collate_retrieval, accelerator=accelerator, progress=False)
     assert len(feats) == 11 and pids.tolist() == [i % 3 for i in range(11)]  # each once, in order
@@ -46,13 +40,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_process_evaluation_equals_one_process(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "metrics")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, out)
     torch.manual_seed(0)
     model = create_model("micro")
     gallery, queries = split(11, 7)

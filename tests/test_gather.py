@@ -18,12 +18,13 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.losses import TERMS, Features, LocalRows, compute_term, register_term
 from kd_trainer.models.factory import create_model
+
+from tiny import init_gloo, spawn_gloo
 
 BATCH_DEPENDENT = sorted(n for n, s in TERMS.items() if s.batch_dependent)
 # Every (term, side), and crd with a teacher temperature of its own. The per-sample fd too: given
@@ -76,9 +77,8 @@ def whole_batch_itc(features: Features, *, temperature: float, side: str = "both
     return compute_term("itc", dataclasses.replace(features, rows=None), temperature=temperature)
 
 
-def _worker(rank: int, world: int, init_file: str, sizes: list[int]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)  # the processes share the machine's cores
+def _worker(rank: int, world: int, port: int, sizes: list[int]) -> None:
+    init_gloo(rank, world, port)
     try:
         register_term("whole_batch_itc", kind="task", reads={"both": ("student_image", "student_text")})(
             whole_batch_itc
@@ -118,10 +118,10 @@ def _worker(rank: int, world: int, init_file: str, sizes: list[int]) -> None:
     [[4, 4], [5, 3], pytest.param([2, 4, 3], marks=pytest.mark.slow)],  # 3 processes: a middle shard
     ids=["even", "uneven", "three-uneven"],
 )
-def test_processes_equal_one_process_on_the_concatenated_batch(tmp_path, sizes):
+def test_processes_equal_one_process_on_the_concatenated_batch(sizes):
     assert {"itc", "sdm", "cross_kd", "motis", "inter_ss_kl", "crd", "affinity", "icl"} <= set(BATCH_DEPENDENT)
     assert all(TERMS[n].local_rows for n in BATCH_DEPENDENT)  # the default for every one of them
-    mp.spawn(_worker, args=(len(sizes), str(tmp_path / "init"), sizes), nprocs=len(sizes), join=True)
+    spawn_gloo(_worker, len(sizes), sizes)
 
 
 def test_single_process_is_a_no_op():
@@ -162,9 +162,8 @@ def trainer_step(model, batch: dict[str, torch.Tensor], teacher: dict[str, torch
     return {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, sizes: list[int]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, world: int, port: int, sizes: list[int]) -> None:
+    init_gloo(rank, world, port)
     try:
         total, ctx = sum(sizes), 16
         g = torch.Generator().manual_seed(2)
@@ -188,6 +187,6 @@ def _ddp_worker(rank: int, world: int, init_file: str, sizes: list[int]) -> None
         dist.destroy_process_group()
 
 
-def test_ddp_with_the_trainers_gathers_equals_one_process(tmp_path):
+def test_ddp_with_the_trainers_gathers_equals_one_process():
     """Backward's all-reduce of the gathered gradient runs beside DDP's own bucket all-reduces."""
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), [4, 2]), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, 2, [4, 2])

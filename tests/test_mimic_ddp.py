@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kd_trainer.distill.mimic import ADAPTED_KEY, MimicEngine
 from kd_trainer.models.factory import create_model, get_architecture
 from kd_trainer.recipe.mimic import MimicJob
+
+from tiny import init_gloo, spawn_gloo
 
 CTX = 16
 TOTAL = 6
@@ -75,9 +76,8 @@ def build(student, teacher, batch) -> MimicEngine:
     return engine
 
 
-def _worker(rank: int, world: int, init_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int) -> None:
+    init_gloo(rank, world, port)
     try:
         batch = make_batch()
         student, teacher = make_pair()
@@ -98,5 +98,5 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_train_adapters_and_student_as_one_process_does(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+def test_two_processes_train_adapters_and_student_as_one_process_does():
+    spawn_gloo(_worker, 2)

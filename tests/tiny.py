@@ -11,6 +11,7 @@ import socket
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kd_trainer.models.factory import RetrievalModel, create_model
@@ -47,6 +48,12 @@ def gloo_env(rank: int, world: int, port: int) -> None:
     """The environment a process of a ``world``-process gloo group needs (call first in a worker)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), ACCELERATE_USE_CPU="1")
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the ``world``-process gloo group directly (no accelerate), one thread per process."""
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
 
 def spawn_gloo(worker: Callable[..., Any], world: int, *args: Any) -> None:
