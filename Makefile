@@ -6,6 +6,7 @@
 #   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
 #   make compare                       every method on SynthPEDES (recipes/synth/), then the report
 #   make bench [BENCH_ARGS=--quick]    step/eval/loader timings and the KD-cost ratios (CPU or GPU)
+#   make deploy-bench [DEPLOY_BENCH_ARGS=--quick]   PyTorch/ONNX/INT8 latency, size, memory: teacher vs student
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.kd_trainer-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo train eval compare bench report clean-runs help
+.PHONY: install test test-fast demo train eval compare bench deploy-bench report clean-runs help
 help:
 	@sed -n '1,9p' Makefile
 
@@ -66,6 +67,10 @@ compare: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) bench/bench_kd.py $(BENCH_ARGS)
+
+DEPLOY_BENCH_ARGS ?=
+deploy-bench: $(STAMP)
+	$(PY) bench/bench_deploy.py $(DEPLOY_BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs/demo

@@ -1,0 +1,273 @@
+"""ONNX export of a small student, checked the way a deployment would check it.
+
+The student is the ``micro`` architecture fitted, in this file, on the SynthPEDES split the export is
+checked on: the checks measure whether the graphs keep the model's rankings, and a model that ranks
+well has rankings worth keeping (a random one ranks by near-ties that any rounding reorders). It is
+saved as an open_clip folder with a model card, the layout every kd_trainer run leaves behind.
+
+Independent computations here: images are preprocessed with PIL and numpy from the numbers in
+preprocess.json and run through bare ``onnxruntime`` sessions; R@1 is computed with numpy (argmax over
+the gallery); the PyTorch side uses torchvision's transform of the data pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_trainer.data import CLIP_MEAN, CLIP_STD, load_pedes, tokenize, with_retrieval_transforms
+from kd_trainer.data.synth import make_synth_pedes
+from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
+from kd_trainer.models.export import export_open_clip
+from kd_trainer.models.factory import create_model
+from kd_trainer.models.importers import model_from_checkpoint
+from kd_trainer.models.onnx_export import (
+    CARD_END,
+    CARD_START,
+    OnnxDualEncoder,
+    OnnxFolderError,
+    at_image_size,
+    export_onnx,
+    update_model_card,
+)
+
+ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET = "synth_pedes"
+WRONG_SIZE = (16, 32)  # micro is 32x16 (H, W): the swapped size is a plausible mistake
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, prelude: str = "") -> subprocess.CompletedProcess:
+    """``kd-trainer ARGS`` in a fresh process (``prelude`` runs first, e.g. to hide a package)."""
+    code = f"{prelude}\nimport sys\nfrom kd_trainer.cli import main\nmain(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_synth_pedes(root / "SynthPEDES", num_identities=24, images_per_identity=(2, 3), image_size=(64, 32),
+                     seed=3, split_identities=(0.2, 0.2, 0.6))
+    return root
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, data_root) -> Path:
+    """``micro`` fitted on the test split's image-caption pairs (soft targets: every caption of a pid
+    matches every image of it), saved as an open_clip folder with README.md."""
+    torch.manual_seed(0)
+    model = create_model("micro")
+    raw = load_pedes(DATASET, data_root, splits=["test"])
+    views = with_retrieval_transforms(raw, image_size=model.image_size, augment=False,
+                                      context_length=model.context_length)
+    gallery, queries = views["test_gallery"], views["test_queries"]
+    pixels = torch.stack([gallery[i]["pixel_values"] for i in range(len(gallery))])
+    tokens = torch.stack([queries[i]["input_ids"] for i in range(len(queries))])
+    row_of = {image_id: i for i, image_id in enumerate(raw["test_gallery"]["image_id"])}
+    image_rows = torch.tensor([row_of[i] for i in raw["test_queries"]["image_id"]])
+    pids = torch.tensor(raw["test_queries"]["pid"])
+    same = (pids[:, None] == pids[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(80):
+        logits = model.encode_text(tokens) @ model.encode_image(pixels[image_rows]).t() / 0.05
+        loss = -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("student") / "micro_student"
+    export_open_clip(model.eval(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, student, data_root) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("onnx") / "student_onnx"
+    done = _cli("export-onnx", str(student), "--out", str(out), "--int8", "--dataset", DATASET,
+                "--root", str(data_root))
+    return done, out
+
+
+@pytest.fixture(scope="module")
+def wrong_size(tmp_path_factory, student, data_root) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("onnx_wrong") / "student_onnx"
+    done = _cli("export-onnx", str(student), "--out", str(out), "--image-size", *map(str, WRONG_SIZE),
+                "--dataset", DATASET, "--root", str(data_root))
+    return done, out
+
+
+def _pil_numpy_pixels(paths: list[str], size: tuple[int, int], mean: list[float], std: list[float]) -> np.ndarray:
+    """The serving-side preprocessing written from preprocess.json's words: squash resize, /255, mean/std."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        im = Image.open(p).convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        x = np.asarray(im, dtype=np.float64) / 255.0
+        out.append(((x - np.array(mean)) / np.array(std)).transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_export_writes_graphs_and_a_preprocess_spec_that_reproduce_the_model(exported, student, data_root):
+    done, out = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert {"image_encoder.onnx", "text_encoder.onnx", "image_encoder.int8.onnx", "text_encoder.int8.onnx",
+            "preprocess.json", "export_report.json"} <= names
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["image"]["size"] == [32, 16] and spec["image"]["resize"] == "squash"
+    assert spec["image"]["mean"] == pytest.approx(CLIP_MEAN) and spec["image"]["std"] == pytest.approx(CLIP_STD)
+    assert (spec["text"]["context_length"], spec["text"]["sot_token_id"], spec["text"]["eot_token_id"],
+            spec["text"]["pad_token_id"]) == (77, SOT_TOKEN_ID, EOT_TOKEN_ID, 0)
+
+    # Independent path: PIL + numpy preprocessing from the spec, bare onnxruntime sessions, at two batch
+    # sizes (the batch axis is dynamic) -- vs PyTorch on torchvision's transform of the same files.
+    model = model_from_checkpoint(student).eval()
+    raw = load_pedes(DATASET, data_root, splits=["test"])
+    paths = list(raw["test_gallery"]["image_path"])[:5]
+    pixels = _pil_numpy_pixels(paths, (32, 16), spec["image"]["mean"], spec["image"]["std"])
+    views = with_retrieval_transforms(raw, image_size=(32, 16), augment=False, context_length=77)
+    torch_pixels = torch.stack([views["test_gallery"][i]["pixel_values"] for i in range(5)])
+    assert np.abs(pixels - torch_pixels.numpy()).max() < 1e-5, "preprocess.json's recipe is not the pipeline's"
+    ids = torch.stack([views["test_queries"][i]["input_ids"] for i in range(5)])
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(torch_pixels).numpy(), model.encode_text(ids).numpy()
+    img = ort.InferenceSession(str(out / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    txt = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        got_img = img.run(None, {"pixel_values": pixels[:n]})[0]
+        got_txt = txt.run(None, {"input_ids": ids[:n].numpy()})[0]
+        assert got_img.shape == (n, model.embed_dim) and got_txt.shape == (n, model.embed_dim)
+        assert np.abs(got_img - ref_img[:n]).max() < 1e-4
+        assert np.abs(got_txt - ref_txt[:n]).max() < 1e-4
+        assert np.allclose(np.linalg.norm(got_img, axis=1), 1, atol=1e-5), "outputs must be L2-normalised"
+
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["passed"] and report["variants"]["fp32"]["max_abs_diff"]["image"] < 1e-4
+    assert report["variants"]["fp32"]["max_abs_diff"]["text"] < 1e-4
+    assert report["variants"]["int8"]["bytes"]["image"] < report["variants"]["fp32"]["bytes"]["image"]
+
+
+@pytest.mark.slow
+def test_int8_stays_within_tolerance_and_the_metrics_are_right(exported, data_root):
+    done, out = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "export_report.json").read_text())
+    ref, int8 = report["reference"], report["variants"]["int8"]["metrics"]
+    assert ref["r1"] > 50, "the fixture student should rank well, or the comparison says little"
+    for key in ("r1", "mAP"):
+        assert ref[key] - int8[key] <= 0.5, (key, ref[key], int8[key])
+        assert report["variants"]["fp32"]["metrics"][key] == pytest.approx(ref[key])
+    assert 0 < report["variants"]["int8"]["max_abs_diff"]["image"] < 0.1, "INT8 should differ, a little"
+
+    # R@1 of the int8 graphs, by numpy: a query counts when its most similar gallery image has its pid.
+    raw = load_pedes(DATASET, data_root, splits=["test"])
+    spec = json.loads((out / "preprocess.json").read_text())
+    gallery, queries = raw["test_gallery"], raw["test_queries"]
+    pixels = _pil_numpy_pixels(list(gallery["image_path"]), (32, 16), spec["image"]["mean"], spec["image"]["std"])
+    img = ort.InferenceSession(str(out / "image_encoder.int8.onnx"), providers=["CPUExecutionProvider"])
+    txt = ort.InferenceSession(str(out / "text_encoder.int8.onnx"), providers=["CPUExecutionProvider"])
+    g = img.run(None, {"pixel_values": pixels})[0]
+    q = txt.run(None, {"input_ids": tokenize(list(queries["caption"]), 77).numpy()})[0]
+    top = np.asarray(gallery["pid"])[np.argmax(q @ g.T, axis=1)]
+    r1 = 100.0 * float(np.mean(top == np.asarray(queries["pid"])))
+    assert int8["r1"] == pytest.approx(r1)
+    assert "verification: passed" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_run_folder_model_card_gets_the_export_once(exported, student):
+    done, out = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (student / "README.md").read_text()
+    assert card.count(CARD_START) == 1 and card.count(CARD_END) == 1
+    section = card.split(CARD_START)[1]
+    assert "| ONNX int8 " in section and str(out) in section
+    report = json.loads((out / "export_report.json").read_text())
+    before = card.split(CARD_START)[0]
+    update_model_card(student / "README.md", report, out)  # a second export replaces the section
+    again = (student / "README.md").read_text()
+    assert again.count(CARD_START) == 1 and again.split(CARD_START)[0] == before
+
+
+@pytest.mark.slow
+def test_an_export_at_the_wrong_image_size_fails_with_a_message(wrong_size):
+    done, out = wrong_size
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "error: the ONNX export" in done.stderr and "R@1" in done.stderr and "tolerance 0.5" in done.stderr
+    assert f"{WRONG_SIZE}" in done.stderr, "the message should say the graphs take another image size"
+    report = json.loads((out / "export_report.json").read_text())
+    assert not report["passed"] and report["export_image_size"] == list(WRONG_SIZE)
+    # The graphs themselves are faithful to the resized PyTorch model: only the dataset check catches it.
+    assert report["variants"]["fp32"]["max_abs_diff"]["image"] < 1e-4
+    assert report["reference"]["r1"] - report["variants"]["fp32"]["metrics"]["r1"] > 0.5
+
+
+@pytest.mark.slow
+def test_eval_onnx_evaluates_an_exported_folder(exported, data_root, tmp_path):
+    done, out = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = tmp_path / "eval.json"
+    ran = _cli("eval", "--onnx", str(out), "--onnx-variant", "int8", "--dataset", DATASET, "--root", str(data_root),
+               "--output", str(result))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads((out / "export_report.json").read_text())
+    assert json.loads(result.read_text()) == pytest.approx(report["variants"]["int8"]["metrics"])
+    assert "ONNX int8" in ran.stdout
+
+
+@pytest.mark.slow
+def test_a_graph_that_disagrees_with_preprocess_json_is_refused(exported, wrong_size, data_root, tmp_path):
+    (done, out), (_, wrong) = exported, wrong_size
+    assert done.returncode == 0, done.stderr[-3000:]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copy(wrong / "image_encoder.onnx", mixed / "image_encoder.onnx")  # a 16x32 graph, a 32x16 spec
+    with pytest.raises(OnnxFolderError, match=r"\(16, 32\).*\(32, 16\)"):
+        OnnxDualEncoder(mixed)
+    ran = _cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
+    assert ran.returncode == 2 and "exported at another image size" in ran.stderr, ran.stderr[-3000:]
+
+
+def test_missing_deploy_extra_is_named(tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "m"
+    export_open_clip(create_model("micro"), folder)
+    ran = _cli("export-onnx", str(folder), "--out", str(tmp_path / "o"),
+               prelude="import sys; sys.modules['onnxruntime'] = None  # as if not installed")
+    assert ran.returncode == 2
+    assert "onnxruntime" in ran.stderr and "pip install 'kd_trainer[deploy]'" in ran.stderr
+    assert not (tmp_path / "o" / "image_encoder.onnx").exists()
+
+
+def test_at_image_size_regrids_positions_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = create_model("micro")  # 32x16, patch 8: a 4x2 grid
+    assert at_image_size(model, None) is model and at_image_size(model, (32, 16)) is model
+    before = model.clip.visual.positional_embedding.detach().clone()
+    resized = at_image_size(model, (16, 32))  # a 2x4 grid
+    pos = resized.clip.visual.positional_embedding
+    assert resized.image_size == (16, 32) and tuple(resized.clip.visual.grid_size) == (2, 4)
+    assert pos.shape == (1 + 8, before.shape[1])
+    assert torch.equal(pos[0], before[0]), "the class token's position is kept"
+    # Bilinear 4x2 -> 2x4 with align_corners=False: output (0, 0) samples input at (0.5, -0.25) -> clamped
+    # to column 0, halfway between rows 0 and 1.
+    grid = before[1:].reshape(4, 2, -1)
+    assert torch.allclose(pos[1], (grid[0, 0] + grid[1, 0]) / 2, atol=1e-6)
+    assert torch.equal(model.clip.visual.positional_embedding, before) and model.image_size == (32, 16)
+    with torch.no_grad():
+        out = resized.encode_image(torch.randn(2, 3, 16, 32))
+    assert out.shape == (2, model.embed_dim)
+    with pytest.raises(ValueError, match="smaller than the model's 8x8 patch"):
+        at_image_size(model, (4, 16))
