@@ -1,4 +1,4 @@
-"""COCO-style detection metrics: mAP@[.5:.95] and mAP@.5, computed by pycocotools.
+"""COCO-style detection metrics: AP@[.5:.95] (COCO's mAP) and AP@.5, computed by pycocotools.
 
 Why pycocotools: it *is* the definition of the COCO numbers (``COCOeval``: greedy matching by
 score, IoU thresholds .50:.05:.95, 101-point interpolated precision, up to 100 detections per
@@ -22,8 +22,10 @@ import torch
 
 __all__ = ["coco_detection_metrics", "to_coco_detections"]
 
-# Keys of the returned dict, in COCOeval.stats order (the first three are the headline numbers).
-STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+# Keys of the returned dict, in COCOeval.stats order, named as detectron2 names them: AP is
+# AP@[.5:.95] (COCO's "mAP"), AP50 and AP75 at one IoU threshold, APs/APm/APl by object size.
+# Not "mAP": that is the retrieval metric's name in this project.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def to_coco_detections(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
@@ -37,12 +39,13 @@ def to_coco_detections(image_id: int, boxes: torch.Tensor, scores: torch.Tensor,
     return out
 
 
-def coco_detection_metrics(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def coco_detection_metrics(ground_truth: Mapping[str, Any],
+                           detections: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """COCO box metrics of ``detections`` (result entries, see :func:`to_coco_detections`) against
     ``ground_truth`` (a COCO annotation dict: ``images``, ``annotations``, ``categories``).
 
-    Returns ``map`` (AP@[.5:.95]), ``map_50``, ``map_75`` and the per-size APs, as fractions in
-    [0, 1]; an area range without ground truth gives -1, as COCOeval reports it. No detection at
+    Returns ``AP`` (AP@[.5:.95]), ``AP50``, ``AP75`` and the per-size ``APs``/``APm``/``APl``, as
+    fractions in [0, 1]; an area range without ground truth gives -1, as COCOeval reports it. No detection at
     all is 0 everywhere (pycocotools refuses an empty result list). A detection on an image the
     ground truth does not list is an error, not dropped.
     """

@@ -8,7 +8,7 @@ mimicked by a smaller Faster R-CNN student, beside the student's own detection l
 2. build the named teachers and the student (:func:`kd_trainer.models.detector.load_detector`),
    each with its checkpoint;
 3. train with the detector's losses plus the recipe's mimic jobs (:class:`DetectionTrainer`);
-4. evaluate COCO mAP on the test split and save the metrics.
+4. evaluate COCO AP@[.5:.95] and AP@.5 on the test split and save the metrics.
 
 ``run.py`` dispatches here for ``task: detection``; it passes its own ``fit`` (recipe record,
 training with resume, final save), which this module cannot import without an import cycle.
@@ -47,7 +47,7 @@ def build_detector(cfg: ModelConfig, recipe: Recipe, role: str) -> Detector:
 
 def run_detection(recipe: Recipe, args: TrainingArguments, *, fit: Fit) -> dict[str, float]:
     """Train and evaluate a ``task: detection`` recipe; returns the test metrics
-    (``test_map``, ``test_map_50``, ``test_map_75`` in percent, ``test_samples``)."""
+    (``test_AP`` = COCO AP@[.5:.95], ``test_AP50``, ``test_AP75`` in percent, ``test_samples``)."""
     set_seed(recipe.seed)
     if recipe.data.name != "synth_det" or recipe.data.det is None:
         raise RecipeError("task: detection runs on data.name: synth_det with a data.det block")

@@ -121,7 +121,7 @@ def test_coco_metrics_match_hand_computed_average_precision():
     det = to_coco_detections(1, torch.tensor([[10.0, 10.0, x1, 60.0]]), torch.tensor([0.9]), torch.tensor([1]))
     assert det[0]["bbox"] == pytest.approx([10, 10, 31, 50])
     m = coco_detection_metrics(gt, det)
-    assert m["map_50"] == pytest.approx(1.0) and m["map"] == pytest.approx(0.3) and m["map_75"] == pytest.approx(0.0)
+    assert m["AP50"] == pytest.approx(1.0) and m["AP"] == pytest.approx(0.3) and m["AP75"] == pytest.approx(0.0)
 
     # Two boxes; a false positive ranked above one exact hit: precision 0 then 1/2 at recall 1/2.
     # 101-point interpolated AP: recall points 0.00 ... 0.50 (51 of 101) get precision 0.5 -> 0.2525.
@@ -130,8 +130,8 @@ def test_coco_metrics_match_hand_computed_average_precision():
     dets = (to_coco_detections(1, torch.tensor([[70.0, 70.0, 90.0, 90.0]]), torch.tensor([0.95]), torch.tensor([1]))
             + to_coco_detections(2, torch.tensor([[0.0, 0.0, 20.0, 20.0]]), torch.tensor([0.5]), torch.tensor([1])))
     m = coco_detection_metrics(gt, dets)
-    assert m["map"] == pytest.approx(51 * 0.5 / 101) and m["map_50"] == pytest.approx(51 * 0.5 / 101)
-    assert coco_detection_metrics(gt, [])["map"] == 0.0
+    assert m["AP"] == pytest.approx(51 * 0.5 / 101) and m["AP50"] == pytest.approx(51 * 0.5 / 101)
+    assert coco_detection_metrics(gt, [])["AP"] == 0.0
     with pytest.raises(ValueError, match=r"images \[7\]"):
         coco_detection_metrics(gt, to_coco_detections(7, torch.zeros(1, 4), torch.ones(1), torch.ones(1)))
 
@@ -233,7 +233,7 @@ TASK_TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_bo
 def test_teacher_then_fpn_mimic_student_and_the_logged_totals_recombine(tmp_path):
     metrics = _run(ROOT / "recipes" / "det_r50_fpn_teacher.yaml", [*_common(tmp_path, "teacher"),
                                                                    "training.max_steps=2"])
-    assert metrics["test_samples"] == 5 and 0 <= metrics["test_map"] <= metrics["test_map_50"] <= 100
+    assert metrics["test_samples"] == 5 and 0 <= metrics["test_AP"] <= metrics["test_AP50"] <= 100
     assert json.loads((tmp_path / "teacher" / DETECTOR_CONFIG).read_text())["depth"] == 50
     for h in _logs(tmp_path / "teacher"):
         assert h["loss"] == pytest.approx(sum(h[k] for k in TASK_TERMS), rel=1e-4)
@@ -289,8 +289,8 @@ def test_real_size_r152_to_r50_recipe_builds_and_trains_a_few_steps(tmp_path):
     r = load_recipe(recipe)
     assert (r.student.arch, r.teachers["teacher0"].arch) == ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet152_fpn")
     out = tmp_path / "real"
-    metrics = _run(recipe, [*_common(tmp_path, "real"), "training.max_steps=1", "training.per_device_train_batch_size=2",
-                            "data.det.test_images=2", "teachers.teacher0.checkpoint=null"])
+    metrics = _run(recipe, [*_common(tmp_path, "real"), "training.max_steps=1", "data.det.test_images=2",
+                            "training.per_device_train_batch_size=2", "teachers.teacher0.checkpoint=null"])
     assert metrics["test_samples"] == 2
     (h,) = _logs(out)
     assert h["mimic/mimic_job0/teacher0/l2"] > 0
@@ -305,7 +305,8 @@ def test_unknown_fpn_key_and_bad_detection_recipes_are_refused(tmp_path):
     small = [*_common(tmp_path, "bad"), "teachers.teacher0.checkpoint=null", "teachers.teacher0.arch.depth=18",
              "training.max_steps=1"]
     with pytest.raises(ValueError, match=r"backbone\.fpn:p6.*no key 'p6'; valid keys: '0', '1', '2', '3', 'pool'"):
-        _run(recipe, [*small, "mimic.student.mimic_name=[backbone.fpn:p6]", "mimic.teacher0.mimic_name=[backbone.fpn:0]"])
+        _run(recipe, [*small, "mimic.student.mimic_name=[backbone.fpn:p6]",
+                      "mimic.teacher0.mimic_name=[backbone.fpn:0]"])
     with pytest.raises(RecipeError, match=r"student\.arch: .*depth 19"):
         _run(recipe, [*small, "student.arch.depth=19"])
     with pytest.raises(RecipeError, match="data.det"):
@@ -363,7 +364,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         data = SynthDetDataset(root, "train", train=False)
         shards = [collate_detection([data[i] for i in range(2 * r, 2 * r + 2)]) for r in range(world)]
-        # One process: both shards' gradients, averaged (what DDP's mean of per-process gradients is).
+        # One process: both shards' gradients, averaged. Not the gradient of the concatenated batch:
+        # the detector normalises its losses over each process's sampled anchors and proposals and
+        # batch norm sees each process's images, so what DDP computes is the mean of per-shard
+        # gradients; what must match is that (adapters included, each counted once).
         student, teacher = _pair()
         engine = _build(student, teacher, shards[0])
         want: dict[str, torch.Tensor] = {}
@@ -399,8 +403,8 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         metrics = trainer.evaluate(test, metric_key_prefix="test")
         assert trainer.accelerator.num_processes == 2 and metrics["test_samples"] == 5
         # (batched and single-image convolutions may differ in the last bits: a near-tie could swap)
-        assert metrics["test_map"] == pytest.approx(100 * one["map"], abs=1e-3)
-        assert metrics["test_map_50"] == pytest.approx(100 * one["map_50"], abs=1e-3)
+        assert metrics["test_AP"] == pytest.approx(100 * one["AP"], abs=1e-3)
+        assert metrics["test_AP50"] == pytest.approx(100 * one["AP50"], abs=1e-3)
     finally:
         dist.destroy_process_group()
 

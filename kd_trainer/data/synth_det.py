@@ -172,7 +172,8 @@ class SynthDetDataset(Dataset):
         by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.coco["images"]}
         for a in self.coco["annotations"]:
             if a["image_id"] not in by_image:
-                raise DatasetFormatError(f"{ann}: annotation {a['id']} names image {a['image_id']}, which is not listed")
+                raise DatasetFormatError(f"{ann}: annotation {a['id']} names image {a['image_id']}, which is "
+                                         "not listed")
             by_image[a["image_id"]].append(a)
         self.images = self.coco["images"]
         self.objects = by_image

@@ -66,9 +66,10 @@ class DetectionTrainer(DistillationTrainer):
         return {k.removeprefix(LOSS_PREFIX): v for k, v in outputs.items() if k != ADAPTED_KEY}
 
     def evaluate_split(self, split: Any, prefix: str) -> dict[str, float]:
-        """COCO box mAP@[.5:.95] (``<prefix>_map``), mAP@.5 and mAP@.75, in percent, over the whole
-        split: each process detects on its shard, detections are gathered (without the duplicates
-        an uneven split pads with) and scored once against the split's ground truth."""
+        """COCO box AP@[.5:.95] (``<prefix>_AP``, COCO's mAP), ``<prefix>_AP50`` and ``<prefix>_AP75``
+        in percent, over the whole split: each process detects on its shard, detections are gathered
+        (without the duplicates an uneven split pads with) and scored once against the split's
+        ground truth."""
         loader = self.get_eval_dataloader(split)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -82,11 +83,13 @@ class DetectionTrainer(DistillationTrainer):
                 per_image += self.accelerator.gather_for_metrics(mine, use_gather_object=True)
         model.train(was_training)
         if len(per_image) != len(split):
-            raise RuntimeError(f"evaluation gathered detections for {len(per_image)} images, the split has {len(split)}")
-        results = [r for d in per_image for r in to_coco_detections(d["image_id"], d["boxes"], d["scores"], d["labels"])]
+            raise RuntimeError(f"evaluation gathered detections for {len(per_image)} images; the split has "
+                               f"{len(split)}")
+        results = [r for d in per_image
+                   for r in to_coco_detections(d["image_id"], d["boxes"], d["scores"], d["labels"])]
         stats = coco_detection_metrics(split.coco, results)
-        return {f"{prefix}_map": 100.0 * stats["map"], f"{prefix}_map_50": 100.0 * stats["map_50"],
-                f"{prefix}_map_75": 100.0 * stats["map_75"], f"{prefix}_samples": len(per_image)}
+        metrics = {f"{prefix}_{k}": 100.0 * stats[k] for k in ("AP", "AP50", "AP75")}
+        return {**metrics, f"{prefix}_samples": len(per_image)}
 
     def saved_configs(self, model: nn.Module) -> dict[str, Any]:
         return {DETECTOR_CONFIG: model.to_config()}

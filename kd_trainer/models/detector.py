@@ -29,6 +29,7 @@ import torchvision
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
@@ -113,14 +114,11 @@ class Detector(FasterRCNN):
                                    extra_blocks=LastLevelMaxPool())
         anchors = AnchorGenerator(sizes=tuple((s,) for s in config.anchor_sizes),
                                   aspect_ratios=((0.5, 1.0, 2.0),) * len(config.anchor_sizes))
-        box_head = torchvision.models.detection.faster_rcnn.TwoMLPHead(config.fpn_channels * 7 * 7,
-                                                                       config.representation_size)
+        box_head = TwoMLPHead(config.fpn_channels * 7 * 7, config.representation_size)
+        classes = config.num_classes + 1  # + background
         super().__init__(
-            backbone,
-            min_size=config.min_size, max_size=config.max_size, rpn_anchor_generator=anchors,
-            box_head=box_head,
-            box_predictor=torchvision.models.detection.faster_rcnn.FastRCNNPredictor(config.representation_size,
-                                                                                     config.num_classes + 1),  # + background
+            backbone, min_size=config.min_size, max_size=config.max_size, rpn_anchor_generator=anchors,
+            box_head=box_head, box_predictor=FastRCNNPredictor(config.representation_size, classes),
             rpn_pre_nms_top_n_train=config.rpn_pre_nms_top_n_train,
             rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
