@@ -1,6 +1,6 @@
 # kd_trainer: every target creates the environment first if it is missing.
 #   make test                          the test suite (what CI runs)
-#   make demo                          SynthPEDES: teacher, student without/with KD, results table
+#   make demo [SEEDS=3]                SynthPEDES: teacher, student without/with KD (at SEEDS seeds), table
 #   make train RECIPE=recipes/x.yaml [ARGS="key.sub=value ..."]
 #   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
 #   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
@@ -33,8 +33,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+SEEDS ?= 1
 demo: $(STAMP)
-	$(PY) -m kd_trainer demo
+	$(PY) -m kd_trainer demo --seeds $(SEEDS)
 
 RECIPE ?=
 ARGS ?=

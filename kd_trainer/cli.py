@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to all three recipes")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train both students at this many seeds (42, 1, 2, ...) and add their mean ± std")
     p = sub.add_parser("cache-teacher", help="embed the training set with the recipe's teacher once (K draws)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -290,7 +292,7 @@ def _dispatch(ns: argparse.Namespace) -> None:
         report = plan_report(load_recipe(ns.recipe, ns.overrides))
         print(json.dumps(report, indent=2) if ns.json else format_plan(report))
     elif ns.command == "demo":
-        run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides)
+        run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides, seeds=ns.seeds)
     elif ns.command == "report":
         _report(ns)
     elif ns.command == "cache-teacher":

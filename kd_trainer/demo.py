@@ -3,12 +3,18 @@
 1. generate SynthPEDES (seeded) under ``<root>/SynthPEDES``;
 2. train a small teacher from scratch (task terms only: ``recipes/demo/teacher.yaml``);
 3. train a smaller student without KD (``recipes/demo/student_nokd.yaml``);
-4. distil the same student from the teacher (``recipes/demo/student_kd.yaml``);
+4. distil the same student, from the same initialisation and for the same steps, from the
+   teacher (``recipes/demo/student_kd.yaml``);
 5. print R@1/R@5/R@10/mAP/mINP of all three on the test split.
+
+With ``seeds > 1`` steps 3 and 4 run once per seed (42, 1, 2, ...) against the one teacher, and
+the table gives each student's mean ± sample standard deviation over the seeds, the number that
+says whether the KD student's lead is larger than what the seed alone moves.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from kd_trainer.evaluation import format_metrics
@@ -16,26 +22,55 @@ from kd_trainer.recipe import load_recipe
 from kd_trainer.run import run
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+METRICS = ("r1", "r5", "r10", "mAP", "mINP")
+SEEDS = (42, 1, 2, 3, 4, 5, 6, 7)
+# (row label, recipe, distilled from the teacher?)
+STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "student_kd.yaml", True))
 
 
-def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[str] | None = None) -> dict:
-    overrides = list(overrides or [])
-    rows: dict[str, dict[str, float]] = {}
-    teacher_dir = str(Path(runs) / "teacher")
-    plan = [
-        ("teacher", "teacher.yaml", []),
-        ("student, no KD", "student_nokd.yaml", []),
-        ("student, KD", "student_kd.yaml", [f"teacher.checkpoint={teacher_dir}"]),
-    ]
-    for label, file, extra in plan:
-        out = str(Path(runs) / Path(file).stem)
-        recipe = load_recipe(RECIPE_DIR / file, [f"data.root={root}", f"training.output_dir={out}", *extra,
-                                                 *overrides])
-        metrics = run(recipe)
-        rows[label] = {k.removeprefix("test_"): v for k, v in metrics.items()
-                       if k.removeprefix("test_") in ("r1", "r5", "r10", "mAP", "mINP")}
-    table = format_metrics(rows)
-    print("\nSynthPEDES test split (text-to-image, %):\n" + table)
-    Path(runs).mkdir(parents=True, exist_ok=True)
-    (Path(runs) / "results.md").write_text(table + "\n")
-    return rows
+def _test_metrics(recipe_file: str, out: Path, overrides: list[str]) -> dict[str, float]:
+    recipe = load_recipe(RECIPE_DIR / recipe_file, [f"training.output_dir={out}", *overrides])
+    metrics = run(recipe)
+    return {m: metrics[f"test_{m}"] for m in METRICS}
+
+
+def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
+    """One row per model: ``mean ± std`` of each metric over its seeds (n in the last column)."""
+    heads = ["R@1", "R@5", "R@10", "mAP", "mINP"]
+    width = max(len("model"), *(len(k) for k in runs))
+    lines = [f"| {'model':<{width}} | " + " | ".join(f"{h:>13}" for h in heads) + " | seeds |",
+             f"|{'-' * (width + 2)}|" + "|".join("-" * 15 for _ in heads) + "|-------|"]
+    for name, rows in runs.items():
+        cells = []
+        for m in METRICS:
+            values = [r[m] for r in rows]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):6.2f} ± {sd:4.2f}")
+        lines.append(f"| {name:<{width}} | " + " | ".join(cells) + f" | {len(rows):>5} |")
+    return "\n".join(lines)
+
+
+def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[str] | None = None,
+             seeds: int = 1) -> dict[str, list[dict[str, float]]]:
+    """Train the teacher once and both students at ``seeds`` seeds; print and save the tables."""
+    if not 1 <= seeds <= len(SEEDS):
+        raise ValueError(f"seeds must be 1..{len(SEEDS)}, got {seeds}")
+    base = [f"data.root={root}", *(overrides or [])]
+    out = Path(runs)
+    teacher_dir = out / "teacher"
+    results: dict[str, list[dict[str, float]]] = {"teacher": [_test_metrics("teacher.yaml", teacher_dir, base)]}
+    for label, file, distilled in STUDENTS:
+        results[label] = []
+        for seed in SEEDS[:seeds]:
+            run_dir = out / (Path(file).stem + ("" if seed == SEEDS[0] else f"_seed{seed}"))
+            extra = [f"seed={seed}"] + ([f"teacher.checkpoint={teacher_dir}"] if distilled else [])
+            results[label].append(_test_metrics(file, run_dir, [*base, *extra]))
+    first = {label: rows[0] for label, rows in results.items()}
+    text = "SynthPEDES test split (text-to-image, %), seed 42:\n" + format_metrics(first)
+    if seeds > 1:
+        text += (f"\n\nStudents over seeds {list(SEEDS[:seeds])} (mean ± sample std; same teacher and data; "
+                 "each student's seed sets its initialisation, data order and augmentation):\n" + spread_table(results))
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text + "\n")
+    return results

@@ -130,7 +130,13 @@ def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None 
     """A model of the recipe's image size and caption length, with its weights: loaded from its
     checkpoint, or inherited from a source (the recipe's ``teacher``, or any checkpoint)."""
     size, length = tuple(recipe.data.image_size), recipe.data.context_length
-    model = create_model(cfg.architecture(), image_size=size, context_length=length, projection_dim=projection_dim)
+    # A random initialisation depends on the seed and the architecture only, not on which models
+    # were built before: a student distilled from a teacher starts where the same student trained
+    # alone starts.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = create_model(cfg.architecture(), image_size=size, context_length=length,
+                             projection_dim=projection_dim)
     if cfg.checkpoint:
         # Any known format: a kd_trainer run (continue-from), open_clip/OpenAI/TinyCLIP weights
         # (position embeddings resized to this image size), a HF CLIPModel folder, IRRA's best.pth.
