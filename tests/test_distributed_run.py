@@ -38,7 +38,7 @@ def test_two_cpu_processes_run_the_demo_student_recipe(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["global_train_batch_size"] == 32, info
     metrics = json.loads((out / "test_results.json").read_text())
-    assert 0 <= metrics["test_r1"] <= metrics["test_r10"] <= 100
+    assert metrics["test_r1"] <= metrics["test_r10"]  # recall grows with K
     # Each optimizer step consumed 2 x 16 samples: one epoch of the train split is ceil(n / 32) steps.
     from kd_trainer.data import load_pedes
 

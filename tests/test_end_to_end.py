@@ -75,7 +75,7 @@ def test_teacher_run_evaluates_each_epoch_and_saves_everything(teacher_run: Path
     assert state["best_metric"] == max(h["eval_r1"] for h in evals), "metric_for_best_model: r1 selects on eval R@1"
     metrics = json.loads((teacher_run / "test_results.json").read_text())
     assert set(metrics) >= {"test_r1", "test_r5", "test_r10", "test_mAP", "test_mINP"}
-    assert 0 <= metrics["test_r1"] <= metrics["test_r5"] <= metrics["test_r10"] <= 100
+    assert metrics["test_r1"] <= metrics["test_r5"] <= metrics["test_r10"]  # recall grows with K
 
 
 def test_saved_model_reloads_to_identical_metrics(teacher_run: Path, data_root: Path):

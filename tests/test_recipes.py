@@ -128,7 +128,7 @@ def synth_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", METHODS)
 def test_synth_variant_runs_to_completion(synth_runs, name):
     metrics, out = synth_runs[name]
-    assert 0.0 <= metrics["test_r1"] <= 100.0 and metrics["test_r10"] >= metrics["test_r1"]
+    assert metrics["test_r10"] >= metrics["test_r1"]  # recall grows with K
     assert json.loads((out / "test_results.json").read_text())["test_r1"] == metrics["test_r1"]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     recipe = load_recipe(out / "recipe.yaml")
