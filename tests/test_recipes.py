@@ -17,10 +17,12 @@ METHODS = ["finetune_itc", "cross_kd", "clip_kd", "motis_2stage", "conaclip_2sta
 EXPECTED = {
     "finetune_itc": [(None, "all", {"itc"})],
     "cross_kd": [(None, "all", {"cross_kd", "itc"})],
-    "clip_kd": [(None, "all", {"fd", "icl", "crd", "itc"})],
+    # The original's CLIP-KD path: task sdm, no alpha mix (methods.md).
+    "clip_kd": [(None, "all", {"sdm", "fd", "icl", "crd"})],
     "motis_2stage": [
         ("image", "image", {"motis[image]", "st_itc"}),
-        ("text", "text", {"motis[text]", "inter_ts_kl[text]", "inter_ss_kl", "ts_itc", "ss_itc"}),
+        # Its distillation config names no inter_ss_kl, although the command passes its temperature.
+        ("text", "text", {"motis[text]", "inter_ts_kl[text]", "ts_itc", "ss_itc"}),
     ],
     "conaclip_2stage": [
         ("image", "image", {"motis[image]", "intra_ss_sd[image]", "intra_ts_sd[image]", "st_itc"}),
@@ -55,10 +57,16 @@ def test_method_recipe_matches_methods_md(name):
     for _, _, loss in stages_of(recipe):
         for term in loss.terms:
             kind = get_term(term.name).kind
-            if term.temperature is not None:
-                assert term.temperature == (0.02 if kind == "task" or term.name in ("icl", "crd") else 0.5), term.key
-        if name != "finetune_itc":  # every KD recipe mixes as the original does, explicitly
+            if term.temperature is not None:  # task 0.02; CLIP-KD's icl and crd 0.07; distillation 0.5
+                assert term.temperature == (0.02 if kind == "task" else 0.07 if term.name in ("icl", "crd")
+                                            else 0.5), term.key
+        if name in ("finetune_itc", "clip_kd"):  # no KD term, or the CLIP-KD path: a plain weighted sum
+            assert loss.alpha is None
+        else:  # every other KD recipe mixes as the original does, explicitly
             assert loss.alpha is not None and loss.alpha.values == [0.9, 0.6] and loss.alpha.boundaries == [9]
+    # The original's run around the losses (tests/test_faithful.py checks it setting by setting).
+    assert recipe.optim.preset == "original" and recipe.precision == "original"
+    assert (recipe.select.metric, recipe.select.split) == ("r1", "test")
     if recipe.teacher is not None:
         assert recipe.teacher.arch == "clip-vit-b16" and recipe.teacher.config.endswith("configs.yaml")
 
@@ -84,6 +92,16 @@ def test_synth_variant_is_the_same_method(name):
         for a, b in zip(rl.terms, sl.terms, strict=True):
             assert (a.key, a.weight, a.group, a.kwargs) == (b.key, b.weight, b.group, b.kwargs)
             assert b.temperature == (0.05 if a.temperature == 0.02 else a.temperature)
+    # The same run around the losses: the original's optimiser with only the LR raised for models
+    # trained from scratch, the same checkpoint choice, no clipping. fp32 weights, said in the twin.
+    assert synth.optim.preset == real.optim.preset == "original"
+    assert set(synth.optim.model_dump(exclude_unset=True)) - set(real.optim.model_dump(exclude_unset=True)) \
+        == {"lr"}
+    assert [s.optim for s in synth.stages or []] == [s.optim for s in real.stages or []]
+    assert synth.select == real.select
+    assert synth.training["max_grad_norm"] == real.training["max_grad_norm"] == 0
+    assert real.precision == "original" and synth.precision is None
+    assert "precision: original` is left out" in (ROOT / "recipes" / "synth" / f"{name}.yaml").read_text()
 
 
 def test_override_switches_the_dataset():
@@ -166,6 +184,7 @@ def test_real_ours_3stage_recipe_runs_at_full_size(tmp_path):
             "training.per_device_train_batch_size=4", "training.eval_strategy=no", "training.save_strategy=no",
             "training.dataloader_num_workers=0", "training.logging_steps=1", f"training.output_dir={tmp_path / 'o'}"]
     over += [f"stages.{i}.{k}" for i in range(3) for k in ("epochs=null", "steps=1")]
+    over.append("select=null")  # nothing is evaluated here, so there is nothing to select from
     metrics = _run(ROOT / "recipes" / "ours_3stage.yaml", over)
     assert metrics == {}
     history = json.loads((tmp_path / "o" / "trainer_state.json").read_text())["log_history"]

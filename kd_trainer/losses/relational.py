@@ -156,18 +156,25 @@ def crd(
     temperature: float,
     side: str = "both",
     teacher_temperature: float | None = None,
+    directions: str = "mean",
 ) -> torch.Tensor:
     """CLIP-KD contrastive relational distillation.
 
     ``1/2 [KL(P(vt,tt;tau_t) || P(vs,ts;tau_s)) + KL(P(tt,vt;tau_t) || P(ts,vs;tau_s))]`` with
     ``tau_s = temperature`` and ``tau_t = teacher_temperature`` (default: ``tau_s``).
+    ``directions: sum`` drops the ``1/2``: the seed code's CLIP-KD path adds the image-to-text
+    and text-to-image KLs without halving them (``recipes/clip_kd.yaml`` reproduces it so).
     """
+    if directions not in ("mean", "sum"):
+        raise ValueError(f"crd: directions must be 'mean' (CLIP-KD's 1/2 of the two KLs) or 'sum' (the seed "
+                         f"code's), got {directions!r}")
     vs, ts, vt, tt = _four(features)
     tau_s, r = temperature, features.rows
     tau_t = temperature if teacher_temperature is None else float(teacher_temperature)
     image_rows = kl(log_p(vt, tt, tau_t, r), log_p(vs, ts, tau_s, r), r)
     text_rows = kl(log_p(tt, vt, tau_t, r), log_p(ts, vs, tau_s, r), r)
-    return (image_rows + text_rows) / 2
+    both = image_rows + text_rows
+    return both if directions == "sum" else both / 2
 
 
 @register_term("affinity", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
