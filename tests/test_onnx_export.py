@@ -28,7 +28,7 @@ from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from kd_trainer.models.export import export_open_clip
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.importers import model_from_checkpoint
+from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.onnx_export import (
     CARD_END,
     CARD_START,

@@ -35,13 +35,15 @@ convolution, cost up to 1-2 R@1 points where this choice costs none.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -61,9 +63,8 @@ from kd_trainer.data import (
 )
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics, rank_metrics
-from kd_trainer.models.checkpoint import CheckpointError
 from kd_trainer.models.factory import RetrievalModel
-from kd_trainer.models.importers import resize_visual_positions
+from kd_trainer.models.loading import CheckpointError, resize_visual_positions
 
 __all__ = [
     "IMAGE_ENCODER",
@@ -136,7 +137,7 @@ def _installed(name: str) -> bool:
 def _require_deploy() -> None:
     missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if not _installed(name)]
     if missing:
-        raise DeployDependencyError(f"ONNX export needs {', '.join(missing)}, which is not installed: {EXTRA_HINT}")
+        raise DeployDependencyError(f"ONNX export needs {', '.join(missing)} (not installed): {EXTRA_HINT}")
 
 
 def _ort() -> Any:
@@ -267,6 +268,37 @@ def _trace(module: nn.Module, example: torch.Tensor, path: Path, input_name: str
     onnx.checker.check_model(str(path))
 
 
+class _BelowErrorFrom(logging.Filter):
+    """Drops records below ERROR logged from files under ``folder``."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or self.folder not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """Under the CLI's INFO logging, the exporter's graph passes (onnxscript, onnx_ir) and the quantiser
+    (onnxruntime.quantization, on the root logger) write hundreds of lines per graph; the quantiser also
+    warns to run its pre-processing (``quant_pre_process``), whose symbolic shape inference fails on these
+    graphs. Errors still show; what the export did is in the report."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    quantizer = _BelowErrorFrom(os.path.join("onnxruntime", "quantization"))
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    logging.getLogger().addFilter(quantizer)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quantizer)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _quantize_int8(fp32: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -304,15 +336,15 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     h, w = traced.image_size
     files: dict[str, dict[str, Path]] = {"fp32": {"image": out / IMAGE_ENCODER, "text": out / TEXT_ENCODER}}
-    with torch.no_grad():
+    with _quiet_exporter_logs(), torch.no_grad():
         _trace(_ImageTower(traced), torch.zeros(2, 3, h, w), files["fp32"]["image"], IMAGE_INPUT, IMAGE_OUTPUT)
         _trace(_TextTower(traced), tokenize(list(PROBE_CAPTIONS[:2]), traced.context_length),
                files["fp32"]["text"], TEXT_INPUT, TEXT_OUTPUT)
-    for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
-        if wanted:
-            files[variant] = {t: out / _file_name(t, variant) for t in ("image", "text")}
-            for tower in ("image", "text"):
-                convert(files["fp32"][tower], files[variant][tower])
+        for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
+            if wanted:
+                files[variant] = {t: out / _file_name(t, variant) for t in ("image", "text")}
+                for tower in ("image", "text"):
+                    convert(files["fp32"][tower], files[variant][tower])
     spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
     spec["source"]["model_image_size"] = list(model.image_size)
     (out / PREPROCESS_FILE).write_text(json.dumps(spec, indent=2) + "\n")
@@ -588,6 +620,8 @@ def format_export_report(report: Mapping[str, Any]) -> str:
         rows.update({f"ONNX {v}": e["metrics"] for v, e in report["variants"].items()})
         lines += ["", f"{d['name']}/{d['split']}, text-to-image (%), tolerance {report['tolerance']:g} points "
                   "on R@1 and mAP:", "", format_metrics(rows)]
+    else:
+        lines += ["", "retrieval not checked: no dataset given (--dataset NAME --root DIR checks R@1 and mAP)"]
     lines += ["", "verification: " + ("passed" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))]
     return "\n".join(lines)
 
