@@ -58,13 +58,19 @@ def run_detection(recipe: Recipe, args: TrainingArguments, *, fit: Fit) -> dict[
     with PartialState().main_process_first():  # one process writes, the others wait and reuse
         make_synth_det(folder, **recipe.data.det.model_dump())
     train, test = SynthDetDataset(folder, "train", train=True), SynthDetDataset(folder, "test", train=False)
-    teachers = {name: build_detector(cfg, recipe, f"teachers.{name}") for name, cfg in (recipe.teachers or {}).items()}
+    teachers = {name: build_detector(cfg, recipe, f"teachers.{name}")
+                for name, cfg in (recipe.teachers or {}).items()}
     student = build_detector(recipe.student, recipe, "student")
     mimic = recipe.mimic
-    trainer = DetectionTrainer(model=student, args=args, teachers=teachers,
-                               jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
-                               max_nonfinite_skips=recipe.nonfinite_skips, data_collator=collate_detection,
-                               train_dataset=train, eval_dataset=test)
+    try:  # the mimic jobs' taps run once here, on a real batch: bad names, keys or widths surface now
+        trainer = DetectionTrainer(model=student, args=args, teachers=teachers,
+                                   jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
+                                   max_nonfinite_skips=recipe.nonfinite_skips, data_collator=collate_detection,
+                                   train_dataset=train, eval_dataset=test)
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise RecipeError(str(e)) from None  # one line from the command line, like every recipe error
     fit(trainer, recipe)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)

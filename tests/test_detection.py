@@ -304,7 +304,7 @@ def test_unknown_fpn_key_and_bad_detection_recipes_are_refused(tmp_path):
     recipe = ROOT / "recipes" / "det_frcnn_r50_to_r18_fpn_mimic.yaml"
     small = [*_common(tmp_path, "bad"), "teachers.teacher0.checkpoint=null", "teachers.teacher0.arch.depth=18",
              "training.max_steps=1"]
-    with pytest.raises(ValueError, match=r"backbone\.fpn:p6.*no key 'p6'; valid keys: '0', '1', '2', '3', 'pool'"):
+    with pytest.raises(RecipeError, match=r"backbone\.fpn:p6.*no key 'p6'; valid keys: '0', '1', '2', '3', 'pool'"):
         _run(recipe, [*small, "mimic.student.mimic_name=[backbone.fpn:p6]",
                       "mimic.teacher0.mimic_name=[backbone.fpn:0]"])
     with pytest.raises(RecipeError, match=r"student\.arch: .*depth 19"):
