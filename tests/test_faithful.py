@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- the original's facts, written out -----------------------------------------------------------
 
 BASE_LR, WEIGHT_DECAY, EPS, BETAS = 1e-5, 4e-5, 1e-3, (0.9, 0.999)
-BIAS_LR_FACTOR, HEAD_LR_FACTOR = 2.0, 5.0
+BIAS_LR_FACTOR = 2.0  # (heads, LR x5, do not occur: the students have no randomly initialised head)
 EPOCHS = 60  # --num_epoch 60, per stage
 
 
@@ -123,6 +123,8 @@ FACTS = {
                                           "st_itc": (0.02, T, 1)}, default_alpha)],
 }
 SEED_RECIPES = list(FACTS)
+
+
 # plan_report lists per-epoch values only for stages with `epochs:`; a single-stage recipe's length is
 # training.num_train_epochs, which it does not read yet (strict: the fix turns these into failures, so
 # the marks get removed with it). clip_kd has no alpha at all, so its alpha check holds already.
