@@ -37,7 +37,17 @@ def _per_epoch(schedule: ScheduleLike | None, epochs: int) -> list[float] | None
     return [value_at(schedule, Clock(epoch=e, stage_epoch=e)) for e in range(epochs)]
 
 
-def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe) -> dict[str, Any]:
+def _run_epochs(recipe: Recipe) -> int | None:
+    """A single-stage run's length in whole epochs (``training.num_train_epochs``, the Trainer's default 3),
+    or None when ``max_steps`` sets it or the count is fractional."""
+    training = recipe.training
+    if training.get("max_steps", -1) not in (-1, None):
+        return None
+    epochs = float(training.get("num_train_epochs", 3))
+    return int(epochs) if epochs.is_integer() else None
+
+
+def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe, epochs: int) -> dict[str, Any]:
     named = [(n, p) for n, p in student.named_parameters() if n in stage.params]
     if stage.optim is None:
         training = recipe.training
@@ -52,7 +62,7 @@ def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe) -> 
     return {"preset": "original", "type": o.type, "betas": list(o.betas), "eps": o.eps,
             "groups": [{k: g[k] for k in ("kind", "tensors", "elements", "lr", "weight_decay")}
                        for g in describe_groups(groups)],
-            "lr_per_epoch": lr_per_epoch(o, stage.epochs) if stage.epochs else None,
+            "lr_per_epoch": lr_per_epoch(o, epochs) if epochs else None,
             "schedule": f"{o.warmup_epochs} warm-up epochs from x{o.warmup_factor}, then {o.schedule}, "
                         f"stepped per {o.step_unit}"}
 
@@ -79,17 +89,18 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
         report = convert_to_original_fp16(student)
         precision["student_fp16_tensors"] = len(report.converted)
         precision["student_fp32_tensors"] = len(report.kept)
+    run_epochs = _run_epochs(recipe) if recipe.stages is None else None
     stages = []
     for s in plan.stages:
-        epochs = s.epochs or 0
+        epochs = s.epochs or run_epochs or 0
         stages.append({
-            "name": s.name, "epochs": s.epochs, "steps": s.steps, "trains": s.trainable,
+            "name": s.name, "epochs": epochs or None, "steps": s.steps, "trains": s.trainable,
             "trainable_tensors": len(s.params), "no_autograd_towers": list(s.frozen_towers),
             "terms": [{"key": t.key, "side": t.config.side, "temperature": t.temperature, "group": t.group,
                        "weight": t.config.weight if isinstance(t.config.weight, (int, float))
                        else t.config.weight.model_dump(), "kwargs": t.config.kwargs} for t in s.terms],
             "alpha_per_epoch": _per_epoch(s.alpha, epochs) if epochs else None,
-            "optimiser": _stage_optimiser(s, student, recipe),
+            "optimiser": _stage_optimiser(s, student, recipe, epochs),
             "eval_hybrids": s.eval_hybrids,
         })
     kept = "the last weights of the last stage"

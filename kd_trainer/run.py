@@ -389,6 +389,10 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
         train_dataset=train_dataset,
         eval_dataset=data.split(recipe.select.split if recipe.select is not None else recipe.data.eval_split),
     )
+    if recipe.precision == "original" and trainer.accelerator.mixed_precision != "no":
+        raise RecipeError(f"precision: original trains fp16 weights itself, but the launch asks for "
+                          f"{trainer.accelerator.mixed_precision} mixed precision (accelerate config); launch "
+                          "with --mixed_precision no")
     fit(trainer, recipe)
 
     metrics: dict[str, float] = {}

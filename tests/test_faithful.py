@@ -125,14 +125,6 @@ FACTS = {
 SEED_RECIPES = list(FACTS)
 
 
-# plan_report lists per-epoch values only for stages with `epochs:`; a single-stage recipe's length is
-# training.num_train_epochs, which it does not read yet (strict: the fix turns these into failures, so
-# the marks get removed with it). clip_kd has no alpha at all, so its alpha check holds already.
-def per_epoch_cases(missing: tuple[str, ...]) -> list:
-    mark = pytest.mark.xfail(strict=True, reason="plan_report: no per-epoch values for a single-stage recipe")
-    return [pytest.param(n, marks=mark) if n in missing else n for n in SEED_RECIPES]
-
-
 def recipe_of(name: str, *overrides: str):
     return load_recipe(ROOT / "recipes" / f"{name}.yaml", list(overrides))
 
@@ -199,7 +191,7 @@ def test_plan_terms_and_mix_match_the_table(name):
         assert crd["kwargs"] == {"directions": "sum"}
 
 
-@pytest.mark.parametrize("name", per_epoch_cases(("cross_kd", "ours_from_motis")))
+@pytest.mark.parametrize("name", SEED_RECIPES)
 def test_plan_alpha_per_epoch_matches_the_table(name):
     report = plan_report(recipe_of(name))
     for stage, (_, _, _, alpha) in zip(report["stages"], FACTS[name], strict=True):
@@ -234,7 +226,7 @@ def test_plan_optimiser_groups_match_the_table(name):
         assert o["groups"] == [{**g, "lr": pytest.approx(g["lr"], rel=1e-12)} for g in want]
 
 
-@pytest.mark.parametrize("name", per_epoch_cases(("cross_kd", "clip_kd", "ours_from_motis")))
+@pytest.mark.parametrize("name", SEED_RECIPES)
 def test_plan_lr_per_epoch_matches_the_table(name):
     report = plan_report(recipe_of(name))
     want = [original_lr(e) for e in range(EPOCHS)]
