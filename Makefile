@@ -73,5 +73,13 @@ DEPLOY_BENCH_ARGS ?=
 deploy-bench: $(STAMP)
 	$(PY) bench/bench_deploy.py $(DEPLOY_BENCH_ARGS)
 
+# Exact gradient accumulation's price (issue 17): peak memory and step time of a global batch of 64
+# as 1x64, 4x16 exact, 8x8 exact and plain 8x8, each in its own process (CPU: peak RSS; CUDA:
+# max_memory_allocated).
+ACCUM_BENCH_ARGS ?=
+.PHONY: bench-accum
+bench-accum: $(STAMP)
+	$(PY) bench/bench_accumulation.py $(ACCUM_BENCH_ARGS)
+
 clean-runs:
 	rm -rf runs/demo

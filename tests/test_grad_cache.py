@@ -260,6 +260,8 @@ def test_what_exact_accumulation_refuses(tmp_path):
         ExactTrainer(model=student, args=arguments(tmp_path, "a", batch=K * B, accum=2), **common)
     with pytest.raises(ValueError, match="multiple of 2"):
         ExactTrainer(model=student, args=arguments(tmp_path, "b", batch=K * B + 1), **common)
+    with pytest.raises(ValueError, match="auto_find_batch_size"):
+        ExactTrainer(model=student, args=arguments(tmp_path, "e", batch=K * B, auto_find_batch_size=True), **common)
     with pytest.raises(ValueError, match="integer >= 1"):
         ExactTrainer(model=student, args=arguments(tmp_path, "c", batch=K * B), **{**common,
                                                                                    "exact_accumulation_steps": 0})

@@ -271,6 +271,10 @@ class ExactAccumulation:
             raise ValueError(f"exact accumulation splits each DataLoader batch into {k} micro-batches itself, so "
                              f"gradient_accumulation_steps must be 1 (got {args.gradient_accumulation_steps}); "
                              "exact_group_arguments() translates a recipe's training block")
+        if args.auto_find_batch_size:
+            raise ValueError("auto_find_batch_size would shrink the group, not the micro-batch; with "
+                             "contrastive_accumulation: exact choose the micro-batch yourself "
+                             "(per_device_train_batch_size) and raise gradient_accumulation_steps instead")
         if args.per_device_train_batch_size % k:
             raise ValueError(f"per_device_train_batch_size is the whole group of {k} micro-batches and must be a "
                              f"multiple of {k}, got {args.per_device_train_batch_size}")
