@@ -2,9 +2,10 @@
 ONNX Runtime INT8, side by side, and the ratios between them.
 
     .venv/bin/python bench/bench_deploy.py [--quick] [--threads N] [--json out.json]
+                                           [--teacher ARCH] [--student ARCH] [--image-size H W]
 
-The pair is the realistic one: a ViT-B/16 teacher (``clip-vit-b16``) and a TinyCLIP-xsmall student
-(``tinyclip-xsmall``), both at 384x128 with random weights (speed and size do not depend on them). Each
+The pair is the realistic one by default: a ViT-B/16 teacher (``clip-vit-b16``) and a TinyCLIP-xsmall
+student (``tinyclip-xsmall``), both at 384x128 with random weights (speed and size do not depend on them). Each
 model is exported once with ``kd_trainer.models.onnx_export.export_onnx(int8=True)``, exactly as
 ``kd-trainer export-onnx --int8`` does. For every (model, runtime) pair it measures:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +45,8 @@ from kd_trainer.models.factory import create_model
 from kd_trainer.models.onnx_export import OnnxDualEncoder, export_onnx
 
 SIZE = (384, 128)
-MODELS = (("teacher", "clip-vit-b16"), ("student", "tinyclip-xsmall"))
+TEACHER, STUDENT = "clip-vit-b16", "tinyclip-xsmall"
+ROLES = ("teacher", "student")
 CAPTION = "A woman wearing a white shirt, dark blue jeans and black shoes, carrying a red handbag on her left arm."
 CPU_RUNTIMES = ("pytorch-fp32", "ort-fp32", "ort-int8")
 LABELS = {"pytorch-fp32": "PyTorch fp32", "ort-fp32": "ORT fp32", "ort-int8": "ORT INT8"}
@@ -58,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads for PyTorch and ONNX Runtime alike (default: every CPU)")
     parser.add_argument("--json", help="also write every measurement here")
-    parser.add_argument("--child", nargs=4, metavar=("WORK", "MODEL", "RUNTIME", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", default=TEACHER, help=f"teacher architecture (default {TEACHER})")
+    parser.add_argument("--student", default=STUDENT, help=f"student architecture (default {STUDENT})")
+    parser.add_argument("--image-size", type=int, nargs=2, default=list(SIZE), metavar=("H", "W"))
+    parser.add_argument("--child", nargs=4, metavar=("WORK", "ROLE", "RUNTIME", "DEVICE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -70,37 +74,53 @@ def repetitions(quick: bool) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------- measuring (child side)
 
 
-def rss_bytes() -> int:
-    """The current resident set size (Linux /proc; 0 where it is not available)."""
+def _proc_kb(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where /proc is not available."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class PeakRss:
-    """The highest RSS seen while it runs: sampled every 2 ms, and the kernel's own high-water mark
-    (ru_maxrss, which also catches a peak between two samples) when it lies above the start."""
+    """The peak resident set size while it runs, above the size when it started.
+
+    Linux keeps the peak (VmHWM) itself; writing 5 to /proc/self/clear_refs resets it to the current
+    size, so the peak read at the end is this block's. Where that is not allowed, RSS is sampled every
+    2 ms instead (which can miss a short spike).
+    """
 
     def __init__(self) -> None:
-        self.start = rss_bytes()
+        self.start = _proc_kb("VmRSS")
         self.peak = self.start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kernel_peak = True
+        except OSError:
+            self.kernel_peak = False
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, _proc_kb("VmRSS"))
 
     def __enter__(self) -> "PeakRss":
-        self._thread.start()
+        if not self.kernel_peak:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if self.kernel_peak:
+            self.peak = _proc_kb("VmHWM")
+        else:
+            self._stop.set()
+            self._thread.join()
 
     @property
     def added_mb(self) -> float:
@@ -120,21 +140,22 @@ def median_seconds(fn: Callable[[], Any], warmup: int, timed: int, sync: Callabl
     return statistics.median(times)
 
 
-def run_child(work: Path, model_key: str, runtime: str, device: str, quick: bool, threads: int) -> dict[str, Any]:
+def run_child(work: Path, role: str, runtime: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
     """One (model, runtime, device): load, time, and report the peak memory it added."""
+    quick, threads, size = args.quick, args.threads, tuple(args.image_size)
     torch.set_num_threads(threads)
-    arch = dict(MODELS)[model_key]
-    folder = work / model_key
+    arch = getattr(args, role)
+    folder = work / role
     reps = repetitions(quick)
     gen = torch.Generator().manual_seed(0)
-    pixels = {b: torch.randn(b, 3, *SIZE, generator=gen) for b in (1, 32)}
+    pixels = {b: torch.randn(b, 3, *size, generator=gen) for b in (1, 32)}
     ids = {b: tokenize([CAPTION] * b, 77) for b in (1, 32)}
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRss() as peak:
         if runtime == "pytorch-fp32":
-            model = create_model(arch, image_size=SIZE).eval()
+            model = create_model(arch, image_size=size).eval()
             safetensors.torch.load_model(model.clip, str(folder / "open_clip_model.safetensors"))
             model.to(device)
             pixels = {b: x.to(device) for b, x in pixels.items()}
@@ -174,12 +195,13 @@ def run_child(work: Path, model_key: str, runtime: str, device: str, quick: bool
 # ----------------------------------------------------------------------------- orchestration (parent side)
 
 
-def prepare(work: Path) -> dict[str, dict[str, Any]]:
+def prepare(work: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Build each model (seeded random weights), save its weights and export its ONNX graphs."""
     info: dict[str, dict[str, Any]] = {}
-    for key, arch in MODELS:
+    for key in ROLES:
+        arch = getattr(args, key)
         torch.manual_seed(0)
-        model = create_model(arch, image_size=SIZE).eval()
+        model = create_model(arch, image_size=tuple(args.image_size)).eval()
         folder = work / key
         folder.mkdir(parents=True, exist_ok=True)
         weights = folder / "open_clip_model.safetensors"
@@ -211,12 +233,13 @@ def runtimes() -> list[tuple[str, str]]:
     return out
 
 
-def measure(work: Path, quick: bool, threads: int) -> list[dict[str, Any]]:
+def measure(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for key, _ in MODELS:
+    for key in ROLES:
         for runtime, device in runtimes():
-            cmd = [sys.executable, __file__, "--child", str(work), key, runtime, device, "--threads", str(threads)]
-            if quick:
+            cmd = [sys.executable, __file__, "--child", str(work), key, runtime, device, "--threads", str(args.threads),
+                   "--teacher", args.teacher, "--student", args.student, "--image-size", *map(str, args.image_size)]
+            if args.quick:
                 cmd.append("--quick")
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -255,7 +278,7 @@ def ratios(info: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> tuple
         for tower in ("image", "text"):
             add(f"student/teacher {tower} b1 latency, {LABELS[runtime]} {device}", s[f"{tower}_b1_ms"],
                 t[f"{tower}_b1_ms"])
-    for key, _ in MODELS:
+    for key in ROLES:
         torch_row, onnx_row, int8_row = (at[(key, r, "cpu")] for r in CPU_RUNTIMES)
         for tower in ("image", "text"):
             add(f"ONNX/PyTorch {tower} b1 latency, {key} fp32 cpu", onnx_row[f"{tower}_b1_ms"],
@@ -274,18 +297,18 @@ def ratios(info: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> tuple
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
-        work, key, runtime, device = args.child
-        print(json.dumps(run_child(Path(work), key, runtime, device, args.quick, args.threads)))
+        work, role, runtime, device = args.child
+        print(json.dumps(run_child(Path(work), role, runtime, device, args)))
         return
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"deploy bench: {os.cpu_count()} CPUs, {args.threads} threads, load average "
-          f"{'/'.join(f'{x:.1f}' for x in load) if load else 'n/a'}, {'quick' if args.quick else 'full'} run",
-          flush=True)
+          f"{'/'.join(f'{x:.1f}' for x in load) if load else 'n/a'}, {'quick' if args.quick else 'full'} run; "
+          f"teacher {args.teacher}, student {args.student} at {args.image_size[0]}x{args.image_size[1]}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        info = prepare(work)
-        rows = measure(work, args.quick, args.threads)
+        info = prepare(work, args)
+        rows = measure(work, args)
     lines, values = ratios(info, rows)
     print()
     print(table(info, rows))
@@ -297,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "ratios": values,
                                                "threads": args.threads, "quick": args.quick,
+                                               "image_size": args.image_size,
                                                "load_before": load, "load_after": load_after}, indent=2))
         print(f"wrote {args.json}")
 

@@ -12,17 +12,19 @@ the gallery); the PyTorch side uses torchvision's transform of the data pipeline
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import shutil
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from kd_trainer.cli import main
 from kd_trainer.data import CLIP_MEAN, CLIP_STD, load_pedes, tokenize, with_retrieval_transforms
 from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
@@ -41,16 +43,29 @@ from kd_trainer.models.onnx_export import (
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
 
-REPO = Path(__file__).resolve().parent.parent
 DATASET = "synth_pedes"
 WRONG_SIZE = (16, 32)  # micro is 32x16 (H, W): the swapped size is a plausible mistake
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, prelude: str = "") -> subprocess.CompletedProcess:
-    """``kd-trainer ARGS`` in a fresh process (``prelude`` runs first, e.g. to hide a package)."""
-    code = f"{prelude}\nimport sys\nfrom kd_trainer.cli import main\nmain(sys.argv[1:])"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(*args: str) -> Ran:
+    """``kd-trainer ARGS``, in this process (its exit code is what SystemExit carries)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            if isinstance(e.code, str):  # what the interpreter would print before exiting 1
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else 1
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +106,7 @@ def student(tmp_path_factory, data_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, student, data_root) -> tuple[subprocess.CompletedProcess, Path]:
+def exported(tmp_path_factory, student, data_root) -> tuple[Ran, Path]:
     out = tmp_path_factory.mktemp("onnx") / "student_onnx"
     done = _cli("export-onnx", str(student), "--out", str(out), "--int8", "--dataset", DATASET,
                 "--root", str(data_root))
@@ -99,7 +114,7 @@ def exported(tmp_path_factory, student, data_root) -> tuple[subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def wrong_size(tmp_path_factory, student, data_root) -> tuple[subprocess.CompletedProcess, Path]:
+def wrong_size(tmp_path_factory, student, data_root) -> tuple[Ran, Path]:
     out = tmp_path_factory.mktemp("onnx_wrong") / "student_onnx"
     done = _cli("export-onnx", str(student), "--out", str(out), "--image-size", *map(str, WRONG_SIZE),
                 "--dataset", DATASET, "--root", str(data_root))
@@ -240,12 +255,12 @@ def test_a_graph_that_disagrees_with_preprocess_json_is_refused(exported, wrong_
     assert ran.returncode == 2 and "exported at another image size" in ran.stderr, ran.stderr[-3000:]
 
 
-def test_missing_deploy_extra_is_named(tmp_path):
+def test_missing_deploy_extra_is_named(tmp_path, monkeypatch):
     torch.manual_seed(0)
     folder = tmp_path / "m"
     export_open_clip(create_model("micro"), folder)
-    ran = _cli("export-onnx", str(folder), "--out", str(tmp_path / "o"),
-               prelude="import sys; sys.modules['onnxruntime'] = None  # as if not installed")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: `import onnxruntime` fails
+    ran = _cli("export-onnx", str(folder), "--out", str(tmp_path / "o"))
     assert ran.returncode == 2
     assert "onnxruntime" in ran.stderr and "pip install 'kd_trainer[deploy]'" in ran.stderr
     assert not (tmp_path / "o" / "image_encoder.onnx").exists()
