@@ -53,6 +53,7 @@ from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache
 from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.core import NonFiniteLossError
+from kd_trainer.distill.grad_cache import exact_group_arguments
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
 from kd_trainer.models.loading import CheckpointError, load_weights, model_from_checkpoint
@@ -164,7 +165,10 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         "report_to": "none",
         "per_device_eval_batch_size": 256,
     }
-    args = {**defaults, **recipe.training}
+    training = dict(recipe.training)
+    if recipe.contrastive_accumulation == "exact":  # the DataLoader yields whole groups; the trainer splits them
+        training, _ = exact_group_arguments(training)
+    args = {**defaults, **training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in the recipe)
     if isinstance(args.get("resume_from_checkpoint"), bool):  # `true`: fit() passes it to train()
         args.pop("resume_from_checkpoint")
@@ -172,6 +176,13 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     # open_clip users; export_student pushes the open_clip folder instead, once, at the end.
     args["push_to_hub"] = False
     return TrainingArguments(**args)
+
+
+def exact_steps(recipe: Recipe) -> int:
+    """How many micro-batches each group splits into under ``contrastive_accumulation: exact`` (else 1)."""
+    if recipe.contrastive_accumulation != "exact":
+        return 1
+    return exact_group_arguments(recipe.training)[1]
 
 
 def export_student(trainer: Trainer, recipe: Recipe) -> list[Path]:
@@ -386,6 +397,7 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
         mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
         teacher_cache=cache,
         max_nonfinite_skips=recipe.nonfinite_skips,
+        exact_accumulation_steps=exact_steps(recipe),
         train_dataset=train_dataset,
         eval_dataset=data.split(recipe.select.split if recipe.select is not None else recipe.data.eval_split),
     )

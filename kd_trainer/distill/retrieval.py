@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.distill.cache import plan_teacher_source
 from kd_trainer.distill.core import DistillationTrainer
 from kd_trainer.distill.gather import gather_features
+from kd_trainer.distill.grad_cache import ExactAccumulation
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.log_keys import hybrid_key
@@ -60,12 +62,16 @@ def retrieval_plan(terms: Sequence[TermConfig] | LossConfig | None, stages: Sequ
     return RunPlan.single(terms if isinstance(terms, LossConfig) else LossConfig(terms=list(terms or [])))
 
 
-class RetrievalTrainer(DistillationTrainer):
+class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
     """Trainer for a student :class:`RetrievalModel`, with an optional frozen teacher beside it.
 
     Give ``plan`` (resolved by the run), or ``terms`` / ``stages`` to resolve it here. The
     teacher is not a submodule of the student, so checkpoints never contain its weights.
+    ``exact_accumulation_steps=k`` computes every term over each DataLoader batch as one group
+    of ``k`` micro-batches (:mod:`kd_trainer.distill.grad_cache`).
     """
+
+    tower_inputs = MappingProxyType({"image": "pixel_values", "text": "input_ids"})
 
     def __init__(
         self,

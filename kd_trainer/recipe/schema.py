@@ -271,6 +271,12 @@ class Recipe(_Strict):
         None, description="Keep the best evaluation of the last stage (by `metric`, on `split`) as the run's final "
                           "student, as the original keeps best.pth; null keeps the last weights.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
+    contrastive_accumulation: Literal["plain", "exact"] = Field(
+        "plain", description="With training.gradient_accumulation_steps k > 1: plain accumulates k micro-batch "
+                             "losses (batch-dependent terms then see k batches of b, not one of k*b); exact "
+                             "computes every term over the whole group of k*b and backpropagates it one "
+                             "micro-batch at a time (the gradient cache): the update of one batch of k*b, with "
+                             "one micro-batch's activations in memory.")
     nonfinite_skips: int = Field(
         0, ge=0, description="Micro-batches whose loss is NaN or infinite that may be skipped (zero gradient) before "
                              "the run stops; 0 stops at the first, naming the terms and the step. A model with "
@@ -301,6 +307,9 @@ class Recipe(_Strict):
         if self.task == "retrieval":
             self._check_retrieval_names()
             self._check_optim_and_precision()
+            if self.contrastive_accumulation == "exact" and self.mimic is not None:
+                raise ValueError("contrastive_accumulation: exact cannot be combined with mimic jobs: they compare "
+                                 "intermediate features, which the gradient cache does not keep")
             if self.mimic is not None and not self.mimic.task_loss:
                 raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
                                  "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
