@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import huggingface_hub
 import open_clip
 import safetensors.torch
 import torch
@@ -454,9 +455,7 @@ def push_export_to_hub(
     """
     plan = hub_upload_plan(folder)
     if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)  # looked up at call time (tests may stand in for it)
     repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     # the Hub may complete an owner-less id ("name" -> "user/name")
     resolved = getattr(repo_url, "repo_id", None) or repo_id
