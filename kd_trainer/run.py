@@ -341,7 +341,8 @@ def run_classification(recipe: Recipe, args: TrainingArguments) -> dict[str, flo
     mimic = recipe.mimic
     student = load_classifier(str(recipe.student.arch), classes, recipe.student.checkpoint)
     trainer = ClassificationTrainer(model=student, args=args, teachers=teachers,
-                                    jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
+                                    mimic_jobs=mimic.jobs if mimic else (),
+                                    task_loss=mimic.task_loss if mimic else True,
                                     max_nonfinite_skips=recipe.nonfinite_skips, train_dataset=train, eval_dataset=test)
     fit(trainer, recipe)
     metrics = trainer.evaluate(test, metric_key_prefix="test")

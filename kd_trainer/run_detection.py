@@ -64,7 +64,7 @@ def run_detection(recipe: Recipe, args: TrainingArguments, *, fit: Fit) -> dict[
     mimic = recipe.mimic
     try:  # the mimic jobs' taps run once here, on a real batch: bad names, keys or widths surface now
         trainer = DetectionTrainer(model=student, args=args, teachers=teachers,
-                                   jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
+                                   mimic_jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
                                    max_nonfinite_skips=recipe.nonfinite_skips, data_collator=collate_detection,
                                    train_dataset=train, eval_dataset=test)
     except ValueError as e:

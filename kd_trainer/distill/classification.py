@@ -7,29 +7,19 @@ only its forwards, its task loss and its accuracy; the core runs the jobs, weigh
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd_trainer.distill.core import DistillationTrainer
-from kd_trainer.distill.plan import RunPlan, Stage
+from kd_trainer.distill.plan import Stage
 from kd_trainer.models.classifier import CLASSIFIER_CONFIG
 
 
 class ClassificationTrainer(DistillationTrainer):
     """Trainer whose ``model`` is a classifier (with ``mimic_head`` holding its adapters)."""
-
-    def __init__(self, model: nn.Module, args: Any = None, *, teachers: dict[str, nn.Module] | None = None,
-                 jobs: Sequence[Any] = (), task_loss: bool = True, **kwargs: Any) -> None:
-        if not jobs and not task_loss:
-            raise ValueError("nothing to train: no mimic job and task_loss is false")
-        self.task_loss = task_loss
-        super().__init__(model, args, plan=RunPlan.single(None), teachers=teachers, mimic_jobs=jobs, **kwargs)
-
-    def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        return teacher(pixel_values=inputs["pixel_values"].to(next(teacher.parameters()).device))
 
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         return model(pixel_values=inputs["pixel_values"])

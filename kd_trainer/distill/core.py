@@ -72,14 +72,19 @@ class DistillationTrainer(Trainer):
         model: nn.Module,
         args: Any = None,
         *,
-        plan: RunPlan,
+        plan: RunPlan | None = None,
         teachers: Mapping[str, nn.Module] | None = None,
         mimic_jobs: Sequence[Any] = (),
+        task_loss: bool = True,
         callbacks: Sequence[TrainerCallback] | None = None,
         max_nonfinite_skips: int = 0,
         **kwargs: Any,
     ) -> None:
+        plan = plan if plan is not None else RunPlan.single(None)  # a task loss (and mimic jobs) only
+        if not (plan.terms or mimic_jobs or task_loss):
+            raise ValueError("nothing to train: no loss term, no mimic job and task_loss is false")
         self.plan = plan
+        self.task_loss = task_loss  # the task's own loss (cross-entropy, the detector's losses) is on
         # Non-finite losses stop the run (0), or up to this many micro-batches are skipped first.
         self.max_nonfinite_skips = max_nonfinite_skips
         self.nonfinite_skipped = 0
@@ -115,8 +120,9 @@ class DistillationTrainer(Trainer):
         return {}
 
     def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        """One forward of a mimic teacher (its taps capture); None if it already ran this step."""
-        raise NotImplementedError
+        """One forward of a mimic teacher, in eval mode, so its taps capture: by default an image
+        model's ``teacher(pixel_values=...)``."""
+        return teacher(pixel_values=inputs["pixel_values"].to(next(teacher.parameters()).device))
 
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         raise NotImplementedError

@@ -21,7 +21,7 @@ Teachers run in eval mode (the core freezes them), so they take no targets. What
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from kd_trainer.det_metrics import coco_detection_metrics, to_coco_detections
 from kd_trainer.distill.core import DistillationTrainer
 from kd_trainer.distill.mimic import ADAPTED_KEY
-from kd_trainer.distill.plan import RunPlan, Stage
+from kd_trainer.distill.plan import Stage
 from kd_trainer.models.detector import DETECTOR_CONFIG
 
 LOSS_PREFIX = "loss_"  # torchvision's loss-dict keys; the core logs term <name> as loss_<name>
@@ -40,17 +40,6 @@ class DetectionTrainer(DistillationTrainer):
     ``mimic_head`` holding its adapters). Batches come from
     :func:`kd_trainer.data.synth_det.collate_detection`; an eval split must carry its COCO ground
     truth as ``.coco`` (as :class:`~kd_trainer.data.synth_det.SynthDetDataset` does)."""
-
-    def __init__(self, model: nn.Module, args: Any = None, *, teachers: dict[str, nn.Module] | None = None,
-                 jobs: Sequence[Any] = (), task_loss: bool = True, **kwargs: Any) -> None:
-        if not jobs and not task_loss:
-            raise ValueError("nothing to train: no mimic job and task_loss is false")
-        self.task_loss = task_loss
-        super().__init__(model, args, plan=RunPlan.single(None), teachers=teachers, mimic_jobs=jobs, **kwargs)
-
-    def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, Any]) -> Any:
-        """The teacher's eval-mode forward (no targets; see the module docstring)."""
-        return teacher(pixel_values=inputs["pixel_values"].to(next(teacher.parameters()).device))
 
     def student_outputs(self, model: nn.Module, inputs: dict[str, Any], stage: Stage) -> Any:
         # Training: the loss dict. Eval (the adapters' dry run): detections, no targets needed.
