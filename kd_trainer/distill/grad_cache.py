@@ -174,6 +174,7 @@ def accumulate_exactly(
         raise ValueError("exact accumulation got an empty group")
     # 1. Embed every micro-batch without autograd.
     teacher_parts, student_parts, states = [], [], []
+    trained_keys: set[str] = set()
     with torch.no_grad():
         for mb in micro_batches:
             teacher_parts.append(teacher(mb))
@@ -186,11 +187,13 @@ def accumulate_exactly(
             overlap = sorted(set(embeds) & set(trained))
             if overlap:
                 raise ValueError(f"the frozen towers' forward and the student's both returned {overlap}")
+            trained_keys.update(trained)
             student_parts.append({**embeds, **trained})
     sizes = [{k: v.shape[0] for k, v in part.items()} for part in student_parts]
     teachers = _concat(teacher_parts, "teacher embeddings")
-    # The student's embeddings of the whole group, as leaves: the loss's graph ends at them.
-    leaves = {k: v.detach().requires_grad_(v.is_floating_point())
+    # The trained embeddings of the whole group, as leaves: the loss's graph ends at them. The
+    # frozen towers' stay constants, as in a plain step (gathered without a backward).
+    leaves = {k: v.detach().requires_grad_(v.is_floating_point() and k in trained_keys)
               for k, v in _concat(student_parts, "student embeddings").items()}
     del student_parts, teacher_parts
 
