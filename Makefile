@@ -7,6 +7,7 @@
 #   make compare                       every method on SynthPEDES (recipes/synth/), then the report
 #   make bench [BENCH_ARGS=--quick]    step/eval/loader timings and the KD-cost ratios (CPU or GPU)
 #   make deploy-bench [DEPLOY_BENCH_ARGS=--quick]   PyTorch/ONNX/INT8 latency, size, memory: teacher vs student
+#   make bench-accum [ACCUM_BENCH_ARGS=...]          memory and time of 1x64 vs exact 4x16 / 8x8 accumulation
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo train eval compare bench deploy-bench report clean-runs help
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
