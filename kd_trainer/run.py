@@ -63,6 +63,7 @@ from kd_trainer.models.factory import RetrievalModel, create_model
 from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError, dump_recipe, load_recipe
+from kd_trainer.run_detection import run_detection
 
 logger = logging.getLogger("kd_trainer")
 
@@ -357,6 +358,8 @@ def run(recipe: Recipe) -> dict[str, float]:
     with output_lock(args.output_dir):
         if recipe.task == "classification":
             return run_classification(recipe, args)
+        if recipe.task == "detection":
+            return run_detection(recipe, args, fit=fit)  # fit passed in: run_detection sits beside run.py
         return run_retrieval(recipe, args)
 
 
