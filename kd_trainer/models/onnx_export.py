@@ -230,7 +230,10 @@ def preprocess_spec(model: RetrievalModel, variants: Mapping[str, Mapping[str, s
         "text": {
             "input": TEXT_INPUT, "dtype": "int64", "tokenizer": "clip_bpe",
             "vocab": "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP, bundled with open_clip)",
-            "lowercase": True, "context_length": int(model.context_length),
+            "lowercase": True,
+            "cleaning": "ftfy.fix_text, html.unescape twice, strip, whitespace runs to one space, lower-case "
+                        "(open_clip SimpleTokenizer, clean='lower')",
+            "context_length": int(model.context_length),
             "sot_token_id": SOT_TOKEN_ID, "eot_token_id": EOT_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
             "truncation": "keep the first context_length ids and make the last one eot_token_id",
         },
@@ -260,7 +263,7 @@ def _trace(module: nn.Module, example: torch.Tensor, path: Path, input_name: str
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
-    module.eval()
+    module.eval()  # the wrapper itself; the model inside is in eval mode already
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=[input_name],
                                 output_names=[output_name], dynamic_shapes=({0: batch},),
                                 opset_version=OPSET, external_data=False, verbose=False)
@@ -331,20 +334,24 @@ def export_onnx(
     Nothing is checked here beyond ONNX's own model checker: :func:`verify_onnx_export` does that.
     """
     _require_deploy()
+    was_training = model.training
     traced = at_image_size(model, image_size).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     h, w = traced.image_size
     files: dict[str, dict[str, Path]] = {"fp32": {"image": out / IMAGE_ENCODER, "text": out / TEXT_ENCODER}}
-    with _quiet_exporter_logs(), torch.no_grad():
-        _trace(_ImageTower(traced), torch.zeros(2, 3, h, w), files["fp32"]["image"], IMAGE_INPUT, IMAGE_OUTPUT)
-        _trace(_TextTower(traced), tokenize(list(PROBE_CAPTIONS[:2]), traced.context_length),
-               files["fp32"]["text"], TEXT_INPUT, TEXT_OUTPUT)
-        for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
-            if wanted:
-                files[variant] = {t: out / _file_name(t, variant) for t in ("image", "text")}
-                for tower in ("image", "text"):
-                    convert(files["fp32"][tower], files[variant][tower])
+    try:
+        with _quiet_exporter_logs(), torch.no_grad():
+            _trace(_ImageTower(traced), torch.zeros(2, 3, h, w), files["fp32"]["image"], IMAGE_INPUT, IMAGE_OUTPUT)
+            _trace(_TextTower(traced), tokenize(list(PROBE_CAPTIONS[:2]), traced.context_length),
+                   files["fp32"]["text"], TEXT_INPUT, TEXT_OUTPUT)
+            for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
+                if wanted:
+                    files[variant] = {t: out / _file_name(t, variant) for t in ("image", "text")}
+                    for tower in ("image", "text"):
+                        convert(files["fp32"][tower], files[variant][tower])
+    finally:
+        model.train(was_training)
     spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
     spec["source"]["model_image_size"] = list(model.image_size)
     (out / PREPROCESS_FILE).write_text(json.dumps(spec, indent=2) + "\n")
