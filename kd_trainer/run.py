@@ -127,6 +127,15 @@ def replay_config(recipe: Recipe) -> ReplayConfig:
                         seed=recipe.teacher.cache_seed)
 
 
+def open_teacher_cache(recipe: Recipe, teacher: RetrievalModel,
+                       raw_train: datasets.Dataset) -> tuple[TeacherCache, ReplayDataset]:
+    """The recipe's teacher cache, verified, and the train split that replays its augmentation
+    draws. A cache made for another teacher, dataset or transform is refused, naming what changed."""
+    cfg = replay_config(recipe)
+    cache = TeacherCache.open(recipe.teacher.cache, teacher=teacher, dataset_raw=raw_train, transform_cfg=cfg)
+    return cache, ReplayDataset(raw_train, cfg, canonical_dataset_name(recipe.data.name))
+
+
 def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None,
                 teacher: RetrievalModel | None = None) -> RetrievalModel:
     """A model of the recipe's image size and caption length, with its weights: loaded from its
@@ -387,10 +396,7 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
 
     cache, train_dataset = None, data.splits["train"]
     if teacher is not None and recipe.teacher.cache is not None:
-        # A cache made for another teacher, dataset or transform is refused, naming what changed.
-        cfg = replay_config(recipe)
-        cache = TeacherCache.open(recipe.teacher.cache, teacher=teacher, dataset_raw=data.raw_train, transform_cfg=cfg)
-        train_dataset = ReplayDataset(data.raw_train, cfg, canonical_dataset_name(recipe.data.name))
+        cache, train_dataset = open_teacher_cache(recipe, teacher, data.raw_train)
 
     trainer = RetrievalTrainer(
         model=student,
