@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import TrainingArguments
 
 from tiny import batch_items as _batch_items
@@ -31,3 +32,12 @@ def tiny_args(tmp_path):
                     use_cpu=True, disable_tqdm=True)
         return TrainingArguments(**{**base, **kw})
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """ResNets on 2 busy cores: OpenMP spin-waiting makes 2 threads far slower than 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

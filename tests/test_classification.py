@@ -19,12 +19,8 @@ TINY = "data.shapes={num_classes: 4, train_per_class: 8, test_per_class: 4, imag
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """ResNets on 2 busy cores: OpenMP spin-waiting makes 2 threads far slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (the conftest fixture)."""
 
 
 def common(tmp_path: Path, out: str) -> list[str]:

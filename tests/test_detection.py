@@ -41,12 +41,8 @@ TINY_DATA = "data.det={num_classes: 3, train_images: 8, test_images: 5, image_si
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """ResNets on 2 busy cores: OpenMP spin-waiting makes 2 threads far slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs torch on one thread (the conftest fixture)."""
 
 
 @pytest.fixture(scope="module")
