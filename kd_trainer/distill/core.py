@@ -284,7 +284,7 @@ class DistillationTrainer(Trainer):
         raise NonFiniteLossError(
             f"the loss became non-finite {where}: terms {bad or ['(the weighted total)']} are NaN or infinite. "
             "The run stopped; its last checkpoint holds the last good weights. Lower the learning rate, check "
-            "the terms' temperatures, or or let the recipe skip up to N such micro-batches (nonfinite_skips: N)")
+            "the terms' temperatures, or let the recipe skip up to N such micro-batches (nonfinite_skips: N)")
 
     def _weighted_total(self, values: dict[str, torch.Tensor], mimic: dict[str, torch.Tensor], stage: Stage,
                         *, record: bool) -> torch.Tensor:
