@@ -8,7 +8,6 @@ byte-identical between runs, and reused when the same arguments produced it befo
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+
+from kd_trainer.data.generated import already_generated, mark_generated
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -67,13 +68,8 @@ def make_synth_shapes(out_dir: str | Path, *, num_classes: int = 10, train_per_c
     out = Path(out_dir)
     args: dict[str, Any] = {"num_classes": num_classes, "train_per_class": train_per_class,
                             "test_per_class": test_per_class, "image_size": image_size, "seed": seed}
-    meta = out / META
-    if meta.is_file():
-        on_disk = json.loads(meta.read_text())
-        if on_disk == args:
-            return out
-        raise ValueError(f"{out} holds SynthShapes made with other arguments ({on_disk}, asked {args}); "
-                         "use another directory")
+    if already_generated(out, META, args, "SynthShapes"):
+        return out
     names = class_names(num_classes)
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         for ci, name in enumerate(names):
@@ -82,7 +78,7 @@ def make_synth_shapes(out_dir: str | Path, *, num_classes: int = 10, train_per_c
             for i in range(per_class):
                 rng = random.Random(f"{seed}:{split}:{ci}:{i}")
                 _draw(name, image_size, rng).save(folder / f"{i:04d}.png", optimize=False)
-    meta.write_text(json.dumps(args, indent=2))
+    mark_generated(out, META, args)
     return out
 
 

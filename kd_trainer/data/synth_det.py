@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from kd_trainer.data.errors import DatasetFormatError
+from kd_trainer.data.generated import already_generated, mark_generated
 from kd_trainer.data.shapes import COLOURS, class_names
 
 __all__ = ["GENERATOR_VERSION", "META_FILE", "SynthDetDataset", "collate_detection", "make_synth_det"]
@@ -127,13 +128,8 @@ def make_synth_det(out_dir: str | Path, *, num_classes: int = 6, train_images: i
     args: dict[str, Any] = {"num_classes": num_classes, "train_images": train_images, "test_images": test_images,
                             "image_size": image_size, "max_objects": max_objects, "seed": seed,
                             "generator_version": GENERATOR_VERSION}
-    meta = out / META_FILE
-    if meta.is_file():
-        on_disk = json.loads(meta.read_text())
-        if on_disk == args:
-            return out
-        raise ValueError(f"{out} holds SynthDet made with other arguments ({on_disk}, asked {args}); "
-                         "use another data.root or delete it")
+    if already_generated(out, META_FILE, args, "SynthDet"):
+        return out
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
     for split, count in (("train", train_images), ("test", test_images)):
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -151,7 +147,7 @@ def make_synth_det(out_dir: str | Path, *, num_classes: int = 6, train_images: i
                                     "area": round((x1 - x0) * (y1 - y0), 2), "iscrowd": 0})
         (out / f"{split}.json").write_text(json.dumps(
             {"images": images, "annotations": annotations, "categories": categories}))
-    meta.write_text(json.dumps(args, indent=2))  # last: a folder without it is an interrupted write
+    mark_generated(out, META_FILE, args)
     return out
 
 
