@@ -65,26 +65,26 @@ def _shard(grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return grad[start : start + sizes[dist.get_rank()]]
 
 
-class _GatherLocalGrad(torch.autograd.Function):
-    """Whole batch on every process: every process holds the same ``dL/dX``, no communication."""
+class _Gather(torch.autograd.Function):
+    """Every process's rows, concatenated (padded shards trimmed); subclasses say how backward
+    turns the gathered gradient into this process's shard."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
         ctx.sizes = sizes
         return _gather_padded(x.detach(), sizes)
+
+
+class _GatherLocalGrad(_Gather):
+    """Whole batch on every process: every process holds the same ``dL/dX``, no communication."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         return _shard(grad, ctx.sizes) * len(ctx.sizes), None
 
 
-class _GatherSummedGrad(torch.autograd.Function):
+class _GatherSummedGrad(_Gather):
     """Local rows: each process holds the gradient of its own rows; the shard's total is their sum."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
-        ctx.sizes = sizes
-        return _gather_padded(x.detach(), sizes)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
