@@ -107,7 +107,12 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     if plan.select is not None:
         kept = (f"the epoch of the last stage with the best {plan.select.metric} on {plan.select.split}"
                 + (" (test-set selection, as the original)" if plan.select.split == "test" else ""))
-    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "stages": stages,
+    k = int(recipe.training.get("gradient_accumulation_steps", 1))
+    run = {"accumulation": f"{recipe.contrastive_accumulation}, {k} micro-batch(es) per step",
+           "nonfinite_skips": recipe.nonfinite_skips,
+           "data_checks": {"verify_images": recipe.data.verify_images, "skip_unreadable": recipe.data.skip_unreadable,
+                           "duplicates": recipe.data.duplicates}}
+    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "run": run, "stages": stages,
             "inheritance": inheritance, "checkpoint_kept": kept}
 
 
@@ -118,6 +123,9 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"precision: {p['mode']}" + (f", mixed {p['mixed']}" if p["mixed"] else "")
                  + (f" ({p['student_fp16_tensors']} student tensors fp16, {p['student_fp32_tensors']} fp32)"
                     if "student_fp16_tensors" in p else ""))
+    r = report["run"]
+    lines.append(f"accumulation: {r['accumulation']}; non-finite losses skipped before stopping: "
+                 f"{r['nonfinite_skips']}; data checks: {r['data_checks']}")
     if report["inheritance"]:
         lines.append("student inherited from its source:\n  " + report["inheritance"].replace("\n", "\n  "))
     for i, s in enumerate(report["stages"], 1):

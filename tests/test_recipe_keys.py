@@ -98,6 +98,11 @@ def _plan(overrides: list[tuple[list, object]]) -> dict:
     (["select"], {"metric": "mAP", "split": "test"}),
     (["student", "vision_layers"], 2),
     (["student", "inherit"], {"layers": "uniform"}),
+    (["contrastive_accumulation"], "exact"),
+    (["training", "gradient_accumulation_steps"], 4),
+    (["nonfinite_skips"], 3),
+    (["data", "verify_images"], True),
+    (["data", "duplicates"], "drop"),
 ])
 def test_keys_that_shape_training_change_the_plan(path, value):
     assert _plan([(path, value)]) != _plan([])
