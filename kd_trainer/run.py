@@ -310,7 +310,7 @@ def preflight(recipe: Recipe, args: TrainingArguments) -> None:
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".kd_trainer.write-test"
+        probe = out / f".kd_trainer.write-test.{os.getpid()}"  # one per process: they probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:
