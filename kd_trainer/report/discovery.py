@@ -4,6 +4,9 @@ each into a :class:`RunSummary`.
 Only a folder holding ``test_results.json`` counts as finished. A folder with a ``recipe.yaml`` but
 no test results (still training, crashed, or ``data.test_split: null``) is skipped with a
 :class:`SkippedRunWarning` naming it, so a missing row is always explained.
+
+Each run's task is read off the metrics it records (:func:`kd_trainer.report.metrics.metric_set_of`,
+old metric names renamed first), so it lands in the table with its metrics' columns.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kd_trainer.log_keys import parse_hybrid_key
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key
 from kd_trainer.report.errors import ReportError, SkippedRunWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, RUN_FILES, STAGES_FILE, is_number, read_json, read_yaml
+from kd_trainer.report.metrics import MetricSet, canonical_metrics, metric_set_of, task_metrics
 
 __all__ = ["Selection", "RunSummary", "collect_runs", "find_runs", "warn_skipped", "display_folder"]
 
@@ -44,10 +48,15 @@ class RunSummary:
     label: str  # row label: the recipe's `method`, else its `name`
     name: str  # the recipe's `name` (file names of plots)
     dataset: str  # canonical dataset key, e.g. "rstpreid"
-    metrics: Mapping[str, float]  # test_results.json, numeric values, "test_" prefix removed
+    metrics: Mapping[str, float]  # test_results.json, numeric values, "test_" prefix removed, old names renamed
     folder: Path
     recipe: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # recipe.yaml as read
     selected: Selection | None = None  # None when the run does not record its checkpoint choice
+    task: str = "retrieval"  # whose metrics it records, so which table it goes in (report.metrics)
+
+    @property
+    def metric_set(self) -> MetricSet:
+        return task_metrics(self.task)
 
     @property
     def dataset_name(self) -> str:
@@ -119,7 +128,9 @@ def _load_run(folder: Path) -> RunSummary:
     results = read_json(folder / RESULTS_FILE)
     if not isinstance(results, dict):
         raise ReportError(f"{folder / RESULTS_FILE} is not a JSON object")
-    metrics = {k.removeprefix("test_"): float(v) for k, v in results.items() if is_number(v)}
+    metrics = canonical_metrics({k.removeprefix("test_"): float(v) for k, v in results.items() if is_number(v)},
+                                folder / RESULTS_FILE)
+    task = metric_set_of(metrics, folder / RESULTS_FILE, recipe.get("task")).task
     selected = _selection_in_results(results, folder / RESULTS_FILE)
     in_stages = _selection_in_stages(folder)
     if selected is not None and in_stages is not None and not _same_choice(selected, in_stages):
@@ -127,7 +138,7 @@ def _load_run(folder: Path) -> RunSummary:
                           f"({selected.metric} on {selected.split}, epoch {selected.epoch} vs "
                           f"{in_stages.metric} on {in_stages.split}, epoch {in_stages.epoch})")
     return RunSummary(label=label, name=name, dataset=dataset_key(str(data["name"])), metrics=metrics,
-                      folder=folder, recipe=recipe, selected=selected or in_stages)
+                      folder=folder, recipe=recipe, selected=selected or in_stages, task=task)
 
 
 def _find(path: Path, found: list[Path], skipped: list[tuple[Path, str]]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ReportError", "PlotDependencyError", "SkippedRunWarning"]
+__all__ = ["ReportError", "PlotDependencyError", "SkippedRunWarning", "UnknownMetricWarning"]
 
 
 class ReportError(ValueError):
@@ -15,3 +15,8 @@ class PlotDependencyError(ImportError):
 
 class SkippedRunWarning(UserWarning):
     """A run folder left out of a report (unfinished, or missing a file); the message names it."""
+
+
+class UnknownMetricWarning(UserWarning):
+    """A run records a number that is no metric of its task's table (nor bookkeeping such as epoch
+    or timing): the report lists it in the run's section instead of dropping it; the message names it."""

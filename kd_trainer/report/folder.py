@@ -5,9 +5,11 @@ A run folder is a Trainer ``output_dir`` written by ``kd_trainer.run``; the file
 * ``recipe.yaml``        the fully resolved recipe: ``name``, ``seed``, optional ``method`` (the row
   label), ``data.name`` (the column), and everything that decides which runs are seeds of one
   configuration (see :mod:`kd_trainer.report.seeds`);
-* ``test_results.json``  ``test_r1``, ``test_r5``, ``test_r10``, ``test_mAP``, ``test_mINP`` (%), and
-  ``test_hybrid_<tower>_<metric>`` when the last stage evaluates hybrids; optionally ``selected``
-  (which epoch was kept, on which split); other keys are kept but unused;
+* ``test_results.json``  a retrieval run: ``test_r1``, ``test_r5``, ``test_r10``, ``test_mAP``, ``test_mINP``
+  (%), and ``test_hybrid_<tower>_<metric>`` when the last stage evaluates hybrids; a detection run:
+  ``test_AP``, ``test_AP50``, ``test_AP75`` (COCO box AP, %; older runs ``test_map``, ``test_map_50``,
+  ``test_map_75``, see :mod:`kd_trainer.report.metrics`); optionally ``selected`` (which epoch was
+  kept, on which split); other numbers are listed per run as unknown;
 * ``trainer_state.json`` ``log_history``: training entries with ``step``, ``loss`` and the keys of
   :mod:`kd_trainer.log_keys` (plus ``stage`` in multi-stage runs), evaluation entries with
   ``step`` and ``eval_r1`` ... ``eval_hybrid_<tower>_r1``;

@@ -13,11 +13,17 @@ from typing import Any
 from kd_trainer.log_keys import parse_hybrid_key, parse_mimic_key, parse_term_key
 from kd_trainer.report.errors import ReportError
 from kd_trainer.report.folder import STAGES_FILE, STATE_FILE, is_number, read_json
+from kd_trainer.report.metrics import METRIC_ALIASES, METRIC_SETS
 
-__all__ = ["Series", "StageSpan", "LossCurves", "log_history", "read_stages", "read_curves", "loss_series",
+__all__ = ["EVAL_HEADLINES", "Series", "StageSpan", "LossCurves", "log_history", "read_stages", "read_curves",
+           "loss_series",
            "hybrid_during_training"]
 
 Series = tuple[list[int], list[float]]
+
+# The evaluation drawn over training: each task's headline metric (eval_r1, eval_AP, eval_accuracy;
+# an old run's eval_map read as eval_AP), so a detection run's evaluations are plotted like R@1.
+EVAL_HEADLINES = tuple(s.headline for s in METRIC_SETS)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class LossCurves:
 
     terms: dict[str, Series]  # term name (no stage prefix, no "loss_") or mimic series -> (steps, values)
     total: Series  # the logged total `loss`
-    evals: dict[str, Series]  # "r1", "hybrid_image_r1", "hybrid_text_r1" -> (steps, values)
+    evals: dict[str, Series]  # "r1" (or "AP", "accuracy"), "hybrid_image_r1", "hybrid_text_r1" -> (steps, values)
     stages: list[StageSpan]
     weighted: bool = False
     # term -> index among training log entries of each point, to break a line across a stage without it
@@ -127,10 +133,12 @@ def read_stages(run_dir: str | os.PathLike, history: list[dict[str, Any]] | None
 
 
 def read_curves(run_dir: str | os.PathLike, *, weighted: bool = False) -> LossCurves:
-    """Per-term losses, the total loss, eval R@1 and the stage layout of one run.
+    """Per-term losses, the total loss, evaluations (R@1, or the task's headline: AP for detection)
+    and the stage layout of one run.
 
-    Term keys lose their stage prefix, so a term trained in several stages (``ss_itc`` in the
-    text and joint stages) is one series over global steps. A log entry whose window spans a
+    Term keys (a detector's ``loss_classifier``, ``loss_box_reg`` ... are terms like any other) lose
+    their stage prefix, so a term trained in several stages (``ss_itc`` in the text and joint
+    stages) is one series over global steps. A log entry whose window spans a
     stage boundary can hold the term under both stages' prefixes; both points are kept, the
     earlier stage's first. ``weighted`` picks ``loss_<term>_weighted`` instead of ``loss_<term>``
     (and ``mimic/<job>/weighted`` instead of ``mimic/<job>/<teacher>/<loss>``).
@@ -164,8 +172,9 @@ def read_curves(run_dir: str | os.PathLike, *, weighted: bool = False) -> LossCu
             n_train += 1
         for k, v in h.items():
             hybrid = parse_hybrid_key(k, prefix="eval")
-            if k == "eval_r1":
-                name = "r1"
+            metric = METRIC_ALIASES.get(k.removeprefix("eval_"), k.removeprefix("eval_"))
+            if k.startswith("eval_") and metric in EVAL_HEADLINES:
+                name = metric
             elif hybrid is not None and hybrid[1] == "r1":
                 name = f"hybrid_{hybrid[0]}_r1"
             else:

@@ -1,4 +1,5 @@
-"""Loss-curve plots of one run: every term, the total loss, stage boundaries and eval R@1.
+"""Loss-curve plots of one run: every term, the total loss, stage boundaries and the evaluations
+(R@1 for retrieval, AP for detection).
 
 matplotlib is an optional extra, imported only by :func:`require_matplotlib`; a missing one is a
 :class:`PlotDependencyError` that says what to install.
@@ -14,7 +15,8 @@ from typing import Any
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key
 from kd_trainer.report.errors import PlotDependencyError
 from kd_trainer.report.folder import RECIPE_FILE, read_yaml
-from kd_trainer.report.logs import read_curves
+from kd_trainer.report.logs import EVAL_HEADLINES, read_curves
+from kd_trainer.report.metrics import ALL_METRIC_NAMES
 
 __all__ = ["require_matplotlib", "loss_figure", "plot_loss_curves"]
 
@@ -71,7 +73,8 @@ def loss_figure(run_dir: str | os.PathLike, *, weighted: bool = False, total: bo
     Returned rather than only saved so callers and tests can read the drawn data back:
     ``fig.axes[0]`` holds one line per term (label = term name), the total loss (label
     ``"loss (total)"``, thicker) and the stage boundaries (vertical lines, gid ``"stage-boundary"``);
-    ``fig.axes[1]``, when the log has evaluations, eval R@1 (and hybrid R@1) in %.
+    ``fig.axes[1]``, when the log has evaluations, eval R@1 (and hybrid R@1) in %, or the task's
+    headline metric (eval AP for a detection run).
     """
     Figure, FigureCanvasAgg, colormaps = require_matplotlib()
     run_dir = Path(run_dir)
@@ -106,13 +109,15 @@ def loss_figure(run_dir: str | os.PathLike, *, weighted: bool = False, total: bo
     handles, labels = ax.get_legend_handles_labels()
     if evals and curves.evals:
         ax2 = ax.twinx()
-        styles = {"r1": ("o-", "eval R@1"), "hybrid_image_r1": ("s--", "eval R@1, student image + teacher text"),
+        styles = {**{k: ("o-", f"eval {ALL_METRIC_NAMES[k]}") for k in EVAL_HEADLINES},
+                  "hybrid_image_r1": ("s--", "eval R@1, student image + teacher text"),
                   "hybrid_text_r1": ("^--", "eval R@1, teacher image + student text")}
         for key, (steps, values) in curves.evals.items():
             marker, label = styles.get(key, ("d:", f"eval {key}"))
-            ax2.plot(steps, values, marker, label=label, color="0.3" if key == "r1" else "0.6",
+            ax2.plot(steps, values, marker, label=label, color="0.3" if key in EVAL_HEADLINES else "0.6",
                      markersize=4, linewidth=1.0)  # greys: the colours belong to the loss terms
-        ax2.set_ylabel("eval R@1 (%)")
+        drawn = [ALL_METRIC_NAMES[k] for k in curves.evals if k in EVAL_HEADLINES] or ["R@1"]  # hybrids: R@1
+        ax2.set_ylabel(f"eval {' / '.join(drawn)} (%)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:  # below the plot: inside it, a legend of 5-10 terms hides curves and stage labels

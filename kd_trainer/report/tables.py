@@ -1,7 +1,11 @@
-"""The results table: methods x datasets like the published comparison, one configuration per cell.
+"""The results tables: methods x datasets like the published comparison, one configuration per cell,
+one table per task.
 
-Cells read ``R@1 / R@5 / R@10 / mAP`` for one run and ``m ± s / ... (n=k)`` over ``k`` seeds of one
-configuration (mean and sample standard deviation; see :mod:`kd_trainer.report.seeds`).
+Each run goes in the table of the metrics it records (:mod:`kd_trainer.report.metrics`): retrieval
+cells read ``R@1 / R@5 / R@10 / mAP``, detection cells ``AP / AP50 / AP75``; a folder holding both
+gets two tables (:func:`results_tables`), never one column mixing two metrics. A cell reads the
+run's numbers for one run and ``m ± s / ... (n=k)`` over ``k`` seeds of one configuration (mean and
+sample standard deviation; see :mod:`kd_trainer.report.seeds`).
 
 Two cells with the same label on the same dataset that are not seeds of one configuration (their
 recipes differ, or they record the same seed or none) are an error by default
@@ -12,8 +16,9 @@ of averaging seeds.
 
 Under the table, only when they apply:
 
-* ``≈`` marks cells whose R@1 mean is closer to another method's on the same dataset than their
-  seed spread (the sum of the two standard deviations; a single run adds none), each pair listed;
+* ``≈`` marks cells whose headline mean (R@1, AP) is closer to another method's on the same dataset
+  than their seed spread (the sum of the two standard deviations; a single run adds none), each
+  pair listed;
 * a ``Checkpoint`` column says on which split (and by which metric) each run kept its best epoch,
   ``—`` for runs that do not record it, with a note when the test split chose it.
 """
@@ -27,6 +32,7 @@ from typing import Literal
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key, dataset_rank
 from kd_trainer.report.discovery import RunSummary, Selection, display_folder
 from kd_trainer.report.errors import ReportError
+from kd_trainer.report.metrics import ALL_METRIC_NAMES, METRIC_SETS, MetricSet, task_metrics
 from kd_trainer.report.seeds import (
     MetricStats,
     SeedGroup,
@@ -37,15 +43,12 @@ from kd_trainer.report.seeds import (
     run_seed,
 )
 
-__all__ = ["TABLE_METRICS", "METRIC_NAMES", "MISSING", "NOT_RECORDED", "SPREAD_MARK", "Duplicates", "results_table",
+__all__ = ["MISSING", "NOT_RECORDED", "SPREAD_MARK", "Duplicates", "runs_by_task", "results_table", "results_tables",
            "selection_text", "stats_text"]
 
-TABLE_METRICS = ("r1", "r5", "r10", "mAP")
-METRIC_NAMES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "mAP": "mAP", "mINP": "mINP"}
 MISSING = "–"  # en dash: the published tables' "no result"
 NOT_RECORDED = "—"  # em dash: a run that does not say how its checkpoint was chosen
 SPREAD_MARK = "≈"
-SPREAD_METRIC = "r1"  # the headline metric the spread check compares
 
 Duplicates = Literal["error", "split"]
 
@@ -84,7 +87,8 @@ def _row_labels(groups: Sequence[SeedGroup], duplicates: Duplicates) -> list[str
                           + "\nGive them distinct `method:` labels in their recipes, report fewer folders, "
                           "or keep all of them as separate rows (--duplicates split).")
     for idx in clashes.values():
-        names = ["+".join(r.name for r in groups[i].runs) for i in idx]
+        # seeds of one configuration usually share their recipe name: "x", not "x+x"
+        names = ["+".join(dict.fromkeys(r.name for r in groups[i].runs)) for i in idx]
         by_name = len(set(names)) == len(names)
         for i, name in zip(idx, names):
             tag = name if by_name else "+".join(display_folder(r.folder) for r in groups[i].runs)
@@ -112,7 +116,7 @@ def selection_text(selected: Selection | None) -> str:
     """``val, best R@1`` / ``test, best R@1``, or ``—`` when the run does not record its choice."""
     if selected is None:
         return NOT_RECORDED
-    return f"{selected.split}, best {METRIC_NAMES.get(selected.metric, selected.metric)}"
+    return f"{selected.split}, best {ALL_METRIC_NAMES.get(selected.metric, selected.metric)}"
 
 
 def _group_selection(group: SeedGroup) -> str:
@@ -129,14 +133,14 @@ def _row_selection(cells: dict[str, SeedGroup]) -> str:
     return "; ".join(f"{dataset_display_name(d)}: {t}" for d, t in texts.items())
 
 
-def _spread_notes(rows: Sequence[str], cols: Sequence[str],
-                  cells: dict[tuple[str, str], SeedGroup]) -> tuple[set[tuple[str, str]], list[str]]:
-    """Pairs of rows whose R@1 means on one dataset differ by less than their seed spread."""
+def _spread_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[str, str], SeedGroup],
+                  mset: MetricSet) -> tuple[set[tuple[str, str]], list[str]]:
+    """Pairs of rows whose headline means (R@1, AP) on one dataset differ by less than their seed spread."""
     flagged: set[tuple[str, str]] = set()
     notes: list[str] = []
-    name = METRIC_NAMES[SPREAD_METRIC]
+    name = mset.names[mset.headline]
     for d in cols:
-        have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(SPREAD_METRIC)) is not None]
+        have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(mset.headline)) is not None]
         for i, (ra, sa) in enumerate(have):
             for rb, sb in have[i + 1:]:
                 if sa.std is None and sb.std is None:
@@ -158,21 +162,33 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def runs_by_task(runs: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
+    """The runs per task (``RunSummary.task``), tasks in the order of ``report.metrics.METRIC_SETS``."""
+    out: dict[str, list[RunSummary]] = {s.task: [] for s in METRIC_SETS}
+    for r in runs:
+        out.setdefault(r.task, []).append(r)
+    return {t: rs for t, rs in out.items() if rs}
+
+
 def results_table(
     runs: Sequence[RunSummary],
     *,
+    task: str | None = None,
     with_minp: bool = False,
     order: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
     duplicates: Duplicates = "error",
     seeds: Seeds = "mean",
 ) -> str:
-    """A Markdown table like the published comparison: methods x datasets, ``R@1 / R@5 / R@10 / mAP``.
+    """A Markdown table like the published comparison: methods x datasets, ``R@1 / R@5 / R@10 / mAP``
+    for retrieval runs, ``AP / AP50 / AP75`` for detection runs.
 
-    Rows are method labels in the order first seen, or ``order`` first (labels given there
-    without a run get an all-``–`` row, so a fixed layout stays fixed) followed by the others.
-    Columns are the datasets present, in the order of ``kd_trainer.data.formats.DATASETS``
-    (or ``datasets`` first). ``with_minp`` appends mINP to each cell; ``–`` marks a method
+    ``task`` picks the runs of one task; without it the runs must all be of one task (a mix is a
+    :class:`ReportError`: see :func:`results_tables`). Rows are method labels in the order first
+    seen, or ``order`` first (labels given there without a run get an all-``–`` row, so a fixed
+    layout stays fixed) followed by the others. Columns are the datasets present, in the order of
+    ``kd_trainer.data.formats.DATASETS`` (or ``datasets`` first). ``with_minp`` appends the task's
+    optional metrics (mINP for retrieval; detection has none) to each cell; ``–`` marks a method
     without a run on a dataset. Runs that are seeds of one configuration share a cell
     (``seeds="mean"``) or get a row each (``seeds="split"``); see the module docstring for
     ``duplicates``, the spread marks and the checkpoint column. Notes, when any, follow the table
@@ -181,7 +197,21 @@ def results_table(
     runs = list(runs)
     if not runs:
         raise ReportError("no finished runs to tabulate")
-    keys = [*TABLE_METRICS, *(["mINP"] if with_minp else [])]
+    by_task = runs_by_task(runs)
+    if task is None:
+        if len(by_task) > 1:
+            counts = ", ".join(f"{len(rs)} {t}" for t, rs in by_task.items())
+            raise ReportError(f"the runs are of several tasks ({counts}) and a table holds one task's metrics: "
+                              "pass task=... or build one table per task with results_tables()")
+        task = next(iter(by_task))
+    try:
+        mset = task_metrics(task)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    runs = by_task.get(task, [])
+    if not runs:
+        raise ReportError(f"no finished {task} runs to tabulate (the runs are {', '.join(by_task)})")
+    keys = mset.cell_keys(with_minp)
     groups = group_seeds(runs, seeds)
     labels = _row_labels(groups, duplicates)
 
@@ -200,10 +230,10 @@ def results_table(
     cols = list(dict.fromkeys([*given, *present]))
 
     cells = {(lab, g.dataset): g for lab, g in zip(labels, groups)}
-    flagged, spread_notes = _spread_notes(rows, cols, cells)
+    flagged, spread_notes = _spread_notes(rows, cols, cells, mset)
     with_selection = any(r.selected is not None for r in runs)
 
-    head = [f"Method ({' / '.join(METRIC_NAMES[k] for k in keys)})", *(dataset_display_name(d) for d in cols)]
+    head = [f"Method ({mset.heading(with_minp)})", *(dataset_display_name(d) for d in cols)]
     body = [[_md(lab), *(_cell(cells.get((lab, d)), keys) + (f" {SPREAD_MARK}" if (lab, d) in flagged else "")
                          for d in cols)] for lab in rows]
     if with_selection:
@@ -231,3 +261,34 @@ def results_table(
                      "optimistic next to val-selected numbers.")
         notes.append(text)
     return "\n\n".join(["\n".join(table), *notes])
+
+
+def results_tables(
+    runs: Sequence[RunSummary],
+    *,
+    with_minp: bool = False,
+    order: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    duplicates: Duplicates = "error",
+    seeds: Seeds = "mean",
+) -> dict[str, str]:
+    """``{task: table}``, one :func:`results_table` per task the runs record, in the order of
+    ``report.metrics.METRIC_SETS`` (retrieval, detection, classification).
+
+    ``order`` and ``datasets`` apply to every table, except that a label or dataset whose runs are
+    all in another task's table is not added to this one as an empty row or column (a label
+    without a run anywhere still gets its all-``–`` row, in each table).
+    """
+    by_task = runs_by_task(list(runs))
+    if not by_task:
+        raise ReportError("no finished runs to tabulate")
+    out: dict[str, str] = {}
+    for task, mine in by_task.items():
+        elsewhere = [r for t, rs in by_task.items() if t != task for r in rs]
+        foreign_labels = {r.label for r in elsewhere} - {r.label for r in mine}
+        foreign_datasets = {r.dataset for r in elsewhere} - {r.dataset for r in mine}
+        out[task] = results_table(
+            mine, task=task, with_minp=with_minp, duplicates=duplicates, seeds=seeds,
+            order=[o for o in order or [] if o not in foreign_labels],
+            datasets=[d for d in datasets or [] if dataset_key(d) not in foreign_datasets])
+    return out

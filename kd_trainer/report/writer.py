@@ -1,4 +1,10 @@
-"""``results.md`` and the loss plots of a set of run folders: the one call behind ``kd-trainer report``."""
+"""``results.md`` and the loss plots of a set of run folders: the one call behind ``kd-trainer report``.
+
+``results.md`` holds one table per task the runs record (retrieval, detection; see
+:mod:`kd_trainer.report.metrics`), the skipped folders, and a section per run with every number it
+recorded: a number the report knows no meaning for is listed there and warned about
+(:class:`UnknownMetricWarning`), never dropped.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from kd_trainer.report.discovery import RunSummary, display_folder, find_runs, warn_skipped
-from kd_trainer.report.errors import ReportError, SkippedRunWarning
+from kd_trainer.report.errors import ReportError, SkippedRunWarning, UnknownMetricWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, STATE_FILE
 from kd_trainer.report.logs import hybrid_during_training
 from kd_trainer.report.plots import plot_loss_curves, require_matplotlib
+from kd_trainer.report.metrics import ALL_METRIC_NAMES, RETRIEVAL, task_metrics, unlisted_metrics
 from kd_trainer.report.seeds import Seeds, group_seeds, run_seed
-from kd_trainer.report.tables import METRIC_NAMES, MISSING, Duplicates, results_table
+from kd_trainer.report.tables import MISSING, Duplicates, results_tables
 
 __all__ = ["HYBRID_TOWERS", "write_report"]
 
@@ -26,27 +33,32 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
 
 
-def _metric_line(m: Mapping[str, float]) -> str:
-    return ", ".join(f"{METRIC_NAMES[k]} {m[k]:.2f}" for k in METRIC_NAMES if k in m) or MISSING
+def _metric_line(m: Mapping[str, float], names: Mapping[str, str]) -> str:
+    return ", ".join(f"{names[k]} {m[k]:.2f}" for k in names if k in m) or MISSING
 
 
 def _run_section(run: RunSummary, plot: Path | None, in_group: bool) -> list[str]:
     """One run's heading, metrics, checkpoint choice, hybrids and plot; ``in_group``: one of several seeds."""
     seed = run_seed(run)
+    names = run.metric_set.names
     lines = [f"### {run.label} on {run.dataset_name}" + (f", seed {seed}" if in_group else ""), "",
              f"- run `{run.name}`, folder `{display_folder(run.folder)}`"
              + (f", seed {seed}" if seed is not None else ", no seed recorded"),
-             f"- test: {_metric_line(run.metrics)}"]
+             f"- test: {_metric_line(run.metrics, names)}"]
+    unknown = unlisted_metrics(run.metrics, run.metric_set)
+    if unknown:
+        lines.append("- also recorded, in no table (not a metric this report knows): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in unknown.items()))
     if run.selected is not None:
         s = run.selected
         epoch = f"epoch {s.epoch}" if s.epoch is not None else "the epoch"
-        lines.append(f"- checkpoint: {epoch} with the best {METRIC_NAMES.get(s.metric, s.metric)} on the "
+        lines.append(f"- checkpoint: {epoch} with the best {ALL_METRIC_NAMES.get(s.metric, s.metric)} on the "
                      f"{s.split} split (recorded in {s.source.name})")
     for tower, m in run.hybrid.items():
-        lines.append(f"- test, hybrid {tower} ({HYBRID_TOWERS.get(tower, tower)}): {_metric_line(m)}")
-    for tower, (step, m) in hybrid_during_training(run.folder, METRIC_NAMES.keys()).items():
+        lines.append(f"- test, hybrid {tower} ({HYBRID_TOWERS.get(tower, tower)}): {_metric_line(m, names)}")
+    for tower, (step, m) in hybrid_during_training(run.folder, RETRIEVAL.names.keys()).items():
         lines.append(f"- last evaluation with hybrid {tower} ({HYBRID_TOWERS.get(tower, tower)}), "
-                     f"step {step}: {_metric_line(m)}")
+                     f"step {step}: {_metric_line(m, RETRIEVAL.names)}")
     if plot is not None:
         lines += ["", f"![loss curves of {run.name}]({plot.name})"]
     return lines + [""]
@@ -63,12 +75,15 @@ def write_report(
     plots: bool = True,
     weighted: bool = False,
 ) -> dict[str, Any]:
-    """Write ``results.md`` (the table, skipped runs, one section per run) and ``<run name>_losses.png``.
+    """Write ``results.md`` (a table per task, skipped runs, one section per run) and ``<run name>_losses.png``.
 
-    Seeds of one configuration share a table cell (``seeds="mean"``) or get a row each
-    (``seeds="split"``); either way every run has its own section, with its seed and metrics.
-    Returns ``{"results": Path, "plots": {run folder (str): Path}, "table": str}`` (the table, with
-    its notes, so a caller printing it does not read the runs twice). Runs without a
+    Retrieval runs get the R@1 / R@5 / R@10 / mAP table, detection runs the AP / AP50 / AP75 one;
+    a folder of one task's runs has one table, with no task heading. Seeds of one configuration
+    share a table cell (``seeds="mean"``) or get a row each (``seeds="split"``); either way every run
+    has its own section, with its seed and metrics.
+    Returns ``{"results": Path, "plots": {run folder (str): Path}, "table": str, "tables": {task: str}}``
+    (``table``: the tables with their notes, under a ``## <Task>`` heading each when there are
+    several, so a caller printing it does not read the runs twice). Runs without a
     ``trainer_state.json`` get no plot (a :class:`SkippedRunWarning` says so). The runs are read,
     the table built and matplotlib imported before anything is written, so a duplicate or a
     malformed results file leaves no half-written report; ``results.md`` is written last.
@@ -79,7 +94,13 @@ def write_report(
     if not runs:
         where = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise ReportError(f"no finished run (a folder with {RESULTS_FILE} and {RECIPE_FILE}) under {where}")
-    table = results_table(runs, with_minp=with_minp, order=order, duplicates=duplicates, seeds=seeds)
+    tables = results_tables(runs, with_minp=with_minp, order=order, duplicates=duplicates, seeds=seeds)
+    for run in runs:
+        unknown = unlisted_metrics(run.metrics, run.metric_set)
+        if unknown:
+            warnings.warn(f"{run.folder / RESULTS_FILE} records {', '.join('test_' + k for k in unknown)}, "
+                          f"not a {run.task} metric this report knows: listed in its section of results.md, "
+                          "in no table", UnknownMetricWarning, stacklevel=2)
     if plots:
         require_matplotlib()
     out = Path(out_dir)
@@ -102,9 +123,13 @@ def write_report(
         used.add(stem)
         written[str(run.folder)] = plot_loss_curves(run.folder, out / f"{stem}_losses.png", weighted=weighted)
 
-    cells = "R@1 / R@5 / R@10 / mAP" + (" / mINP" if with_minp else "")
-    doc = ["# Results", "", f"Text-to-image retrieval on each run's test split, in %. Cells: {cells}; "
-                            f"{MISSING} = no run.", "", table, ""]
+    doc = ["# Results", ""]
+    shown: list[str] = []
+    for task, table in tables.items():
+        mset = task_metrics(task)
+        heading = [f"## {task.capitalize()}", ""] if len(tables) > 1 else []
+        doc += [*heading, f"{mset.description} Cells: {mset.heading(with_minp)}; {MISSING} = no run.", "", table, ""]
+        shown.append("\n".join([*heading, table]))
     if skipped:
         doc += ["Skipped:", "", *(f"- `{f}`: {why}" for f, why in skipped), ""]
     doc += ["## Runs", ""]
@@ -113,4 +138,4 @@ def write_report(
         doc += _run_section(run, written.get(str(run.folder)), id(run) in grouped)
     results = out / "results.md"
     results.write_text("\n".join(doc).rstrip("\n") + "\n", encoding="utf-8")
-    return {"results": results, "plots": written, "table": table}
+    return {"results": results, "plots": written, "table": "\n\n".join(shown), "tables": tables}
