@@ -4,7 +4,7 @@
 #   make train RECIPE=recipes/x.yaml [ARGS="key.sub=value ..."]
 #   make eval MODEL=runs/x DATASET=rstpreid ROOT=./data [SPLIT=test]
 #   make report [RUNS="runs/*"] [OUT=reports] [REPORT_ARGS="--minp"]   results.md + loss plots
-#   make compare                       every method on SynthPEDES (recipes/synth/), then the report
+#   make compare [COMPARE_SEEDS="42 1"]  every method on SynthPEDES (recipes/synth/) per seed, then the report
 #   make bench [BENCH_ARGS=--quick]    step/eval/loader timings and the KD-cost ratios (CPU or GPU)
 #   make deploy-bench [DEPLOY_BENCH_ARGS=--quick]   PyTorch/ONNX/INT8 latency, size, memory: teacher vs student
 #   make bench-accum [ACCUM_BENCH_ARGS=...]          memory and time of 1x64 vs exact 4x16 / 8x8 accumulation
@@ -58,12 +58,21 @@ REPORT_ARGS ?=
 report: $(STAMP)
 	$(PY) -m kd_trainer report $(RUNS) --out $(OUT) $(REPORT_ARGS)
 
-# The demo's teacher, then every method's SynthPEDES twin (ours_from_motis continues from
-# motis_2stage, so order matters), then one table of all of them.
+# The demo's teacher, then every method's SynthPEDES twin at each seed of COMPARE_SEEDS
+# (ours_from_motis continues from that seed's motis_2stage, so order matters), then one table
+# in which runs that differ only in their seed share a cell: mean ± std (n). A finished run
+# (its test_results.json exists) is kept; delete its folder to train it again.
 SYNTH_METHODS := finetune_itc cross_kd clip_kd motis_2stage conaclip_2stage ours_3stage ours_from_motis
+COMPARE_SEEDS ?= 42 1
 compare: $(STAMP)
 	@test -f runs/demo/teacher/model.safetensors || $(PY) -m kd_trainer recipes/demo/teacher.yaml
-	@for m in $(SYNTH_METHODS); do echo "== $$m"; $(PY) -m kd_trainer recipes/synth/$$m.yaml || exit 1; done
+	@for s in $(COMPARE_SEEDS); do for m in $(SYNTH_METHODS); do \
+	  out=runs/synth/seed$$s/$$m; \
+	  if [ -f $$out/test_results.json ]; then echo "== $$m, seed $$s: kept ($$out)"; continue; fi; \
+	  echo "== $$m, seed $$s"; rm -rf $$out; \
+	  extra=""; if [ $$m = ours_from_motis ]; then extra="student.checkpoint=runs/synth/seed$$s/motis_2stage"; fi; \
+	  $(PY) -m kd_trainer recipes/synth/$$m.yaml seed=$$s training.output_dir=$$out $$extra || exit 1; \
+	done; done
 	$(PY) -m kd_trainer report runs/demo/teacher runs/synth --out runs/synth/report --minp
 
 BENCH_ARGS ?=

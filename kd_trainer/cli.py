@@ -42,7 +42,7 @@ from kd_trainer.models.onnx_export import (
 )
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
-from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, write_report
+from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, UnknownMetricWarning, write_report
 from kd_trainer.run import build_model, one_line_errors, prepare_data, replay_config
 from kd_trainer.run import main as run_main
 
@@ -175,6 +175,7 @@ def _report(ns: argparse.Namespace) -> None:
     """Table to stdout, files under --out; skipped runs as warnings, bad input as exit 2 (no traceback)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedRunWarning)
+        warnings.simplefilter("always", UnknownMetricWarning)
         try:
             written = write_report(ns.runs, ns.out, with_minp=ns.minp, duplicates=ns.duplicates, seeds=ns.seeds,
                                    plots=not ns.no_plots, weighted=ns.weighted)
@@ -183,7 +184,7 @@ def _report(ns: argparse.Namespace) -> None:
         else:
             error = None
     for w in caught:
-        if issubclass(w.category, SkippedRunWarning):
+        if issubclass(w.category, (SkippedRunWarning, UnknownMetricWarning)):
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR",
                    help="run folders, or folders searched recursively for them")
     p.add_argument("--out", default="reports", help="folder for results.md and <run>_losses.png (default: reports)")
-    p.add_argument("--minp", action="store_true", help="append mINP to each table cell")
+    p.add_argument("--minp", action="store_true", help="append mINP to each retrieval cell (detection tables have no mINP)")
     p.add_argument("--duplicates", choices=["error", "split"], default="error",
                    help="two runs with one method label on one dataset that are not seeds of one configuration: "
                         "stop (default) or give each its own row (seeds of one configuration are averaged)")
