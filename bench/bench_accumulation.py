@@ -115,9 +115,11 @@ def make_batch(n: int, dev: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(dev) for k, v in batch.items()}
 
 
-def make_step(mode: str, k: int, b: int, args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], int]]:
-    """One optimizer step of the student over the global batch, as ``mode`` computes it, and a
-    count of the bytes its tensors hold between steps (weights, gradients, AdamW state, batch)."""
+def make_step(mode: str, k: int, b: int,
+              args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], int], Callable[[], None]]:
+    """One optimizer step of the student over the global batch, as ``mode`` computes it; a count of
+    the bytes its tensors hold between steps (weights, gradients, AdamW state, batch); and the
+    step's first act, freeing the gradients, to run before a profiled step (``allocator_peak``)."""
     dev = args.device
     torch.manual_seed(0)
     teacher = create_model("clip-vit-b16", image_size=SIZE).to(dev).eval().requires_grad_(False)
@@ -150,7 +152,7 @@ def make_step(mode: str, k: int, b: int, args: argparse.Namespace) -> tuple[Call
                    *(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))]
         return storage_bytes(tensors)
 
-    return step, held
+    return step, held, lambda: opt.zero_grad(set_to_none=True)
 
 
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
@@ -165,6 +167,9 @@ def allocator_peak(step: Callable[[], None], held: Callable[[], int]) -> int:
 
     The profiler reports every allocation and free of the CPU allocator; their running sum from
     the step's start, at its highest, plus what the tensors held when the step began, is the peak.
+    It cannot see the free of a block allocated before it started (PyTorch warns "Memory block of
+    unknown size"), which would overstate the peak by that block: the step must free nothing it
+    did not allocate, so the bench frees the previous step's gradients before calling this.
     """
     start = held()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -193,7 +198,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     mode, k, b = parse_config(args.worker)
     dev = args.device
-    step, held = make_step(mode, k, b, args)
+    step, held, free_gradients = make_step(mode, k, b, args)
     sync(dev)
     if dev.type == "cuda":
         before = torch.cuda.memory_allocated(dev)
@@ -211,8 +216,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     allocator = None
-    if dev.type == "cpu":  # one more, untimed step: its allocator peak, in the steady state of the timed ones
-        allocator = allocator_peak(step, held)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
@@ -220,6 +223,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         if peak <= maxrss_before:
             print(f"warning: {args.worker}: the steps never exceeded the process's earlier peak; the figure is "
                   "that earlier peak", file=sys.stderr)
+        # One more, untimed step, after the RSS peak is read (the profiler's own records take memory):
+        # its allocator peak, in the steady state of the timed steps.
+        free_gradients()
+        allocator = allocator_peak(step, held)
     return {"config": args.worker, "mode": mode, "k": k, "b": b, "time_s": statistics.median(times),
             "cpu_s": statistics.median(cpu_times), "peak_bytes": peak, "before_bytes": before,
             "allocator_peak_bytes": allocator, "threads": torch.get_num_threads()}
