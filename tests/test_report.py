@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from kd_trainer.cli import main as cli_main
+from kd_trainer.recipe.schema import dump_recipe, load_recipe
 from kd_trainer.report import (
     PlotDependencyError,
     ReportError,
@@ -546,3 +547,29 @@ def test_mimic_keys_are_curves(tmp_path: Path) -> None:
     assert loss_series(run) == {"ce": ([5, 10], [5.0, 10.0]), "mimic/job0/teacher0/mse": ([5, 10], [0.5, 1.0]),
                                 "mimic/job0/teacher1/mse": ([5, 10], [1.0, 2.0])}
     assert loss_series(run, weighted=True) == {"mimic/job0": ([5, 10], [1.5, 3.0])}
+
+
+def test_a_run_saved_before_a_recipe_key_existed_is_a_seed_of_the_same_configuration(tmp_path: Path) -> None:
+    """An older run's recipe.yaml lacks a key added since (here contrastive_accumulation); at its
+    default it is the same configuration as a newer run's, so their seeds share one cell."""
+    root = tmp_path / "runs"
+    m1, m2 = metrics_json(10, 20, 30, 40, 50), metrics_json(14, 24, 34, 44, 54)
+    for seed, metrics in ((1, m1), (2, m2)):
+        folder = root / f"s{seed}"
+        write_run(folder, name="x", dataset="synth_pedes", results=metrics)
+        saved = yaml.safe_load(dump_recipe(load_recipe("recipes/synth/finetune_itc.yaml",
+                                                       [f"seed={seed}", f"training.output_dir={folder}"])))
+        if seed == 1:
+            assert saved.pop("contrastive_accumulation") == "plain"  # the old run: key not yet recorded
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    _, rows = table_rows(results_table(collect_runs([root])))
+    assert list(rows) == ["InfoNCE fine-tune (no KD)"]
+    s = sample_std([10, 14])
+    assert rows["InfoNCE fine-tune (no KD)"]["SynthPEDES"] == (
+        f"12.00 ± {s:.2f} / 22.00 ± {s:.2f} / 32.00 ± {s:.2f} / 42.00 ± {s:.2f} (n=2)")
+
+    # a real difference still separates them
+    saved["optim"]["lr"] = 1.0e-3
+    (root / "s2" / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ReportError, match=r"differ in optim\.lr"):
+        results_table(collect_runs([root]))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kd_trainer.log_keys import parse_hybrid_key
+from kd_trainer.recipe.schema import RecipeError, parse_recipe
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key
 from kd_trainer.report.errors import ReportError, SkippedRunWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, RUN_FILES, STAGES_FILE, is_number, read_json, read_yaml
@@ -116,10 +117,24 @@ def _same_choice(a: Selection, b: Selection) -> bool:
     return (a.metric, a.split, a.epoch) == (b.metric, b.split, b.epoch)
 
 
+def with_current_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The saved recipe as today's schema reads it, every default filled in.
+
+    A run saved before a recipe key existed does not record it; one saved after records its
+    default. Both are the same configuration, and seeds of it must share a cell. A recipe the
+    schema no longer accepts is kept as saved (it is compared as written).
+    """
+    try:
+        return parse_recipe(recipe).model_dump(mode="json")
+    except RecipeError:
+        return recipe
+
+
 def _load_run(folder: Path) -> RunSummary:
     recipe = read_yaml(folder / RECIPE_FILE)
     if not isinstance(recipe, dict):
         raise ReportError(f"{folder / RECIPE_FILE} is not a YAML mapping")
+    recipe = with_current_defaults(recipe)
     data = recipe.get("data")
     if not isinstance(data, dict) or not data.get("name"):
         raise ReportError(f"{folder / RECIPE_FILE} has no data.name: cannot tell which dataset the run is on")
