@@ -573,3 +573,25 @@ def test_a_run_saved_before_a_recipe_key_existed_is_a_seed_of_the_same_configura
     (root / "s2" / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(ReportError, match=r"differ in optim\.lr"):
         results_table(collect_runs([root]))
+
+
+def test_seeds_of_a_chained_method_continue_from_their_own_upstream_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours-from-MoTIS at seed S continues from MoTIS at seed S: the checkpoint paths differ, the
+    upstream configurations do not, so the two seeds share a cell. A different upstream
+    configuration still separates them."""
+    monkeypatch.chdir(tmp_path)  # recipes record checkpoint paths relative to where the runs were made
+    m = {1: metrics_json(10, 20, 30, 40, 50), 2: metrics_json(12, 22, 32, 42, 52)}
+    for seed in (1, 2):
+        write_run(Path(f"up/s{seed}"), name="motis", method="MoTIS", dataset="synth_pedes", results=m[seed],
+                  recipe_extra={"seed": seed, "loss": {"alpha": 0.9}})
+        write_run(Path(f"down/s{seed}"), name="ours", method="Ours", dataset="synth_pedes", results=m[seed],
+                  recipe_extra={"seed": seed, "student": {"checkpoint": f"up/s{seed}"}})
+    _, rows = table_rows(results_table(collect_runs([Path("down")])))
+    assert rows["Ours"]["SynthPEDES"].endswith("(n=2)")
+
+    up2 = yaml.safe_load(Path("up/s2/recipe.yaml").read_text())
+    up2["loss"]["alpha"] = 0.5
+    Path("up/s2/recipe.yaml").write_text(yaml.safe_dump(up2))
+    with pytest.raises(ReportError, match=r"differ in student\.checkpoint\.run\.loss\.alpha"):
+        results_table(collect_runs([Path("down")]))

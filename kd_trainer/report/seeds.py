@@ -5,6 +5,10 @@ Two runs are the same configuration when their ``recipe.yaml`` files are equal o
 when each records a different seed, form one :class:`SeedGroup`, reported as one table cell.
 Runs of one configuration that record the same seed (a re-run) or no seed at all are not
 aggregated: averaging them would count one seed twice, so they stay apart and clash in the table.
+
+A checkpoint that is itself a run folder (``student.checkpoint: runs/synth/seed1/motis_2stage``)
+counts by that run's configuration, not its path: each seed of a chained method (MoTIS, then
+Ours from MoTIS) continues from its own seed's upstream run, and those are one configuration.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from kd_trainer.report.discovery import RunSummary, Selection
+from kd_trainer.report.discovery import RunSummary, Selection, with_current_defaults
+from kd_trainer.report.folder import RECIPE_FILE, read_yaml
 
 __all__ = ["SEED_KEYS", "IGNORED_KEYS", "MetricStats", "SeedGroup", "Seeds", "run_seed", "configuration_key",
            "recipe_differences", "group_seeds"]
@@ -54,6 +60,33 @@ def _without(recipe: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> dic
     return out
 
 
+CHECKPOINT_KEYS = ("checkpoint", "source")  # model sources: student/teacher(s).checkpoint, student.inherit.source
+_UPSTREAM_DEPTH = 4  # a chain of runs deeper than this is compared by path
+
+
+def _upstream_runs_by_configuration(node: Any, depth: int = 0) -> Any:
+    """``node`` with every checkpoint path that names a run folder replaced by that run's configuration."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            folder = Path(v) if k in CHECKPOINT_KEYS and isinstance(v, str) and v else None
+            if folder is not None and depth < _UPSTREAM_DEPTH and (folder / RECIPE_FILE).is_file():
+                upstream = read_yaml(folder / RECIPE_FILE)
+                if isinstance(upstream, dict):
+                    out[k] = {"run": _comparable(with_current_defaults(upstream), depth + 1)}
+                    continue
+            out[k] = _upstream_runs_by_configuration(v, depth)
+        return out
+    if isinstance(node, list):
+        return [_upstream_runs_by_configuration(v, depth) for v in node]
+    return node
+
+
+def _comparable(recipe: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
+    """The recipe without :data:`IGNORED_KEYS`, run-folder checkpoints by their configuration."""
+    return _upstream_runs_by_configuration(_without(recipe, IGNORED_KEYS), depth)
+
+
 def run_seed(run: RunSummary) -> str | None:
     """The run's seed as recorded: ``"42"`` when every seed key set agrees, else each by name
     (``"seed=1, training.seed=7"``); None when the recipe records none."""
@@ -68,7 +101,7 @@ def run_seed(run: RunSummary) -> str | None:
 
 def configuration_key(run: RunSummary) -> str:
     """The run's recipe without :data:`IGNORED_KEYS`, as canonical JSON: equal keys, one configuration."""
-    return json.dumps(_without(run.recipe, IGNORED_KEYS), sort_keys=True)
+    return json.dumps(_comparable(run.recipe), sort_keys=True)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,8 +115,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def recipe_differences(a: RunSummary, b: RunSummary) -> list[str]:
     """Dotted recipe keys (outside :data:`IGNORED_KEYS`) whose values differ between two runs."""
-    fa = _flatten(_without(a.recipe, IGNORED_KEYS))
-    fb = _flatten(_without(b.recipe, IGNORED_KEYS))
+    fa = _flatten(_comparable(a.recipe))
+    fb = _flatten(_comparable(b.recipe))
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, ...) != fb.get(k, ...))
 
 
