@@ -268,6 +268,15 @@ def test_an_unknown_metric_is_named_not_dropped(tmp_path: Path) -> None:
     assert rows["r"]["synth_det"] == "40.00 / 70.00 / 45.00"
 
 
+def test_the_stage_a_staged_run_ended_in_is_bookkeeping_not_an_unknown_metric(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "r", name="r", dataset="synth_det", recipe_extra={"task": "detection"},
+                    results=det_results(40.0, 70.0, 45.0, test_stage=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownMetricWarning)
+        written = write_report([run], tmp_path / "rep", plots=False)
+    assert "also recorded" not in written["results"].read_text(encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- the detector's training log
 
 

@@ -11,7 +11,7 @@ place that knows them: detection runs before the AP/AP50/AP75 naming (detectron2
 ``test_map``, ``test_map_50``, ``test_map_75`` for the same COCOeval numbers.
 
 Numbers the run records that are neither a metric of its set, nor bookkeeping
-(:data:`BOOKKEEPING`: epoch, sample count, timing), nor a hybrid pairing are not dropped:
+(:data:`BOOKKEEPING`: epoch, the stage of a staged run, sample count, timing), nor a hybrid pairing are not dropped:
 :func:`unlisted_metrics` names them so the report can say they are in no table.
 """
 
@@ -86,7 +86,7 @@ METRIC_SETS: tuple[MetricSet, ...] = (RETRIEVAL, DETECTION, CLASSIFICATION)  # a
 METRIC_ALIASES: Mapping[str, str] = {"map": "AP", "map_50": "AP50", "map_75": "AP75"}
 
 # What Trainer.evaluate records next to the metrics: not results, so never "unknown".
-BOOKKEEPING = frozenset({"epoch", "samples", "runtime", "samples_per_second", "steps_per_second"})
+BOOKKEEPING = frozenset({"epoch", "stage", "samples", "runtime", "samples_per_second", "steps_per_second"})
 
 ALL_METRIC_NAMES: Mapping[str, str] = {k: v for s in METRIC_SETS for k, v in s.names.items()}
 
