@@ -13,16 +13,26 @@ from kd_trainer.recipe import load_recipe
 from kd_trainer.run import build_model
 
 
-def test_the_kd_student_starts_where_the_student_alone_starts():
-    alone = load_recipe(RECIPE_DIR / "student_nokd.yaml", ["seed=1"])
-    distilled = load_recipe(RECIPE_DIR / "student_kd.yaml", ["seed=1", "teacher.checkpoint=null"])
-    a = build_model(alone.student, alone)
-    build_model(distilled.teacher, distilled)  # the KD run builds its teacher first
-    b = build_model(distilled.student, distilled)
-    assert a.state_dict().keys() == b.state_dict().keys()
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-    c = build_model(alone.student, load_recipe(RECIPE_DIR / "student_nokd.yaml", ["seed=2"]))
-    assert not torch.equal(c.clip.visual.proj, a.clip.visual.proj)  # the seed does set it
+def test_both_students_start_from_the_teachers_first_layers_whatever_their_seed(tmp_path):
+    teacher_recipe = load_recipe(RECIPE_DIR / "teacher.yaml", ["seed=7"])
+    teacher = build_model(teacher_recipe.student, teacher_recipe)  # a stand-in for the trained teacher
+
+    def student(file: str, seed: int):
+        recipe = load_recipe(RECIPE_DIR / file, [f"seed={seed}", "teacher.checkpoint=null",
+                                                 f"training.output_dir={tmp_path / file / str(seed)}"])
+        return build_model(recipe.student, recipe, teacher=teacher).state_dict()
+
+    alone, distilled, other_seed = student("student_nokd.yaml", 1), student("student_kd.yaml", 1), \
+        student("student_nokd.yaml", 2)
+    assert alone.keys() == distilled.keys() == other_seed.keys()
+    assert all(torch.equal(v, distilled[k]) and torch.equal(v, other_seed[k]) for k, v in alone.items())
+    # Half depth, inherited from the teacher's first layers: vision blocks 0-1 and text blocks 0-1.
+    source = teacher.state_dict()
+    blocks = {k for k in alone if ".resblocks." in k}
+    assert {k.split(".resblocks.")[1].split(".")[0] for k in blocks} == {"0", "1"}
+    assert all(torch.equal(alone[k], source[k]) for k in alone)
+    assert any(".resblocks.3." in k for k in source)  # the teacher is deeper: something was cut
+    assert (tmp_path / "student_kd.yaml" / "1" / "inheritance.txt").is_file()
 
 
 def test_spread_table_gives_mean_and_sample_std():
