@@ -53,8 +53,9 @@ def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
         cells = []
         for m in METRICS:
             values = [r[m] for r in rows]
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):6.2f} ± {sd:4.2f}")
+            # one run has no spread: the cell says so by leaving it out, not by printing ± 0.00
+            spread = f" ± {statistics.stdev(values):4.2f}" if len(values) > 1 else " " * 7
+            cells.append(f"{statistics.mean(values):6.2f}{spread}")
         lines.append(f"| {name:<{width}} | " + " | ".join(cells) + f" | {len(rows):>5} |")
     return "\n".join(lines)
 

@@ -41,6 +41,8 @@ def test_spread_table_gives_mean_and_sample_std():
     line = spread_table(rows).splitlines()[2]
     # mean 12, sample std sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.83; mAP 6 ± 2.83
     assert re.search(r"12\.00 ± 2\.83 .* 6\.00 ± 2\.83 .* 2 \|$", line), line
+    single = spread_table({"t": rows["s"][:1]}).splitlines()[2]
+    assert "±" not in single and re.search(r"\|  10\.00        \| .* 1 \|$", single), single
 
 
 @pytest.mark.slow
