@@ -16,8 +16,7 @@ from kd_trainer.report.folder import STAGES_FILE, STATE_FILE, is_number, read_js
 from kd_trainer.report.metrics import METRIC_ALIASES, METRIC_SETS
 
 __all__ = ["EVAL_HEADLINES", "Series", "StageSpan", "LossCurves", "log_history", "read_stages", "read_curves",
-           "loss_series",
-           "hybrid_during_training"]
+           "loss_series", "hybrid_during_training"]
 
 Series = tuple[list[int], list[float]]
 

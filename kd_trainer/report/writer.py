@@ -19,8 +19,8 @@ from kd_trainer.report.discovery import RunSummary, display_folder, find_runs, w
 from kd_trainer.report.errors import ReportError, SkippedRunWarning, UnknownMetricWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, STATE_FILE
 from kd_trainer.report.logs import hybrid_during_training
-from kd_trainer.report.plots import plot_loss_curves, require_matplotlib
 from kd_trainer.report.metrics import ALL_METRIC_NAMES, RETRIEVAL, task_metrics, unlisted_metrics
+from kd_trainer.report.plots import plot_loss_curves, require_matplotlib
 from kd_trainer.report.seeds import Seeds, group_seeds, run_seed
 from kd_trainer.report.tables import MISSING, Duplicates, results_tables
 
@@ -37,15 +37,15 @@ def _metric_line(m: Mapping[str, float], names: Mapping[str, str]) -> str:
     return ", ".join(f"{names[k]} {m[k]:.2f}" for k in names if k in m) or MISSING
 
 
-def _run_section(run: RunSummary, plot: Path | None, in_group: bool) -> list[str]:
-    """One run's heading, metrics, checkpoint choice, hybrids and plot; ``in_group``: one of several seeds."""
+def _run_section(run: RunSummary, plot: Path | None, in_group: bool, unknown: Mapping[str, float]) -> list[str]:
+    """One run's heading, metrics, numbers in no table (``unknown``), checkpoint choice, hybrids and
+    plot; ``in_group``: one of several seeds."""
     seed = run_seed(run)
     names = run.metric_set.names
     lines = [f"### {run.label} on {run.dataset_name}" + (f", seed {seed}" if in_group else ""), "",
              f"- run `{run.name}`, folder `{display_folder(run.folder)}`"
              + (f", seed {seed}" if seed is not None else ", no seed recorded"),
              f"- test: {_metric_line(run.metrics, names)}"]
-    unknown = unlisted_metrics(run.metrics, run.metric_set)
     if unknown:
         lines.append("- also recorded, in no table (not a metric this report knows): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in unknown.items()))
@@ -95,10 +95,10 @@ def write_report(
         where = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise ReportError(f"no finished run (a folder with {RESULTS_FILE} and {RECIPE_FILE}) under {where}")
     tables = results_tables(runs, with_minp=with_minp, order=order, duplicates=duplicates, seeds=seeds)
+    unknown = {id(run): unlisted_metrics(run.metrics, run.metric_set) for run in runs}
     for run in runs:
-        unknown = unlisted_metrics(run.metrics, run.metric_set)
-        if unknown:
-            warnings.warn(f"{run.folder / RESULTS_FILE} records {', '.join('test_' + k for k in unknown)}, "
+        if unknown[id(run)]:
+            warnings.warn(f"{run.folder / RESULTS_FILE} records {', '.join('test_' + k for k in unknown[id(run)])}, "
                           f"not a {run.task} metric this report knows: listed in its section of results.md, "
                           "in no table", UnknownMetricWarning, stacklevel=2)
     if plots:
@@ -135,7 +135,7 @@ def write_report(
     doc += ["## Runs", ""]
     grouped = {id(r) for g in group_seeds(runs, seeds) if g.n > 1 for r in g.runs}
     for run in runs:
-        doc += _run_section(run, written.get(str(run.folder)), id(run) in grouped)
+        doc += _run_section(run, written.get(str(run.folder)), id(run) in grouped, unknown[id(run)])
     results = out / "results.md"
     results.write_text("\n".join(doc).rstrip("\n") + "\n", encoding="utf-8")
     return {"results": results, "plots": written, "table": "\n\n".join(shown), "tables": tables}
