@@ -1,4 +1,4 @@
-"""Generate SynthPEDES (the CUHK-PEDES layout) with ``kd_trainer.data.synth.make_synth_pedes``.
+"""Generate SynthPEDES (the CUHK-PEDES layout) with ``kd_trainer.synthetic.pedes.make_synth_pedes``.
 
     python data_scripts/make_synth_pedes.py --out data/SynthPEDES
     python data_scripts/make_synth_pedes.py --out /tmp/tiny --identities 20 --height 64 --width 32 --seed 1
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from kd_trainer.data.synth import ANNOTATION_FILE, make_synth_pedes
+from kd_trainer.synthetic.pedes import ANNOTATION_FILE, make_synth_pedes
 
 
 def main(argv: list[str] | None = None) -> int:

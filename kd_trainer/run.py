@@ -48,8 +48,7 @@ from kd_trainer.data import (
     with_retrieval_transforms,
 )
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset
-from kd_trainer.data.shapes import ShapesDataset, make_synth_shapes
-from kd_trainer.data.synth import make_synth_pedes
+from kd_trainer.data.shapes import ShapesDataset
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache
 from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.core import NonFiniteLossError
@@ -64,6 +63,8 @@ from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError, dump_recipe, load_recipe
 from kd_trainer.run_detection import run_detection
+from kd_trainer.synthetic.pedes import make_synth_pedes
+from kd_trainer.synthetic.shapes import make_synth_shapes
 
 logger = logging.getLogger("kd_trainer")
 

@@ -22,10 +22,11 @@ from typing import Callable
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments, set_seed
 
-from kd_trainer.data.synth_det import SynthDetDataset, collate_detection, make_synth_det
+from kd_trainer.data.detection import SynthDetDataset, collate_detection
 from kd_trainer.distill.detection import DetectionTrainer
 from kd_trainer.models.detector import Detector, load_detector
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
+from kd_trainer.synthetic.detection import make_synth_det
 
 __all__ = ["build_detector", "run_detection"]
 

@@ -19,13 +19,13 @@ from kd_trainer.data.formats import load_pedes
 from kd_trainer.data.images import open_image
 from kd_trainer.data.pipeline import with_retrieval_transforms
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset, ReplayTransform, replay_seed
-from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, plan_teacher_source
 from kd_trainer.distill.epochs import DatasetEpochCallback
 from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
 from kd_trainer.losses import Features, compute_term
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import TermConfig
+from kd_trainer.synthetic.pedes import make_synth_pedes
 
 SIZE, CTX, K = (32, 16), 64, 2
 CFG = ReplayConfig(SIZE, augment=True, context_length=CTX, num_draws=K, seed=0)

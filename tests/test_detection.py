@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import TrainingArguments
 
-from kd_trainer.data.synth_det import SynthDetDataset, collate_detection, make_synth_det
-from kd_trainer.data.shapes import COLOURS
+from kd_trainer.data.detection import SynthDetDataset, collate_detection
 from kd_trainer.det_metrics import coco_detection_metrics, to_coco_detections
 from kd_trainer.distill.detection import DetectionTrainer
 from kd_trainer.distill.mimic import ADAPTED_KEY, MimicEngine
@@ -29,6 +28,8 @@ from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.recipe.mimic import MimicJob
 from kd_trainer.run import fit, training_arguments
 from kd_trainer.run_detection import run_detection
+from kd_trainer.synthetic.detection import make_synth_det
+from kd_trainer.synthetic.shapes import COLOURS
 from tiny import gloo_env, spawn_gloo
 
 ROOT = Path(__file__).resolve().parents[1]

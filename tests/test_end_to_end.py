@@ -17,11 +17,11 @@ import yaml
 
 from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.models.loading import CheckpointError, load_model
 from kd_trainer.recipe import load_recipe
 from kd_trainer.run import run
+from kd_trainer.synthetic.pedes import make_synth_pedes
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

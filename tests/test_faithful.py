@@ -23,7 +23,6 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
-from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.losses import Features, get_term
@@ -33,6 +32,7 @@ from kd_trainer.plan_view import plan_report
 from kd_trainer.recipe import load_recipe
 from kd_trainer.recipe.schedules import Clock
 from kd_trainer.run import run
+from kd_trainer.synthetic.pedes import make_synth_pedes
 
 from tiny import batch_items
 

@@ -2,7 +2,8 @@
 
 Layers (design/architecture.md), lowest first:
 
-1. ``losses``, ``data``, ``evaluation``, ``log_keys``: pure functions and loaders;
+1. ``losses``, ``data``, ``synthetic``, ``evaluation``, ``log_keys``: pure functions, loaders and the
+   generators of the synthetic sets;
 2. ``models``;
 3. ``recipe``: the schema, parsed once;
 4. ``distill``: the trainer core, task trainers, stages, cache, mimic;
@@ -21,7 +22,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_trainer"
 LAYERS = {
-    "losses": 1, "data": 1, "evaluation": 1, "det_metrics": 1, "log_keys": 1,
+    "losses": 1, "data": 1, "synthetic": 1, "evaluation": 1, "det_metrics": 1, "log_keys": 1,
     "models": 2,
     "recipe": 3,
     "distill": 4,

@@ -14,7 +14,6 @@ import torch
 import yaml
 from transformers import CLIPConfig, CLIPModel
 
-from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.models.export import WEIGHTS_FILE, export_open_clip
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import (
@@ -31,6 +30,7 @@ from kd_trainer.models.loading import (
 )
 from kd_trainer.recipe import load_recipe
 from kd_trainer.run import run
+from kd_trainer.synthetic.pedes import make_synth_pedes
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -26,20 +26,12 @@ import torch
 
 from kd_trainer.cli import main
 from kd_trainer.data import CLIP_MEAN, CLIP_STD, load_pedes, tokenize, with_retrieval_transforms
-from kd_trainer.data.synth import make_synth_pedes
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
-from kd_trainer.models.export import export_open_clip
+from kd_trainer.models.export import CARD_END, CARD_START, export_open_clip, update_model_card
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import model_from_checkpoint
-from kd_trainer.models.onnx_export import (
-    CARD_END,
-    CARD_START,
-    OnnxDualEncoder,
-    OnnxFolderError,
-    at_image_size,
-    export_onnx,
-    update_model_card,
-)
+from kd_trainer.models.onnx import OnnxDualEncoder, OnnxFolderError, at_image_size, export_onnx
+from kd_trainer.synthetic.pedes import make_synth_pedes
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from kd_trainer.data import load_pedes
-from kd_trainer.data.synth import (
+from kd_trainer.synthetic.pedes import (
     COLOUR_RGB,
     COLOUR_WORDS,
     META_FILE,
@@ -157,7 +157,7 @@ def test_captions_name_the_upper_colour_and_vary(synth: Path) -> None:
 
 
 def test_same_arguments_reuse_the_folder_without_drawing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kd_trainer.data.synth as synth_mod
+    import kd_trainer.synthetic.pedes as synth_mod
 
     kw = dict(num_identities=4, images_per_identity=(1, 2), image_size=(32, 16), seed=1)
     root = make_synth_pedes(tmp_path / "s", **kw)

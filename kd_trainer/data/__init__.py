@@ -5,7 +5,7 @@
     dsd = with_retrieval_transforms(dsd, image_size=(384, 128), augment=True)
     loader = DataLoader(dsd["train"], batch_size=64, collate_fn=collate_retrieval)
 
-The synthetic dataset generator lives in ``kd_trainer.data.synth`` (imported on its own).
+The synthetic data set generators live in :mod:`kd_trainer.synthetic`.
 """
 
 from kd_trainer.data.collator import collate_retrieval

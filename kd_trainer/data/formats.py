@@ -107,7 +107,7 @@ DATASETS: dict[str, DatasetFormat] = {
                       "file_path", ("train", "test"), id_base=1, captions_per_image=1),
         DatasetFormat("rstpreid", "RSTPReid", "RSTPReid", ("data_captions.json",), "img_path",
                       ("train", "val", "test"), id_base=0, captions_per_image=2),
-        # Synthetic stand-in written by kd_trainer.data.synth in the CUHK-PEDES layout.
+        # Synthetic stand-in written by kd_trainer.synthetic.pedes in the CUHK-PEDES layout.
         DatasetFormat("synth_pedes", "SynthPEDES", "SynthPEDES", ("reid_raw.json",), "file_path",
                       ("train", "val", "test"), id_base=1, captions_per_image=2),
     )

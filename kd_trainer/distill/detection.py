@@ -38,8 +38,8 @@ LOSS_PREFIX = "loss_"  # torchvision's loss-dict keys; the core logs term <name>
 class DetectionTrainer(DistillationTrainer):
     """Trainer whose ``model`` is a :class:`~kd_trainer.models.detector.Detector` (with
     ``mimic_head`` holding its adapters). Batches come from
-    :func:`kd_trainer.data.synth_det.collate_detection`; an eval split must carry its COCO ground
-    truth as ``.coco`` (as :class:`~kd_trainer.data.synth_det.SynthDetDataset` does)."""
+    :func:`kd_trainer.data.detection.collate_detection`; an eval split must carry its COCO ground
+    truth as ``.coco`` (as :class:`~kd_trainer.data.detection.SynthDetDataset` does)."""
 
     def student_outputs(self, model: nn.Module, inputs: dict[str, Any], stage: Stage) -> Any:
         # Training: the loss dict. Eval (the adapters' dry run): detections, no targets needed.

@@ -1,6 +1,6 @@
 """SynthPEDES: a procedurally drawn stand-in for CUHK-PEDES, small enough for CI and the demo.
 
-    from kd_trainer.data.synth import make_synth_pedes
+    from kd_trainer.synthetic.pedes import make_synth_pedes
     root = make_synth_pedes("data/SynthPEDES", num_identities=400, seed=0)
     # root/reid_raw.json + root/imgs/synth/0001_00.png ... (the CUHK-PEDES layout)
 
