@@ -1,7 +1,9 @@
 """How well does a model retrieve: text-to-image ranking metrics (methods.md, "Evaluation protocol").
 
 The top of this module holds the metrics alone, on embeddings already computed
-(:func:`rank_metrics`); helpers that run a model over a split to get those embeddings come below.
+(:func:`rank_metrics`), then the ranking they score, listed (:class:`GalleryRanking`, :func:`top_k`:
+what a search or a retrieval gallery shows); helpers that run a model over a split to get those
+embeddings come below.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-__all__ = ["rank_metrics", "embed_dataset", "evaluate_retrieval", "format_metrics"]
+__all__ = ["rank_metrics", "GalleryRanking", "top_k", "embed_dataset", "evaluate_retrieval", "format_metrics"]
 
 # ============================================================================================
 # Retrieval metrics (IRRA protocol)
@@ -144,38 +146,49 @@ def _checked_inputs(
     gallery_pids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shapes, dtypes and finiteness checked; features as CPU float32, pids as CPU int64."""
-    q = torch.as_tensor(query_feats)
-    g = torch.as_tensor(gallery_feats)
     qp = torch.as_tensor(query_pids)
     gp = torch.as_tensor(gallery_pids)
+    q, g = torch.as_tensor(query_feats), torch.as_tensor(gallery_feats)
     shapes = (
         f"query_feats {tuple(q.shape)}, gallery_feats {tuple(g.shape)}, "
         f"query_pids {tuple(qp.shape)}, gallery_pids {tuple(gp.shape)}"
     )
+    q, g = _checked_features(q, g, shapes)
+    if qp.dim() != 1 or qp.shape[0] != q.shape[0]:
+        raise ValueError(f"need one query pid per query row: got {shapes}")
+    if gp.dim() != 1 or gp.shape[0] != g.shape[0]:
+        raise ValueError(f"need one gallery pid per gallery row: got {shapes}")
+    for name, t in (("query_pids", qp), ("gallery_pids", gp)):
+        if t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must hold integer ids, got dtype {t.dtype}")
+    return q, g, qp.detach().to(device="cpu", dtype=torch.int64), gp.detach().to(device="cpu", dtype=torch.int64)
+
+
+def _checked_features(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
+                      shapes: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both 2-D, one width, floating, finite, at least one query; returned as CPU float32."""
+    q = torch.as_tensor(query_feats)
+    g = torch.as_tensor(gallery_feats)
+    shapes = shapes or f"query_feats {tuple(q.shape)}, gallery_feats {tuple(g.shape)}"
     if q.dim() != 2 or g.dim() != 2:
         raise ValueError(f"features must be 2-D (items x dim); got {shapes}")
     if q.shape[1] != g.shape[1]:
         raise ValueError(
             f"query and gallery features differ in dimension ({q.shape[1]} vs {g.shape[1]}); got {shapes}"
         )
-    if qp.dim() != 1 or qp.shape[0] != q.shape[0]:
-        raise ValueError(f"need one query pid per query row: got {shapes}")
-    if gp.dim() != 1 or gp.shape[0] != g.shape[0]:
-        raise ValueError(f"need one gallery pid per gallery row: got {shapes}")
     if q.shape[0] == 0:
         raise ValueError(f"no queries: got {shapes}")
-    for name, t in (("query_feats", q), ("gallery_feats", g)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    for name, t in (("query_pids", qp), ("gallery_pids", gp)):
-        if t.is_floating_point() or t.is_complex():
-            raise ValueError(f"{name} must hold integer ids, got dtype {t.dtype}")
-    q = q.detach().to(device="cpu", dtype=torch.float32)
-    g = g.detach().to(device="cpu", dtype=torch.float32)
-    for name, t in (("query_feats", q), ("gallery_feats", g)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    return q, g, qp.detach().to(device="cpu", dtype=torch.int64), gp.detach().to(device="cpu", dtype=torch.int64)
+    return _checked_matrix("query_feats", q), _checked_matrix("gallery_feats", g)
+
+
+def _checked_matrix(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A 2-D floating, finite tensor as CPU float32 (the caller checked the shape)."""
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    t = t.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
 
 
 def _checked_ks(ks: Sequence[int]) -> list[int]:
@@ -260,6 +273,63 @@ def _equal_before(sims: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, va
         same &= gallery_index < cols[lo:hi, None]
         out[lo:hi] = same.sum(1)
     return out
+
+
+# ============================================================================================
+# The ranking itself: each query's first k gallery items
+# ============================================================================================
+class GalleryRanking:
+    """Each query's gallery items in rank order: the ranking :func:`rank_metrics` scores, listed.
+
+    The gallery is normalised once here, so a gallery built once (a search index) serves any number
+    of queries. The ranking is :func:`rank_metrics`'s: cosine similarity in float32 on the CPU,
+    descending, ties broken by gallery order (the lower index first).
+
+    Cost per query: one pass over the ``G x D`` float32 gallery (a matrix-vector product, memory
+    bound: about 200 MB at 100k x 512) and a partial sort (``np.partition``) of ``G`` values.
+    """
+
+    def __init__(self, gallery_feats: torch.Tensor):
+        g = torch.as_tensor(gallery_feats)
+        if g.dim() != 2 or g.shape[0] == 0:
+            raise ValueError(f"gallery_feats must be a non-empty 2-D tensor (items x dim), got shape {tuple(g.shape)}")
+        self.gallery = F.normalize(_checked_matrix("gallery_feats", g), dim=1)
+        self._gallery_t = self.gallery.numpy().T  # a view: BLAS reads it transposed, nothing copied
+
+    def __len__(self) -> int:
+        return self.gallery.shape[0]
+
+    @torch.no_grad()
+    def top_k(self, query_feats: torch.Tensor, k: int, *, chunk_size: int = 2048,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, similarities)``, both ``(Q, min(k, G))``: row ``q`` holds the gallery indices of
+        query ``q``'s first ``k`` ranks and their cosine similarities, rank 1 first."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        q, _ = _checked_features(query_feats, self.gallery)
+        q_np = F.normalize(q, dim=1).numpy()
+        num_g = len(self)
+        k = min(k, num_g)
+        indices = np.empty((q_np.shape[0], k), dtype=np.int64)
+        scores = np.empty((q_np.shape[0], k), dtype=np.float32)
+        for start in range(0, q_np.shape[0], chunk_size):
+            sims = np.matmul(q_np[start:start + chunk_size], self._gallery_t)
+            # The k-th largest value of each row; every item at or above it is a candidate (ties at the
+            # k-th place included), ordered by a stable sort so equal values keep gallery order.
+            kth = np.partition(sims, num_g - k, axis=1)[:, num_g - k]
+            for r, row in enumerate(sims):
+                cand = np.flatnonzero(row >= kth[r])
+                top = cand[np.argsort(-row[cand], kind="stable")[:k]]
+                indices[start + r], scores[start + r] = top, row[top]
+        return torch.from_numpy(indices), torch.from_numpy(scores)
+
+
+def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GalleryRanking(gallery_feats).top_k(query_feats, k)``: each query's first ``k`` gallery indices
+    and similarities, in the order :func:`rank_metrics` ranks them."""
+    return GalleryRanking(gallery_feats).top_k(query_feats, k)
 
 
 # ============================================================================================

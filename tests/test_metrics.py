@@ -311,3 +311,50 @@ def test_non_finite_features_are_refused() -> None:
     g[5, 2] = float("nan")
     with pytest.raises(ValueError, match="gallery_feats contains NaN"):
         rank_metrics(q, g, q_pids, g_pids)
+
+
+# --------------------------------------------------------------------------------------------
+# The ranking listed (GalleryRanking / top_k): what search and retrieval galleries show
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonzeros", [4, 16])
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_lists_the_stable_descending_order_under_ties(seed: int, nonzeros: int) -> None:
+    q, g, q_pids, g_pids = tied_problem(seed, nonzeros)
+    sims = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
+    want = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    ranking = evaluation.GalleryRanking(g)
+    for k in (1, 5, 10, 53, 80):
+        for chunk in (1, 7, 2048):
+            idx, scores = ranking.top_k(q, k, chunk_size=chunk)
+            assert torch.equal(idx, want[:, :min(k, g.shape[0])]), (k, chunk)
+            assert torch.equal(scores, sims.gather(1, idx))
+
+
+@pytest.mark.parametrize("nonzeros", [4, 16])
+def test_top_k_is_the_ranking_rank_metrics_scores(nonzeros: int) -> None:
+    # R@k counted from the listed top k equals rank_metrics' R@k, ties included: one ranking, two views.
+    q, g, q_pids, g_pids = tied_problem(21, nonzeros, num_q=60, num_g=90)
+    ks = (1, 2, 5, 10)
+    idx, _ = evaluation.top_k(q, g, max(ks))
+    hit = g_pids[idx] == q_pids[:, None]
+    listed = {f"r{k}": 100.0 * int(hit[:, :k].any(1).sum()) / q.shape[0] for k in ks}
+    scored = rank_metrics(q, g, q_pids, g_pids, ks=ks)
+    assert listed == {key: scored[key] for key in listed}
+
+
+def test_top_k_refuses_bad_input() -> None:
+    q, g, _, _ = tied_problem(0, 4)
+    ranking = evaluation.GalleryRanking(g)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            ranking.top_k(q, k)
+    with pytest.raises(ValueError, match=r"differ in dimension \(8 vs 16\)"):
+        ranking.top_k(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        evaluation.GalleryRanking(torch.zeros(0, 16))
+    bad = g.clone()
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="gallery_feats contains NaN or infinite"):
+        evaluation.GalleryRanking(bad)
