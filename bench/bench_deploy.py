@@ -6,7 +6,7 @@ ONNX Runtime INT8, side by side, and the ratios between them.
 
 The pair is the realistic one by default: a ViT-B/16 teacher (``clip-vit-b16``) and a TinyCLIP-xsmall
 student (``tinyclip-xsmall``), both at 384x128 with random weights (speed and size do not depend on them). Each
-model is exported once with ``kd_trainer.models.onnx_export.export_onnx(int8=True)``, exactly as
+model is exported once with ``kd_trainer.models.onnx.export_onnx(int8=True)``, exactly as
 ``kd-trainer export-onnx --int8`` does. For every (model, runtime) pair it measures:
 
 - parameters and file size (PyTorch: the open_clip safetensors weights; ONNX: both graphs);
@@ -42,7 +42,7 @@ import torch
 
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.onnx_export import OnnxDualEncoder, export_onnx
+from kd_trainer.models.onnx import OnnxDualEncoder, export_onnx
 
 SIZE = (384, 128)
 TEACHER, STUDENT = "clip-vit-b16", "tinyclip-xsmall"

@@ -29,7 +29,8 @@ from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
 from kd_trainer.models.factory import get_architecture, list_architectures
 from kd_trainer.models.loading import model_from_checkpoint
-from kd_trainer.models.onnx_export import (
+from kd_trainer.models.export import update_model_card
+from kd_trainer.models.onnx import (
     VARIANTS,
     DeployDependencyError,
     ExportVerificationError,
@@ -37,7 +38,6 @@ from kd_trainer.models.onnx_export import (
     evaluate_onnx,
     export_onnx,
     format_export_report,
-    update_model_card,
     verify_onnx_export,
 )
 from kd_trainer.plan_view import format_plan, plan_report

@@ -59,6 +59,7 @@ from open_clip.transformer import QuickGELU
 
 from kd_trainer.data.transforms import CLIP_MEAN, CLIP_STD
 from kd_trainer.models.factory import RetrievalModel, get_architecture
+from kd_trainer.models.onnx import IMAGE_ENCODER, PREPROCESS_FILE, TEXT_ENCODER, format_export_report
 
 logger = logging.getLogger("kd_trainer")
 
@@ -74,6 +75,7 @@ __all__ = [
     "open_clip_config",
     "open_clip_state_dict",
     "render_model_card",
+    "update_model_card",
     "export_open_clip",
     "hub_upload_plan",
     "push_export_to_hub",
@@ -87,6 +89,9 @@ RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "test_results.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
 OPTIONAL_FILES = (RECIPE_FILE, RESULTS_FILE)
+# Where `kd-trainer export-onnx` puts its section in a card, so a second export replaces it.
+CARD_START = "<!-- kd_trainer:onnx-export:start -->"
+CARD_END = "<!-- kd_trainer:onnx-export:end -->"
 
 DEFAULT_TAGS = ("clip", "open_clip", "knowledge-distillation", "person-retrieval", "text-to-image-retrieval")
 # (label in the card, metric key without the "test_" prefix)
@@ -355,6 +360,23 @@ def render_model_card(info: ModelCardInfo, config: Mapping[str, Any]) -> str:
         lines += ["", "## Recipe", "", "<details><summary>recipe.yaml</summary>", "", "```yaml",
                   info.recipe_yaml.rstrip("\n"), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def update_model_card(card: str | os.PathLike, report: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Put the export's section into a model card (``README.md``): replaced when the card already has
+    one (between the kd_trainer:onnx-export markers), appended otherwise."""
+    path = Path(card)
+    text = path.read_text() if path.is_file() else ""
+    section = (f"{CARD_START}\n## ONNX export\n\nGraphs in `{out_dir}` (`{IMAGE_ENCODER}`, `{TEXT_ENCODER}`, "
+               f"`{PREPROCESS_FILE}`), written and checked by `kd-trainer export-onnx`.\n\n"
+               f"{format_export_report(report)}\n{CARD_END}\n")
+    if CARD_START in text and CARD_END in text:
+        head, rest = text.split(CARD_START, 1)
+        text = head + section + rest.split(CARD_END, 1)[1].lstrip("\n")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
+    path.write_text(text)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
