@@ -398,3 +398,80 @@ def test_worker_error_unwraps_to_the_one_line_message(tmp_path: Path) -> None:
         assert str(unwrap_worker_error(outer)) == expected
     assert unwrap_worker_error(direct.value) is direct.value
     assert unwrap_worker_error(RuntimeError("not a data problem")) is None
+
+
+# ----------------------------------------------------------------------------- caption text, tiny images, leakage
+
+
+def test_a_caption_that_cannot_be_encoded_is_one_line_naming_the_record(tmp_path: Path) -> None:
+    rows = _base_rows()
+    rows[5] = (rows[5][0], rows[5][1], "train", ["fine", "bad \ud800 escape"])  # json.dumps writes "\ud800"
+    rows[13] = (rows[13][0], rows[13][1], "test", ["\udfff"])
+    _write(tmp_path, _records(rows))
+    with pytest.raises(DatasetFormatError) as e:  # today: a UnicodeEncodeError traceback from pyarrow
+        load_pedes("cuhk_pedes", tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("CUHK-PEDES: caption 1 of record 5 (file_path='train/5.png', split train) in ")
+    assert "cannot be encoded as UTF-8: surrogates not allowed ('\\ud800' at character 4)" in msg
+    assert "2 such captions in all (also records [13])" in msg and "data.skip_unreadable: true" in msg
+
+
+def test_skip_unreadable_drops_captions_that_cannot_be_encoded_and_counts_them(tmp_path, caplog) -> None:
+    rows = _base_rows()
+    rows[5] = (rows[5][0], rows[5][1], "train", ["fine", "bad \ud800 escape"])
+    rows[13] = (rows[13][0], rows[13][1], "test", ["\udfff", "test image 1 b"])
+    _write(tmp_path, _records(rows))
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        dsd = load_pedes("cuhk_pedes", tmp_path, skip_unreadable=True)
+    assert dsd.load_report.unencodable_captions == {"train": 1, "test": 1}
+    assert "Dropped 2 such captions (data.skip_unreadable: true): 1 in train, 1 in test" in caplog.text
+    assert "fine" in _col(dsd["train"], "caption") and dsd["train"].num_rows == 15
+    assert dsd["test_queries"].num_rows == 7 and dsd["test_gallery"].num_rows == 4
+    assert "(captions that cannot be encoded (dropped): 1 in train, 1 in test)" in summarize(dsd)
+
+
+def test_blank_captions_are_warned_about_naming_the_records(tmp_path, caplog) -> None:
+    rows = _base_rows()
+    rows[2] = (rows[2][0], rows[2][1], "train", ["a person", "   "])
+    rows[14] = (rows[14][0], rows[14][1], "test", ["", "\t\n"])
+    _write(tmp_path, _records(rows))
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        dsd = load_pedes("cuhk_pedes", tmp_path)
+    assert "3 captions in" in caplog.text and "are empty or only whitespace (1 in train, 2 in test)" in caplog.text
+    assert "caption 1 of record 2 (file_path='train/2.png', split train)" in caplog.text
+    assert "caption 0 of record 14 (file_path='test/2.png', split test)" in caplog.text
+    assert dsd.load_report.blank_captions == {"train": 1, "test": 2}
+    assert dsd["train"].num_rows == 16  # kept, as reported
+
+
+def test_tiny_images_are_warned_about_when_decoded(tmp_path, caplog) -> None:
+    imgs = _write(tmp_path, _records(_base_rows()))
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(imgs / "test/1.png")
+    Image.new("RGB", (12, 2), (9, 9, 9)).save(imgs / "train/3.png")
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        dsd = load_pedes("cuhk_pedes", tmp_path)  # train images are not decoded: only the test one is seen
+    assert dsd.load_report.tiny_images == {"test": 1}
+    assert "1 images listed in" in caplog.text and "smaller than 4 pixels on a side (1 in test)" in caplog.text
+    assert "record 13 (file_path='test/1.png', split test): 1x1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        dsd = load_pedes("cuhk_pedes", tmp_path, verify_images=True)
+    assert dsd.load_report.tiny_images == {"train": 1, "test": 1}
+    assert "record 3 (file_path='train/3.png', split train): 12x2" in caplog.text
+
+
+def test_an_image_in_train_and_test_is_reported_at_load(tmp_path, caplog) -> None:
+    rows = _base_rows()
+    rows[14] = ("train/6.png", 77, "test", ["the same picture again"])  # train image 6, listed in test too
+    rows[9] = ("train/0.png", 21, "val", ["val copy"])
+    _write(tmp_path, _records(rows))
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        dsd = load_pedes("cuhk_pedes", tmp_path)
+    assert dsd.load_report.leaked_images == {"val": 1, "test": 1}
+    assert "2 images in" in caplog.text and "are both in train and in an evaluation split (1 in val, 1 in test)" \
+        in caplog.text
+    assert "record 14 (split test) and record 6 (split train) both list file_path='train/6.png'" in caplog.text
+    assert "(images also listed in train (train/evaluation leakage): 1 in val, 1 in test)" in summarize(dsd)
+    # Only the splits loaded are compared: evaluating test alone cannot see train.
+    assert load_pedes("cuhk_pedes", tmp_path, splits=["test"]).load_report.leaked_images == {}

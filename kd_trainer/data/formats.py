@@ -1,6 +1,6 @@
 """CUHK-PEDES, ICFG-PEDES, RSTPReid and SynthPEDES annotation files -> ``datasets.DatasetDict``.
 
-The layouts are those the IRRA family of codebases reads (``shared/design/data-formats.md``):
+The layouts are those the IRRA family of codebases reads (``docs/data-formats.md``):
 ``<root>/<folder>/<annotation>.json`` is a list of records, one per image, and the images
 live under ``<root>/<folder>/imgs/``. Each record has an image path, an ``id``, a list of
 ``captions`` and a ``split``.
@@ -23,8 +23,14 @@ naming the dataset, the file and the record, and saying what was expected:
 - images: every listed image must exist; val/test images are also decoded at load, and
   train images too with ``verify_images`` or ``skip_unreadable`` (which drops the
   unreadable ones, with a warning that counts them by kind: missing, empty, not an image,
-  truncated, corrupt);
+  truncated, unsupported, corrupt);
 - an empty caption list: warned about with counts (kept as IRRA keeps it);
+- a caption that cannot be encoded (a lone surrogate from a bad ``\\udXXX`` escape): an error
+  naming the record, or dropped and counted with ``skip_unreadable``; an empty or whitespace-only
+  caption: warned about, naming the records (kept);
+- decoded images smaller than ``TINY_SIDE`` pixels on a side (placeholders): warned about (kept);
+- an image listed in train and in val/test (leakage, when both are loaded): warned about, naming
+  the records;
 - a repeated (image, caption) pair: warned about, refused or dropped (``duplicates``);
 - a split left with nothing to train or evaluate on: an error naming the split and why.
 
@@ -41,14 +47,14 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import datasets
 
 from kd_trainer.data.errors import DatasetFormatError, unwrap_worker_error
-from kd_trainer.data.images import UNREADABLE_KINDS, find_unreadable, open_image
+from kd_trainer.data.images import TINY_SIDE, UNREADABLE_KINDS, open_image, scan_images
 
 __all__ = [
     "DATASETS",
@@ -231,9 +237,10 @@ def _kind_counts(kinds: Iterable[str]) -> str:
     return ", ".join(f"{counts[k]} {k}" for k in UNREADABLE_KINDS if counts[k])
 
 
-def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Record], *,
-                  skip: bool, decode: Callable[[_Record], bool]) -> tuple[list[_Record], dict[str, str]]:
-    """The records whose image is readable; ``{path: kind}`` of the others when ``skip``, else one error.
+def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Record], *, skip: bool,
+                  decode: Callable[[_Record], bool]) -> tuple[list[_Record], dict[str, str], dict[str, int]]:
+    """The records whose image is readable; ``{path: kind}`` of the others when ``skip``, else one error;
+    and ``{split: count}`` of the decoded images with a side below ``TINY_SIDE`` pixels (warned about, kept).
 
     Every image is checked for existence (one walk of ``imgs/``); those for which ``decode``
     is true are also decoded, in parallel, with the function training reads them with.
@@ -245,14 +252,17 @@ def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Rec
         r.index: ("missing", "no such file")
         for r in records if r.rel_path not in on_disk and not os.path.isfile(r.path)}
     todo = [r for r in records if r.index not in problems and decode(r)]
+    tiny: dict[str, int] = {}
     if todo:
         started = time.perf_counter()
-        for pos, problem in find_unreadable([r.path for r in todo]).items():
+        scan = scan_images([r.path for r in todo])
+        for pos, problem in scan.unreadable.items():
             problems[todo[pos].index] = problem
         logger.info("%s: decoded %d images at load in %.1f s (%d unreadable)", spec.display_name, len(todo),
                     time.perf_counter() - started, sum(r.index in problems for r in todo))
+        tiny = _warn_tiny(spec, ann, [(todo[pos], size) for pos, size in sorted(scan.tiny.items())])
     if not problems:
-        return records, {}
+        return records, {}, tiny
     bad = [r for r in records if r.index in problems]
     kinds = _kind_counts(problems[r.index][0] for r in bad)
     if not skip:
@@ -263,6 +273,9 @@ def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Rec
             lines.append(f"  {_where(spec, r)}: {kind}: {r.path}" + ("" if kind == "missing" else f" ({detail})"))
         if len(bad) > _MAX_LISTED:
             lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+        if any(problems[r.index][0] == "unsupported" for r in bad):
+            lines.append("An unsupported image decodes, but its pixels have no one right reading as RGB "
+                         "(kd_trainer/data/modes.py says how each image mode is read).")
         lines.append(f"Expected every record's {spec.image_key!r} to name a readable image under {imgs}. "
                      f"Set data.skip_unreadable: true in the recipe to drop these images (counted and reported).")
         raise DatasetFormatError("\n".join(lines))
@@ -270,7 +283,22 @@ def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Rec
     more = f", ... ({len(bad) - 5} more)" if len(bad) > 5 else ""
     logger.warning("%s: skipped %d of %d images listed in %s (data.skip_unreadable: true): %s. First: %s%s",
                    spec.display_name, len(bad), len(records), ann, kinds, shown, more)
-    return [r for r in records if r.index not in problems], {r.path: problems[r.index][0] for r in bad}
+    return [r for r in records if r.index not in problems], {r.path: problems[r.index][0] for r in bad}, tiny
+
+
+def _warn_tiny(spec: DatasetFormat, ann: Path, found: list[tuple[_Record, tuple[int, int]]]) -> dict[str, int]:
+    """Warn about decoded images with a side below ``TINY_SIDE`` pixels (kept: they are valid files,
+    but resized to the model's input they are a flat colour, most likely placeholders); ``{split: count}``."""
+    if not found:
+        return {}
+    counts = Counter(r.split for r, _ in found)
+    sizes = "; ".join(f"{_where(spec, r)}: {w}x{h}" for r, (w, h) in found[:5])
+    more = f"; ... ({len(found) - 5} more)" if len(found) > 5 else ""
+    logger.warning("%s: %d images listed in %s are smaller than %d pixels on a side (%s), most likely placeholders: "
+                   "resized to the model's input they are one flat colour. Kept; remove their records to leave "
+                   "them out. First: %s%s", spec.display_name, len(found), ann, TINY_SIDE,
+                   ", ".join(f"{counts[s]} in {s}" for s in SPLITS if counts[s]), sizes, more)
+    return {s: counts[s] for s in SPLITS if counts[s]}
 
 
 def _check_captions(spec: DatasetFormat, ann: Path, records: list[_Record]) -> dict[str, int]:
@@ -295,6 +323,78 @@ def _check_captions(spec: DatasetFormat, ann: Path, records: list[_Record]) -> d
     logger.warning("%s: %d records in %s have an empty caption list: %s. First: %s",
                    spec.display_name, len(empty), ann, ", ".join(effect), shown)
     return {s: counts[s] for s in SPLITS if counts[s]}
+
+
+def _unencodable(caption: str) -> str | None:
+    """Why ``caption`` cannot be written as UTF-8 (a lone surrogate, from a bad ``\\udXXX`` escape in the
+    JSON), or None. Such text fails when the split is built and would tokenise to bytes of nothing."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} ({caption[e.start]!r} at character {e.start})"
+    return None
+
+
+def _check_caption_text(spec: DatasetFormat, ann: Path, records: list[_Record], *,
+                        skip: bool) -> tuple[list[_Record], dict[str, int], dict[str, int]]:
+    """Captions that cannot be encoded (refused naming the record, or dropped and counted with ``skip``)
+    and blank ones (empty or only whitespace: warned about, naming the records, and kept).
+
+    Returns the records (captions dropped when ``skip``), ``{split: unencodable captions}`` and
+    ``{split: blank captions}``.
+    """
+    bad = [(r, j, why) for r in records for j, c in enumerate(r.captions) if (why := _unencodable(c)) is not None]
+    dropped: dict[str, int] = {}
+    if bad:
+        first, j, why = bad[0]
+        others = sorted({r.index for r, _, _ in bad[1:]} - {first.index})
+        more = (f"; {len(bad)} such captions in all (also records {others[:_MAX_LISTED]}"
+                + (" ..." if len(others) > _MAX_LISTED else "") + ")") if len(bad) > 1 else ""
+        what = (f"{spec.display_name}: caption {j} of {_where(spec, first)} in {ann} cannot be encoded as UTF-8: "
+                f"{why}{more}")
+        if not skip:
+            raise DatasetFormatError(f"{what}. Expected text that is valid Unicode (fix the record's escape "
+                                     f"sequences), or set data.skip_unreadable: true to drop such captions (counted)")
+        drop = {(r.index, j) for r, j, _ in bad}
+        touched = {i for i, _ in drop}
+        records = [replace(r, captions=[c for j, c in enumerate(r.captions) if (r.index, j) not in drop])
+                   if r.index in touched else r for r in records]
+        counts = Counter(r.split for r, _, _ in bad)
+        dropped = {s: counts[s] for s in SPLITS if counts[s]}
+        logger.warning("%s. Dropped %d such captions (data.skip_unreadable: true): %s", what, len(bad),
+                       ", ".join(f"{n} in {s}" for s, n in dropped.items()))
+    blank = [(r, j) for r in records for j, c in enumerate(r.captions) if not c.strip()]
+    blanks: dict[str, int] = {}
+    if blank:
+        counts = Counter(r.split for r, _ in blank)
+        blanks = {s: counts[s] for s in SPLITS if counts[s]}
+        shown = "; ".join(f"caption {j} of {_where(spec, r)}" for r, j in blank[:5])
+        more = f"; ... ({len(blank) - 5} more)" if len(blank) > 5 else ""
+        logger.warning("%s: %d captions in %s are empty or only whitespace (%s): each is a training pair or a query "
+                       "with no words (the text tower sees only its start and end tokens). Kept; fix or remove them "
+                       "in the file. First: %s%s", spec.display_name, len(blank), ann,
+                       ", ".join(f"{n} in {s}" for s, n in blanks.items()), shown, more)
+    return records, dropped, blanks
+
+
+def _check_leakage(spec: DatasetFormat, ann: Path, records: list[_Record]) -> dict[str, int]:
+    """Warn about images listed both in train and in an evaluation split (val/test): the model
+    is then evaluated on images it trained on, and its R@K/mAP overstate it. ``{split: images}``
+    of each evaluation split that shares images with train; only the splits loaded are compared."""
+    train = {r.path: r for r in records if r.split == "train"}
+    shared = [(r, train[r.path]) for r in records if r.split != "train" and r.path in train]
+    if not shared:
+        return {}
+    counts = Counter(r.split for r, _ in shared)
+    leaked = {s: counts[s] for s in SPLITS if counts[s]}
+    shown = "; ".join(f"record {r.index} (split {r.split}) and record {t.index} (split train) both list "
+                      f"{spec.image_key}={r.rel_path!r}" for r, t in shared[:5])
+    more = f"; ... ({len(shared) - 5} more)" if len(shared) > 5 else ""
+    logger.warning("%s: %d images in %s are both in train and in an evaluation split (%s): the model is evaluated on "
+                   "images it trained on, so R@K/mAP on these splits overstate it. Give each image one split. "
+                   "First: %s%s", spec.display_name, len(shared), ann,
+                   ", ".join(f"{n} in {s}" for s, n in leaked.items()), shown, more)
+    return leaked
 
 
 def _caption_key(caption: str) -> str:
@@ -438,6 +538,10 @@ class LoadReport:
     empty_captions: dict[str, int]  # split -> records with an empty caption list (kept, see _check_captions)
     duplicates: dict[str, int]  # split -> repeated (image, caption) pairs found
     duplicates_policy: str  # what was done about them: warn (kept) | drop
+    tiny_images: dict[str, int] = field(default_factory=dict)  # split -> decoded images under TINY_SIDE px (kept)
+    unencodable_captions: dict[str, int] = field(default_factory=dict)  # split -> dropped (data.skip_unreadable)
+    blank_captions: dict[str, int] = field(default_factory=dict)  # split -> empty/whitespace captions (kept)
+    leaked_images: dict[str, int] = field(default_factory=dict)  # eval split -> its images also listed in train
 
     def skipped_by_kind(self) -> dict[str, int]:
         counts = Counter(self.skipped.values())
@@ -456,6 +560,12 @@ class LoadReport:
             done = "dropped" if self.duplicates_policy == "drop" else "kept"
             out.append(f"repeated (image, caption) pairs ({done}): "
                        + ", ".join(f"{n} in {s}" for s, n in self.duplicates.items()))
+        for counts, what in ((self.unencodable_captions, "captions that cannot be encoded (dropped)"),
+                             (self.blank_captions, "empty or whitespace-only captions (kept)"),
+                             (self.tiny_images, f"images under {TINY_SIDE} pixels on a side (kept)"),
+                             (self.leaked_images, "images also listed in train (train/evaluation leakage)")):
+            if counts:
+                out.append(f"{what}: " + ", ".join(f"{n} in {s}" for s, n in counts.items()))
         return out
 
 
@@ -513,6 +623,9 @@ def load_pedes(
       train image can be dropped is to read it). An unreadable image is an error listing
       all of them, or with ``skip_unreadable`` a warning with the counts by kind;
     - records with an empty caption list: a warning with counts (see :func:`_check_captions`);
+    - captions that cannot be encoded: an error naming the record, or with ``skip_unreadable``
+      dropped and counted; blank captions, tiny images and images in train and val/test: warnings
+      naming the records (:func:`_check_caption_text`, :func:`_warn_tiny`, :func:`_check_leakage`);
     - repeated (image, caption) pairs: ``duplicates`` = ``warn`` (keep, warn), ``error``
       (refuse) or ``drop`` (keep the first of each, warn);
     - a split left with nothing to train or evaluate on is an error naming it and why.
@@ -534,9 +647,11 @@ def load_pedes(
     _check_not_empty(spec, ann, wanted, in_file, {s: [] for s in wanted}, by_split)
     decode_train = verify_images or skip_unreadable
 
-    records, skipped = _check_images(spec, ann, imgs, listed, skip=skip_unreadable,
-                                     decode=lambda r: r.split != "train" or decode_train)
-    empty_captions = _check_captions(spec, ann, records)
+    records, skipped, tiny = _check_images(spec, ann, imgs, listed, skip=skip_unreadable,
+                                           decode=lambda r: r.split != "train" or decode_train)
+    empty_captions = _check_captions(spec, ann, records)  # lists empty in the file, before any caption is dropped
+    records, unencodable, blank = _check_caption_text(spec, ann, records, skip=skip_unreadable)
+    leaked = _check_leakage(spec, ann, records)
     records, repeats = _check_duplicates(spec, ann, records, duplicates)
     by_split = {s: [r for r in records if r.split == s] for s in wanted}
     skipped_kinds = {s: [skipped[r.path] for r in listed if r.split == s and r.path in skipped] for s in wanted}
@@ -547,7 +662,8 @@ def load_pedes(
         dataset=spec.display_name, annotation=str(ann), splits=wanted,
         decoded_splits=tuple(s for s in wanted if s != "train" or decode_train),
         skipped=dict(skipped), empty_captions=empty_captions, duplicates=repeats,
-        duplicates_policy="drop" if duplicates == "drop" else "warn")
+        duplicates_policy="drop" if duplicates == "drop" else "warn", tiny_images=tiny,
+        unencodable_captions=unencodable, blank_captions=blank, leaked_images=leaked)
 
     def desc(split: str) -> str:
         notes = "".join(f"; {n}" for n in report.notes())

@@ -11,6 +11,8 @@ Each unreadable file gets a *kind*, so a report can say what went wrong, not onl
 - ``not an image``: bytes PIL does not recognise as any image format (random bytes, HTML
   error pages saved under an image name, a header followed by garbage);
 - ``truncated``: a recognised image whose data ends early;
+- ``unsupported``: decoded, but its pixels have no one right reading as RGB (a float image of
+  depths, a LAB image; see :mod:`.modes`, which decides how every mode becomes RGB);
 - ``corrupt``: any other decode failure.
 """
 
@@ -18,15 +20,17 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from kd_trainer.data.errors import DatasetFormatError
+from kd_trainer.data.modes import UnsupportedImageMode, to_rgb
 
-__all__ = ["UNREADABLE_KINDS", "find_unreadable", "open_image", "unreadable_kind"]
+__all__ = ["TINY_SIDE", "UNREADABLE_KINDS", "ImageScan", "find_unreadable", "open_image", "scan_images", "unreadable_kind"]
 
-UNREADABLE_KINDS = ("missing", "empty", "not an image", "truncated", "corrupt")
+UNREADABLE_KINDS = ("missing", "empty", "not an image", "truncated", "unsupported", "corrupt")
 
 # An image that fails while training reads it was not decoded at load: say which recipe keys
 # would have found it (or dropped it) before training started.
@@ -42,6 +46,8 @@ def unreadable_kind(path: str | os.PathLike, error: BaseException) -> str:
     """Which of :data:`UNREADABLE_KINDS` ``error`` (raised opening ``path``) is."""
     if isinstance(error, FileNotFoundError):
         return "missing"
+    if isinstance(error, UnsupportedImageMode):
+        return "unsupported"
     try:
         if os.path.getsize(path) == 0:
             return "empty"
@@ -55,7 +61,7 @@ def unreadable_kind(path: str | os.PathLike, error: BaseException) -> str:
 
 
 def open_image(path: str | os.PathLike, dataset_name: str = "") -> Image.Image:
-    """Decode an image fully and return it as RGB.
+    """Decode an image fully and return it as 8-bit RGB, each PIL mode read as :func:`.modes.to_rgb` decides.
 
     A failure is a one-line :class:`DatasetFormatError` naming the dataset, the file and
     the kind of problem, and the recipe keys that find or drop such images before training:
@@ -64,12 +70,15 @@ def open_image(path: str | os.PathLike, dataset_name: str = "") -> Image.Image:
     who = f"{dataset_name}: " if dataset_name else ""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode, so truncation shows here
+            return to_rgb(im)  # converting forces the full decode, so truncation shows here
     except FileNotFoundError:
         raise DatasetFormatError(
             f"{who}image file {os.fspath(path)} is missing; expected the file named by the annotation "
             f"record, under the dataset's imgs/ folder; {_TRAIN_HINT}"
         ) from None
+    except UnsupportedImageMode as e:
+        raise DatasetFormatError(
+            f"{who}cannot use image {os.fspath(path)} (unsupported: {e}); {_TRAIN_HINT}") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         kind = unreadable_kind(path, e)
         raise DatasetFormatError(
@@ -78,23 +87,40 @@ def open_image(path: str | os.PathLike, dataset_name: str = "") -> Image.Image:
         ) from e
 
 
-def _problem(path: str) -> tuple[str, str] | None:
-    """(kind, detail) if ``open_image`` fails on ``path``, else None."""
+# A side this short holds no person: a 1x1 placeholder resized to 384x128 is one flat colour.
+TINY_SIDE = 4
+
+
+@dataclass(frozen=True)
+class ImageScan:
+    """What decoding a list of images found, by position in the list."""
+
+    unreadable: dict[int, tuple[str, str]]  # (kind, detail) of each image open_image refuses
+    tiny: dict[int, tuple[int, int]]  # (width, height) of each readable image with a side below TINY_SIDE
+
+
+def _inspect(path: str) -> tuple[str, str] | tuple[int, int]:
+    """(kind, detail) if ``open_image`` fails on ``path``, else the image's (width, height)."""
     try:
-        open_image(path)
+        return open_image(path).size
     except DatasetFormatError as e:
         cause = e.__cause__
         if cause is None:
             return "missing", "no such file"
         return unreadable_kind(path, cause), f"{type(cause).__name__}: {_one_line(cause)}"
-    return None
+
+
+def scan_images(paths: Sequence[str], *, max_workers: int | None = None) -> ImageScan:
+    """Decode every file in ``paths`` in parallel, as training reads them: the unreadable and the tiny ones."""
+    if not paths:
+        return ImageScan({}, {})
+    workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_inspect, paths))
+    return ImageScan({i: r for i, r in enumerate(results) if isinstance(r[0], str)},  # type: ignore[misc]
+                     {i: r for i, r in enumerate(results) if isinstance(r[0], int) and min(r) < TINY_SIDE})  # type: ignore[misc]
 
 
 def find_unreadable(paths: Sequence[str], *, max_workers: int | None = None) -> dict[int, tuple[str, str]]:
     """Decode every file in ``paths`` in parallel: ``{position in paths: (kind, detail)}`` for each failure."""
-    if not paths:
-        return {}
-    workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_problem, paths)
-        return {i: p for i, p in enumerate(results) if p is not None}
+    return scan_images(paths, max_workers=max_workers).unreadable

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from kd_trainer.data.modes import to_rgb
+
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ToRGB", "build_image_transform", "run_seeded", "stable_seed"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,10 +33,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ToRGB:
-    """Convert any PIL mode (L, P, RGBA, CMYK, I;16 ...) to RGB; a module-level class so it pickles."""
+    """Convert any PIL mode (L, P, RGBA, CMYK, I;16 ...) to RGB by the one rule of :func:`.modes.to_rgb`
+    (``convert("RGB")`` alone turns 16-bit grayscale white); a module-level class so it pickles."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" and "transparency" not in image.info else to_rgb(image)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
