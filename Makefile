@@ -8,6 +8,7 @@
 #   make bench [BENCH_ARGS=--quick]    step/eval/loader timings and the KD-cost ratios (CPU or GPU)
 #   make deploy-bench [DEPLOY_BENCH_ARGS=--quick]   PyTorch/ONNX/INT8 latency, size, memory: teacher vs student
 #   make bench-accum [ACCUM_BENCH_ARGS=...]          memory and time of 1x64 vs exact 4x16 / 8x8 accumulation
+#   make docs                          the docs site into site/ (mkdocs build --strict: a broken link fails)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-fast demo train eval compare bench deploy-bench report clean-runs help
 help:
-	@sed -n '1,10p' Makefile
+	@sed -n '1,11p' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +91,11 @@ ACCUM_BENCH_ARGS ?=
 .PHONY: bench-accum
 bench-accum: $(STAMP)
 	$(PY) bench/bench_accumulation.py $(ACCUM_BENCH_ARGS)
+
+# The docs site (docs/, mkdocs.yml); the reference pages are generated from the code at build time.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
 
 clean-runs:
 	rm -rf runs/demo
