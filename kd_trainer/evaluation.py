@@ -1,4 +1,4 @@
-"""How well does a model retrieve: text-to-image ranking metrics (methods.md, "Evaluation protocol").
+"""How well does a model retrieve: text-to-image ranking metrics (docs/getting-started.md, "Evaluation protocol").
 
 The top of this module holds the metrics alone, on embeddings already computed
 (:func:`rank_metrics`), then the ranking they score, listed (:class:`GalleryRanking`, :func:`top_k`:

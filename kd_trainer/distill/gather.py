@@ -2,7 +2,7 @@
 
 Contrastive and relational terms compare each sample with the rest of the batch, so with N
 processes of batch b they must see all N*b samples, or N processes optimise a different objective
-than one process with batch N*b (losses.md, "Gathering across processes"). This is written once
+than one process with batch N*b (docs/losses.md, "Gathering across processes"). This is written once
 here and used for every term, as open_clip's ``gather_features`` is.
 
 Two ways to split the work, both exact (the same loss and parameter gradients as one process on

@@ -1,6 +1,6 @@
 """``RetrievalTrainer``: CLIP dual-encoder distillation, the loss a weighted sum of named terms.
 
-One step (``design/architecture.md``): the frozen teacher embeds the batch under
+One step (``docs/architecture.md``): the frozen teacher embeds the batch under
 ``torch.inference_mode()`` (only the towers some term reads; or its embeddings come from the
 teacher cache), the student embeds it, and every term of the current stage computes its value
 from those embeddings; the core weighs and logs them.

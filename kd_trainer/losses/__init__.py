@@ -1,4 +1,4 @@
-"""Loss terms of ``losses.md``, registered by the names users type (``kd-trainer terms`` lists them).
+"""Loss terms of ``docs/losses.md``, registered by the names users type (``kd-trainer terms`` lists them).
 
 Importing this package registers every term: task terms in :mod:`.task`, distillation terms in
 :mod:`.contrastive`, :mod:`.relational` and :mod:`.feature`. Which rows of a gathered batch a

@@ -1,4 +1,4 @@
-"""The notation of ``losses.md`` as tensor functions, so each term's body reads like its formula.
+"""The notation of ``docs/losses.md`` as tensor functions, so each term's body reads like its formula.
 
 ``sim(X, Y, tau)`` is ``X @ Y.T / tau``; ``cos(X, Y)`` is ``X @ Y.T``; ``log_p(X, Y, tau)`` is
 ``log P(X, Y; tau)`` (row-wise log-softmax); ``ce``, ``sce``, ``kl`` and ``mse`` are ``CE``,

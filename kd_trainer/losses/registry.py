@@ -1,4 +1,4 @@
-"""The registry of loss terms: every term of ``losses.md`` under the name users type.
+"""The registry of loss terms: every term of ``docs/losses.md`` under the name users type.
 
 A term is a pure function ``fn(features, *, temperature, side, **kwargs) -> scalar`` registered
 with :func:`register_term`, which also records what the trainer needs to know about it: which
@@ -39,7 +39,7 @@ STUDENT_TOWERS = frozenset({"student_image", "student_text"})
 TEACHER_TOWERS = frozenset({"teacher_image", "teacher_text"})
 SIDES = ("image", "text", "both")
 KINDS = ("task", "distill")
-# losses.md: task temperature 0.02 (--temperature), distillation temperatures 0.5.
+# docs/losses.md: task temperature 0.02 (--temperature), distillation temperatures 0.5.
 DEFAULT_TEMPERATURE = {"task": 0.02, "distill": 0.5}
 
 
@@ -132,7 +132,7 @@ def register_term(
             ``"image"`` and ``"text"`` are given: it is then their union.
         sides: The values of ``side`` the term accepts.
         default_temperature: Used when a recipe gives none; by default 0.02 for task terms
-            and 0.5 for distillation terms (losses.md).
+            and 0.5 for distillation terms (docs/losses.md).
         needs_teacher: Defaults to whether any side reads a teacher tower (and must agree).
         direct_compare: The term compares student with teacher embeddings directly, so a
             student narrower or wider than the teacher needs a projection.

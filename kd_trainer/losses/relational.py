@@ -6,7 +6,7 @@ Two families, both on similarity matrices of the batch:
   ``affinity``): row-wise softmax distributions compared by (soft) cross-entropy or KL;
 - similarity distance (the ``*_sd`` terms, ConaCLIP): MSE between raw cosine matrices.
 
-Notation as in ``losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
+Notation as in ``docs/losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
 all L2-normalised; ``T`` the distillation temperature; ``P(X, Y; T)`` the row-wise softmax of
 ``X Y^T / T``.
 
@@ -258,7 +258,7 @@ def inter_ss_sd(features: Features, *, temperature: float, side: str = "both") -
     """Inter-modal student-student similarity distance.
 
     ``1/2 [MSE(ts vs^T, tt vt^T) + MSE(vs ts^T, vt tt^T)]`` (the two halves are transposes, so
-    equal over the whole batch; kept as written in losses.md). With local rows they differ per
+    equal over the whole batch; kept as written in docs/losses.md). With local rows they differ per
     process (local texts' rows, then local images' rows), and each sums to its whole half.
     """
     vs, ts, vt, tt = _four(features)

@@ -1,6 +1,6 @@
 """Task terms: the retrieval objective (InfoNCE over student and hybrid pairs, and IRRA's SDM).
 
-Notation as in ``losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
+Notation as in ``docs/losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
 all L2-normalised; ``y = arange(B)``.
 
 Every term here is a mean over rows, each row reading one sample against all columns, so each

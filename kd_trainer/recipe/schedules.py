@@ -61,7 +61,7 @@ class Constant(_Schedule):
 
 
 class Warmup(_Schedule):
-    """UP/EOD's mimic warm-up, as losses.md gives it: ``value * min(1, t / steps)`` on the
+    """UP/EOD's mimic warm-up, as docs/losses.md gives it: ``value * min(1, t / steps)`` on the
     completed steps ``t`` (so the very first step has weight 0, as UP's iteration 0 does).
     :func:`kd_trainer.distill.mimic.warmup_weight` is the same ramp for mimic jobs."""
 

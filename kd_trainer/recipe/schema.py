@@ -172,7 +172,7 @@ class SelectConfig(_Strict):
 
 class TermConfig(_Strict):
     name: str = Field(description="A registered loss term (see `kd-trainer terms`).")
-    weight: ScheduleLike = Field(1.0, description="A number, or a schedule (see kd_trainer/distill/schedules.py).")
+    weight: ScheduleLike = Field(1.0, description="A number, or a schedule (see kd_trainer/recipe/schedules.py).")
     temperature: float | None = Field(None, gt=0, description="Absolute temperature; null uses the term's default.")
     side: Literal["image", "text", "both"] = "both"
     group: Literal["task", "distill"] | None = Field(
@@ -254,7 +254,7 @@ class Recipe(_Strict):
     teachers: dict[str, ModelConfig] | None = Field(
         None, description="Named teachers for `mimic:` jobs (teacher0, teacher1, ...), as in UP/EOD.")
     mimic: MimicConfig | None = Field(
-        None, description="UP/EOD mimic config, either shape of ../shared/seeds/002 (one job, or "
+        None, description="UP/EOD mimic config, in either of UP's shapes (docs/mimic.md: one job, or "
                           "mimic_as_jobs: true with mimic_job0, mimic_job1, ...), or a list of jobs in our "
                           "field names (kd_trainer/recipe/mimic.py); parsed once into a MimicConfig.")
     loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
