@@ -155,7 +155,8 @@ def test_cache_layout_and_lookup_errors(setup):
         cache.lookup({"pixel_values": torch.zeros(1)})
     with pytest.raises(IndexError, match="out of range"):
         cache.lookup({"cache_text_row": torch.tensor([len(train)])}, ["teacher_text"])
-    with pytest.raises(FileNotFoundError, match="cache-teacher"):
+    with pytest.raises(CacheMismatchError,
+                       match=r"is damaged \(no such folder\): rebuild with `kd-trainer cache-teacher"):
         TeacherCache.open(path / "nowhere", teacher=teacher, dataset_raw=train, transform_cfg=CFG)
 
 

@@ -14,11 +14,14 @@ Row ``k*M + p`` of the concatenated image shards is draw k of the p-th image
 (:func:`kd_trainer.data.replay.image_row`); :class:`~kd_trainer.data.replay.ReplayDataset` puts
 that row (``cache_image_row``) and the caption row (``cache_text_row``) in every item, and
 :meth:`TeacherCache.lookup` reads them. :meth:`TeacherCache.open` refuses a cache whose
-fingerprints (:mod:`.fingerprint`) differ from the current run's, naming what changed.
+fingerprints (:mod:`.fingerprint`) differ from the current run's, naming what changed, and
+one whose files are missing, truncated or corrupt (:class:`CacheDamagedError`): the meta file
+records each file's size and blake2b digest at build time, and opening checks them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -27,13 +30,14 @@ from typing import Any
 
 import datasets
 import safetensors.torch
+from safetensors import SafetensorError
 import torch
 from torch import nn
 
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, TrainRows
 from kd_trainer.distill.cache.fingerprint import FINGERPRINT_PARTS, explain_change, fingerprints
 
-__all__ = ["CACHE_META", "CacheMismatchError", "TeacherCache", "reset_cache_dir", "write_cache"]
+__all__ = ["CACHE_META", "CacheDamagedError", "CacheMismatchError", "TeacherCache", "reset_cache_dir", "write_cache"]
 
 CACHE_FORMAT = "kd_trainer.teacher_cache"
 CACHE_VERSION = 1
@@ -47,6 +51,31 @@ REBUILD_HINT = "re-run `kd-trainer cache-teacher <recipe>` to rebuild it"
 
 class CacheMismatchError(ValueError):
     """A teacher cache built for another teacher, dataset or transform config."""
+
+
+class CacheDamagedError(CacheMismatchError):
+    """A teacher cache that is missing, unfinished, truncated or corrupt on disk; rebuilding it is the fix.
+
+    A subclass of :class:`CacheMismatchError` so that whatever refuses an unusable cache in one line
+    (the command line's bad-input errors) refuses a damaged one the same way.
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"the cache at {path} is damaged ({what}): rebuild with `kd-trainer cache-teacher "
+                         f"<recipe> --out {path}`, or train with the online teacher")
+
+
+_LAYOUT_KEYS = ("num_texts", "num_images", "num_draws", "embed_dim", "text_file", "image_shards")
+_CHUNK = 1 << 24
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    """Size and blake2b digest of ``file``: what opening the cache checks it against."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(file, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return {"bytes": file.stat().st_size, "blake2b": digest.hexdigest()}
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
@@ -77,13 +106,14 @@ def write_cache(out: Path, text: torch.Tensor, images: torch.Tensor, rows: Train
     safetensors.torch.save_file({"image_ids": torch.tensor(rows.images, dtype=torch.int64),
                                  "text_image_pos": torch.tensor(rows.position, dtype=torch.int64)},
                                 str(out / INDEX_FILE))
+    files = {name: _file_record(out / name) for name in (TEXT_FILE, *shards, INDEX_FILE)}
     layout = {"num_texts": text.shape[0], "num_images": images.shape[1], "num_draws": images.shape[0],
               "embed_dim": text.shape[1], "dtype": "float32", "text_file": TEXT_FILE, "image_shards": shards,
               "index_file": INDEX_FILE, "image_row": "k * num_images + position"}
     _atomic_json(out / CACHE_META, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                                     "fingerprint": {p: f["digest"] for p, f in built_for.items()},
                                     **built_for, "replay": config.fingerprint_dict(), "layout": layout,
-                                    "build": build})
+                                    "files": files, "build": build})
 
 
 class TeacherCache:
@@ -124,6 +154,7 @@ class TeacherCache:
         transform config; :class:`CacheMismatchError` names every part that differs."""
         path = Path(path)
         meta = cls._read_meta(path)
+        cls._check_files(path, meta)
         current = fingerprints(teacher, TrainRows.from_dataset(dataset_raw), transform_cfg)
         changed = [explain_change(p, meta.get(p, {}), current[p]) for p in FINGERPRINT_PARTS
                    if meta.get("fingerprint", {}).get(p) != current[p]["digest"]]
@@ -134,26 +165,69 @@ class TeacherCache:
 
     @staticmethod
     def _read_meta(path: Path) -> dict[str, Any]:
+        """The meta file, checked for the keys opening reads; every way it can be absent or broken is a
+        :class:`CacheDamagedError` (a build that did not finish leaves no meta file)."""
         file = path / CACHE_META
+        if not path.is_dir():
+            raise CacheDamagedError(path, "no such folder" if not path.exists() else "not a folder")
         if not file.is_file():
-            raise FileNotFoundError(f"no teacher cache at {path} ({CACHE_META} missing; a build that did not "
-                                    f"finish leaves none); {REBUILD_HINT}")
-        meta = json.loads(file.read_text())
+            raise CacheDamagedError(path, f"{CACHE_META} is missing; a build that did not finish leaves none")
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CacheDamagedError(path, f"{CACHE_META} cannot be read: {type(e).__name__}: {e}") from None
+        if not isinstance(meta, dict):
+            raise CacheDamagedError(path, f"{CACHE_META} holds a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
             raise CacheMismatchError(f"{file} is not a version-{CACHE_VERSION} {CACHE_FORMAT} (format "
                                      f"{meta.get('format')!r}, version {meta.get('version')!r}); {REBUILD_HINT}")
+        layout = meta.get("layout")
+        missing = [k for k in _LAYOUT_KEYS if k not in layout] if isinstance(layout, dict) else ["layout"]
+        if missing or not isinstance(meta.get("fingerprint"), dict) or not isinstance(layout["image_shards"], list):
+            raise CacheDamagedError(path, f"{CACHE_META} lacks {missing or ['fingerprint']}")
         return meta
+
+    @staticmethod
+    def _check_files(path: Path, meta: dict[str, Any]) -> None:
+        """Every file the meta names is there, whole and unchanged (size and digest of the build;
+        caches built before digests were recorded are checked for presence only)."""
+        lay = meta["layout"]
+        records = meta.get("files") or {}
+        for name in (lay["text_file"], *lay["image_shards"], *records):
+            file = path / name
+            if not file.is_file():
+                raise CacheDamagedError(path, f"{name} is missing")
+            want = records.get(name)
+            if want is None:
+                continue
+            size = file.stat().st_size
+            if size != want.get("bytes"):
+                what = "truncated" if size < want.get("bytes", 0) else "longer than built"
+                raise CacheDamagedError(path, f"{name} is {what}: {size} bytes, the build wrote {want.get('bytes')}")
+            if _file_record(file)["blake2b"] != want.get("blake2b"):
+                raise CacheDamagedError(path, f"{name} is corrupt: its contents changed since the build "
+                                              f"(blake2b digest differs)")
 
     @classmethod
     def _load(cls, path: Path, meta: dict[str, Any]) -> "TeacherCache":
         lay = meta["layout"]
-        text = safetensors.torch.load_file(str(path / lay["text_file"]))["text_embeds"]
-        images = torch.cat([safetensors.torch.load_file(str(path / s))["image_embeds"] for s in lay["image_shards"]])
+
+        def table(name: str, key: str) -> torch.Tensor:
+            try:
+                return safetensors.torch.load_file(str(path / name))[key]
+            except KeyError:
+                raise CacheDamagedError(path, f"{name} holds no {key!r} table") from None
+            except (SafetensorError, OSError) as e:  # a bad header, short data
+                raise CacheDamagedError(path, f"{name} cannot be read: {type(e).__name__}: "
+                                              f"{' '.join(str(e).split())}") from None
+
+        text = table(lay["text_file"], "text_embeds")
+        images = torch.cat([table(s, "image_embeds") for s in lay["image_shards"]])
         want = {"text": (lay["num_texts"], lay["embed_dim"]),
                 "image": (lay["num_images"] * lay["num_draws"], lay["embed_dim"])}
         if tuple(text.shape) != want["text"] or tuple(images.shape) != want["image"]:
-            raise CacheMismatchError(f"teacher cache {path} is damaged: text {tuple(text.shape)}, images "
-                                     f"{tuple(images.shape)}, but {CACHE_META} says {want}; {REBUILD_HINT}")
+            raise CacheDamagedError(path, f"text {tuple(text.shape)}, images {tuple(images.shape)}, but "
+                                          f"{CACHE_META} says {want}")
         return cls(images, text, num_draws=lay["num_draws"], meta=meta, path=path)
 
     def lookup(self, batch: Mapping[str, torch.Tensor],
