@@ -108,6 +108,22 @@ def test_identities_share_attributes_but_full_descriptions_are_unique() -> None:
     assert sample_identities(50, seed=0) == people[:50]  # the ones make_synth_pedes draws, pid = index + 1
 
 
+
+def test_a_disjoint_corpus_shares_no_person_with_the_target(tmp_path: Path) -> None:
+    target = {p.key() for p in sample_identities(400, seed=0)}
+    # Without the exclusion, a 3000-person corpus of another seed does draw some target people.
+    assert target & {p.key() for p in sample_identities(3000, seed=1)}
+    corpus = sample_identities(3000, seed=1, exclude=frozenset(target))
+    assert len({p.key() for p in corpus}) == 3000 and not target & {p.key() for p in corpus}
+    # make_synth_pedes draws the same people, records the exclusion, and refuses a folder written without it.
+    kw = dict(num_identities=40, images_per_identity=(1, 1), image_size=(32, 16), seed=1)
+    root = make_synth_pedes(tmp_path / "c", **kw, disjoint_from=(400, 0))
+    assert json.loads((root / META_FILE).read_text())["disjoint_from"] == [400, 0]
+    assert len(_records(root)) == 40
+    with pytest.raises(ValueError, match=r"disjoint_from"):
+        make_synth_pedes(root, **kw)
+
+
 def _nearest(rgb: np.ndarray, names: list[str]) -> str:
     palette = np.array([COLOUR_RGB[n] for n in names], dtype=float)
     return names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]

@@ -45,6 +45,11 @@ class SynthConfig(_Strict):
     images_per_identity: tuple[int, int] = (3, 5)
     image_size: tuple[int, int] = (96, 48)
     seed: int = 0
+    split_identities: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="(train, val, test) shares of the identities")
+    disjoint_from: tuple[int, int] | None = Field(
+        None, description="(num_identities, seed) of another SynthPEDES whose people this one leaves out: "
+                          "a teacher's pre-training corpus that shares no person with the target set")
 
 
 class ShapesConfig(_Strict):

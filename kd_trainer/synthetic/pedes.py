@@ -164,15 +164,17 @@ def _draw_identity(rng: random.Random) -> Identity:
                     skin=rng.randrange(len(_SKIN_TONES)), inner_colour=rng.choice(_INNER_COLOURS))
 
 
-def sample_identities(num_identities: int, seed: int = 0) -> list[Identity]:
+def sample_identities(num_identities: int, seed: int = 0,
+                      exclude: frozenset[tuple[Any, ...]] = frozenset()) -> list[Identity]:
     """The identities ``make_synth_pedes(..., num_identities, seed=seed)`` draws; pid ``i + 1`` is item ``i``.
 
     Attributes are drawn independently per identity and redrawn until the described
-    attributes (``Identity.key()``) are unique.
+    attributes (``Identity.key()``) are unique, and not among ``exclude`` (the keys of
+    another data set that this one must not share a person with).
     """
     rng = random.Random(f"synthpedes:{seed}:identities")
     out: list[Identity] = []
-    seen: set[tuple[Any, ...]] = set()
+    seen: set[tuple[Any, ...]] = set(exclude)
     attempts = 0
     while len(out) < num_identities:
         attempts += 1
@@ -624,7 +626,8 @@ def _check_cache(out: pathlib.Path, meta: dict[str, Any]) -> bool:
         raise ValueError(f"{out} already holds a {ANNOTATION_FILE} that make_synth_pedes did not write "
                          f"(no {META_FILE}); pass overwrite=True (--overwrite) to replace it")
     old = json.loads(meta_path.read_text())
-    differ = [f"{k}: on disk {old.get(k)!r}, requested {v!r}" for k, v in meta.items() if old.get(k) != v]
+    differ = [f"{k}: on disk {old.get(k)!r}, requested {meta.get(k)!r}"
+              for k in dict.fromkeys([*meta, *old]) if old.get(k) != meta.get(k)]
     if differ:
         raise ValueError(f"{out} holds SynthPEDES generated with other arguments ({'; '.join(differ)}); "
                          f"pass overwrite=True (--overwrite) to regenerate it, or use another directory")
@@ -635,13 +638,18 @@ def make_synth_pedes(out_dir: str | os.PathLike, *, num_identities: int = 400,
                      images_per_identity: tuple[int, int] = (3, 5),
                      image_size: tuple[int, int] = (96, 48),
                      split_identities: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                     seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+                     seed: int = 0, disjoint_from: tuple[int, int] | None = None,
+                     overwrite: bool = False) -> pathlib.Path:
     """Write SynthPEDES in the CUHK-PEDES layout under ``out_dir`` and return ``out_dir``.
 
     Writes ``imgs/synth/<pid>_<k>.png`` (``image_size`` is (H, W)), ``reid_raw.json`` (one
     record per image: split, 2 captions, file_path relative to ``imgs/``, processed_tokens,
     1-based id; train ids first, then val, then test) and ``synth_meta.json`` (the arguments).
     Splits are by identity with ``split_identities`` as (train, val, test) fractions.
+
+    ``disjoint_from=(n, s)`` keeps out every person of the SynthPEDES that ``num_identities=n,
+    seed=s`` draws (same described attributes): a pre-training corpus that shares no person with
+    the target set, so a teacher pre-trained on it has seen none of the target's test people.
 
     If ``out_dir`` already has a ``reid_raw.json``: with matching ``synth_meta.json`` it is
     returned as is (nothing is redrawn); otherwise a ValueError names the differing
@@ -656,6 +664,11 @@ def make_synth_pedes(out_dir: str | os.PathLike, *, num_identities: int = 400,
     meta = {"num_identities": int(num_identities), "images_per_identity": list(images_per_identity),
             "image_size": list(image_size), "split_identities": list(split_identities), "seed": int(seed),
             "generator_version": GENERATOR_VERSION}
+    exclude: frozenset[tuple[Any, ...]] = frozenset()
+    if disjoint_from is not None:  # recorded only when given, so sets written before it still match
+        other_n, other_seed = int(disjoint_from[0]), int(disjoint_from[1])
+        meta["disjoint_from"] = [other_n, other_seed]
+        exclude = frozenset(p.key() for p in sample_identities(other_n, other_seed))
     if not overwrite and _check_cache(out, meta):
         return out
 
@@ -665,7 +678,7 @@ def make_synth_pedes(out_dir: str | os.PathLike, *, num_identities: int = 400,
         shutil.rmtree(img_root)  # only our own subfolder: stale images of a larger run must not linger
     img_root.mkdir(parents=True)
 
-    identities = sample_identities(num_identities, seed)
+    identities = sample_identities(num_identities, seed, exclude)
     n_train, n_val, _ = _split_counts(num_identities, split_identities)
     width = max(4, len(str(num_identities)))
     count_rng = random.Random(f"synthpedes:{seed}:counts")
