@@ -1,0 +1,184 @@
+"""Docs that cannot go stale (issue 23).
+
+- The site builds with ``mkdocs build --strict``: a broken link, a missing page or anchor fails.
+- The generated reference pages list every recipe key, every registered loss term and mimic
+  loss, every named architecture and every module, read from the code at build time.
+- Every ``.md`` file and every package path that a comment, docstring or help text of the code
+  cites exists in the repository (and a cited section of a docs page exists in that page).
+- The README stays short, keeps the test command, and links only to files that exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import tokenize
+from pathlib import Path
+
+import pytest
+from mkdocs.commands.build import build
+from mkdocs.config import load_config
+from mkdocs.exceptions import Abort
+from pydantic import TypeAdapter
+
+from kd_trainer.losses import TERMS
+from kd_trainer.losses.mimic import MIMIC_LOSSES, available_mimic_losses
+from kd_trainer.models.factory import list_architectures
+from kd_trainer.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+_spec = importlib.util.spec_from_file_location("gen_reference", DOCS / "gen_reference.py")
+gen_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_reference)
+
+
+# --- the site builds, strictly ------------------------------------------------------------------
+
+def test_the_site_builds_strictly_with_the_generated_pages(tmp_path, caplog):
+    # In this process (kd_trainer is already imported, so the hook costs nothing more), exactly
+    # as `make docs` builds it: strict, so any warning (broken link, missing page or anchor) aborts.
+    site = tmp_path / "site"
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(site), strict=True)
+    try:
+        build(config)
+    except Abort as e:
+        pytest.fail(f"mkdocs build --strict failed: {e}\n{caplog.text}")
+    terms = (site / "reference" / "terms" / "index.html").read_text()
+    assert all(f"<code>{name}</code>" in terms for name in TERMS)
+    assert (site / "reference" / "recipe" / "index.html").is_file()
+    assert (site / "losses" / "index.html").is_file()
+    assert not list(site.rglob("*.py")), "the generator is not part of the site"
+
+
+def test_every_page_on_disk_is_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert pages, "docs/ has no pages"
+    missing = sorted(p for p in pages | set(gen_reference.PAGES) if f" {p}" not in nav)
+    assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
+    clash = sorted(set(gen_reference.PAGES) & pages)
+    assert not clash, f"generated pages must not also exist as files: {clash}"
+
+
+# --- the generated pages list everything the code has -------------------------------------------
+
+def _sections(page: str) -> dict[str, str]:
+    """``## Heading`` -> the text under it."""
+    parts = re.split(r"(?m)^## (.+)$", page)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_the_recipe_page_lists_every_key_of_every_schema():
+    # pydantic's own JSON schema of the recipe is the independent list of every block and key.
+    schema = TypeAdapter(Recipe).json_schema()
+    blocks = {name: d for name, d in schema.get("$defs", {}).items() if "properties" in d}
+    if "properties" in schema:
+        blocks[schema["title"]] = schema
+    assert len(blocks) > 10 and "DataConfig" in blocks
+    sections = _sections(gen_reference.recipe_page())
+    for block, d in blocks.items():
+        assert block in sections, f"recipe block {block} has no section on the recipe-key page"
+        for key in d["properties"]:
+            assert f"| `{key}` |" in sections[block], f"{block}.{key} is missing from the recipe-key page"
+
+
+def test_the_terms_page_lists_every_registered_term_and_mimic_loss():
+    page = gen_reference.terms_page()
+    sections = _sections(page)
+    for name, spec in TERMS.items():
+        assert f"[`{name}`](#{name}) | {spec.kind} |" in page, f"term {name} is not in the table"
+        assert f"`{name}`" in sections, f"term {name} has no section"
+    for name in available_mimic_losses():  # ours and UP's aliases
+        assert f"`{name}`" in page, f"mimic loss {name} is missing"
+    assert all(f"#mimic-{name}" in page for name in MIMIC_LOSSES)
+
+
+def test_the_architectures_page_lists_every_named_architecture():
+    page = gen_reference.architectures_page()
+    rows = re.findall(r"(?m)^\| `([^`]+)` \|", page)
+    assert rows == list_architectures()
+
+
+def test_the_module_map_lists_every_module():
+    page = gen_reference.modules_page()
+    listed = set(re.findall(r"(?m)^\| `(kd_trainer/[^`]+\.py)` \|", page))
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "kd_trainer").rglob("*.py")}
+    assert listed == on_disk
+
+
+# --- what the code cites exists -----------------------------------------------------------------
+
+# Bare file names the toolkit writes (the report's and the demo's table), not citations.
+WRITTEN_FILES = {"results.md"}
+# Files of the projects the code reproduces, cited by their own paths (IRRA's solver, open_clip).
+EXTERNAL = {"solver/build.py", "solver/lr_scheduler.py", "open_clip/model.py"}
+MD_PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:[\w.-]+/)*[\w-]+\.md)\b")
+PY_PATH = re.compile(r"(?<![\w/.-])((?:[\w-]+/)+[\w-]+\.py)\b")
+SECTION = re.compile(r"(docs/[\w/-]+\.md)`{0,2}[,;:]? *\(?\"([^\"]+)\"")
+CODE_DIRS = ("kd_trainer", "bench", "data_scripts")
+
+
+def _prose(source: str) -> list[tuple[int, str]]:
+    """Comments and string literals (docstrings, help texts, messages) with their line numbers."""
+    kinds = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    return [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+            if t.type in kinds]
+
+
+def _headings(page: Path) -> set[str]:
+    return {re.sub(r"\s*\{.*\}\s*$", "", h).strip()
+            for h in re.findall(r"(?m)^#+ (.+)$", page.read_text())}
+
+
+def broken_citations(source: str, where: str) -> list[str]:
+    """Every path cited in ``source``'s prose that is not in the repository, and every cited
+    section of a docs page that the page lacks."""
+    problems = []
+    for line, text in _prose(source):
+        for path in MD_PATH.findall(text):
+            if path not in WRITTEN_FILES and not (ROOT / path).is_file():
+                problems.append(f"{where}:{line}: cites {path}, which is not in the repository")
+        for path in PY_PATH.findall(text):
+            candidates = [ROOT / path, ROOT / "kd_trainer" / path]  # repository or package paths
+            if path not in EXTERNAL and not any(c.is_file() for c in candidates):
+                problems.append(f"{where}:{line}: cites {path}, which is not in the repository")
+        for page, section in SECTION.findall(text):
+            if (ROOT / page).is_file() and section not in _headings(ROOT / page):
+                problems.append(f"{where}:{line}: cites section {section!r} of {page}, which has none")
+    return problems
+
+
+def test_the_citation_check_finds_a_missing_page_a_moved_module_and_a_missing_section():
+    source = '''"""Notation as in ``losses.md``; see docs/losses.md, "No such section"."""
+# weights: see kd_trainer/distill/schedules.py; gather: docs/losses.md, "Gathering across processes"
+HELP = "a schedule (kd_trainer/recipe/schedules.py), written to results.md"
+'''
+    problems = broken_citations(source, "x.py")
+    assert len(problems) == 3, problems
+    assert "cites losses.md" in problems[0]
+    assert "'No such section'" in problems[1]
+    assert "kd_trainer/distill/schedules.py" in problems[2]
+
+
+def test_every_path_the_code_cites_exists():
+    problems = []
+    for folder in CODE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            problems += broken_citations(path.read_text(), path.relative_to(ROOT).as_posix())
+    assert not problems, "\n".join(problems)
+
+
+# --- the README ---------------------------------------------------------------------------------
+
+def test_the_readme_is_short_keeps_the_test_command_and_links_to_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "make test" in text
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local), "the README links to no docs page"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
