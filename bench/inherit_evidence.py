@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from kd_trainer.recipe import load_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "synth" / "inherit"
 VARIANTS = ("random_nokd", "random", "first_nokd", "first", "uniform")

@@ -1,6 +1,6 @@
 """The ``kd-trainer`` command.
 
-    kd-trainer train RECIPE [key.sub=value ...]   run a recipe (same as kd_trainer/run.py)
+    kd-trainer train RECIPE [key.sub=value ...]   run a recipe (same as accelerate launch kd_trainer/run.py)
     kd-trainer RECIPE [key.sub=value ...]         shorthand for train
     kd-trainer eval MODEL --dataset NAME --root DIR [--split test] [--teacher T] [--pairings ...]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
@@ -43,8 +43,9 @@ from kd_trainer.models.onnx import (
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, UnknownMetricWarning, write_report
-from kd_trainer.run import build_model, one_line_errors, prepare_data, replay_config
-from kd_trainer.run import main as run_main
+from kd_trainer.runner import main as run_main
+from kd_trainer.runner.errors import one_line_errors
+from kd_trainer.runner.retrieval import build_model, prepare_data, replay_config
 
 COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "plan", "export-onnx")
 

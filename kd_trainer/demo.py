@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kd_trainer.evaluation import format_metrics
 from kd_trainer.recipe import dump_recipe, load_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 METRICS = ("r1", "r5", "r10", "mAP", "mINP")

@@ -11,7 +11,7 @@ import torch
 from kd_trainer.data.shapes import ShapesDataset
 from kd_trainer.models.classifier import load_classifier
 from kd_trainer.recipe import RecipeError, load_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

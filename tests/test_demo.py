@@ -10,7 +10,7 @@ import torch
 
 from kd_trainer.demo import RECIPE_DIR, run_demo, spread_table
 from kd_trainer.recipe import load_recipe
-from kd_trainer.run import build_model
+from kd_trainer.runner.retrieval import build_model
 
 
 def test_both_students_start_from_the_teachers_first_layers_whatever_their_seed(tmp_path):

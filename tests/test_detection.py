@@ -26,8 +26,8 @@ from kd_trainer.models.loading import CheckpointError
 from kd_trainer.models.taps import Tap
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.recipe.mimic import MimicJob
-from kd_trainer.run import fit, training_arguments
-from kd_trainer.run_detection import run_detection
+from kd_trainer.runner.arguments import training_arguments
+from kd_trainer.runner.detection import run_detection
 from kd_trainer.synthetic.detection import make_synth_det
 from kd_trainer.synthetic.shapes import COLOURS
 from tiny import gloo_env, spawn_gloo
@@ -216,7 +216,7 @@ def _common(tmp_path: Path, out: str) -> list[str]:
 
 def _run(recipe: Path, overrides: list[str]) -> dict[str, float]:
     r = load_recipe(recipe, overrides)
-    return run_detection(r, training_arguments(r), fit=fit)
+    return run_detection(r, training_arguments(r))
 
 
 def _logs(out: Path) -> list[dict]:

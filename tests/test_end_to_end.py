@@ -20,7 +20,7 @@ from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.models.loading import CheckpointError, load_model
 from kd_trainer.recipe import load_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,7 +255,7 @@ def test_cache_teacher_then_train_from_the_cache(tmp_path: Path, teacher_run: Pa
         metrics = run(load_recipe(path))
     assert "test_r1" in metrics
     # Same replayed items, teacher online vs cached: identical term values.
-    from kd_trainer.run import build_model, open_teacher_cache, prepare_data
+    from kd_trainer.runner.retrieval import build_model, open_teacher_cache, prepare_data
 
     recipe = load_recipe(path)
     teacher = build_model(recipe.teacher, recipe)

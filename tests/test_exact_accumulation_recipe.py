@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd_trainer.recipe import RecipeError, parse_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 
 
 def _recipe(tmp_path, name: str, **training):

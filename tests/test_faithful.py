@@ -31,7 +31,7 @@ from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.plan_view import plan_report
 from kd_trainer.recipe import load_recipe
 from kd_trainer.recipe.schedules import Clock
-from kd_trainer.run import run
+from kd_trainer.runner import run
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
 from tiny import batch_items

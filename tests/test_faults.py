@@ -19,7 +19,11 @@ from safetensors.torch import load_file
 from kd_trainer.distill.core import COMPLETE_MARKER, NonFiniteLossError, last_complete_checkpoint
 from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.recipe import RecipeError, TermConfig, parse_recipe
-from kd_trainer.run import LOCK_FILE, RunFault, export_student, output_lock, preflight, training_arguments
+from kd_trainer.runner.arguments import training_arguments
+from kd_trainer.runner.errors import RunFault
+from kd_trainer.runner.export import export_student
+from kd_trainer.runner.lock import LOCK_FILE, output_lock
+from kd_trainer.runner.preflight import preflight
 
 from tiny import batch_items
 

@@ -8,7 +8,7 @@ import torch
 from kd_trainer.models.factory import create_model
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, parse_recipe
-from kd_trainer.run import INHERITANCE_FILE, build_model
+from kd_trainer.runner.retrieval import INHERITANCE_FILE, build_model
 
 
 def _recipe(tmp_path, student: dict, **extra):

@@ -7,7 +7,7 @@ Layers (design/architecture.md), lowest first:
 2. ``models``;
 3. ``recipe``: the schema, parsed once;
 4. ``distill``: the trainer core, task trainers, stages, cache, mimic;
-5. ``run``, ``cli``, ``demo``, ``report``, ``__main__``: entry points.
+5. ``runner`` (and the ``run.py`` launcher), ``cli``, ``demo``, ``report``, ``__main__``: entry points.
 
 Read from the source with ``ast`` (nothing is imported), so a new cycle or upward import fails
 here before it can hide behind a lazy import.
@@ -26,7 +26,7 @@ LAYERS = {
     "models": 2,
     "recipe": 3,
     "distill": 4,
-    "run": 5, "run_detection": 5, "cli": 5, "demo": 5, "report": 5, "plan_view": 5, "__main__": 5, "__init__": 5,
+    "run": 5, "runner": 5, "cli": 5, "demo": 5, "report": 5, "plan_view": 5, "__main__": 5, "__init__": 5,
 }
 # Optional dependencies may be imported where they are used, so the package works without them.
 OPTIONAL = {"onnx", "onnxruntime", "matplotlib", "pycocotools", "faster_coco_eval", "torchmetrics", "torch_npu",

@@ -29,7 +29,7 @@ from kd_trainer.models.loading import (
     read_state_dict,
 )
 from kd_trainer.recipe import load_recipe
-from kd_trainer.run import run
+from kd_trainer.runner import run
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
 

@@ -115,7 +115,7 @@ SMALL = ["data.synth.num_identities=24", "training.logging_steps=1", "training.d
 
 
 def _run(recipe_path: Path, overrides: list[str]) -> dict:
-    from kd_trainer.run import run
+    from kd_trainer.runner import run
 
     return run(load_recipe(recipe_path, overrides))
 

@@ -1,6 +1,6 @@
 """What a run folder holds and how its files are read: every malformed file is a ReportError naming it.
 
-A run folder is a Trainer ``output_dir`` written by ``kd_trainer.run``; the files read are
+A run folder is a Trainer ``output_dir`` written by :mod:`kd_trainer.runner`; the files read are
 
 * ``recipe.yaml``        the fully resolved recipe: ``name``, ``seed``, optional ``method`` (the row
   label), ``data.name`` (the column), and everything that decides which runs are seeds of one

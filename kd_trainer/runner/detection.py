@@ -9,28 +9,23 @@ mimicked by a smaller Faster R-CNN student, beside the student's own detection l
    each with its checkpoint;
 3. train with the detector's losses plus the recipe's mimic jobs (:class:`DetectionTrainer`);
 4. evaluate COCO AP@[.5:.95] and AP@.5 on the test split and save the metrics.
-
-``run.py`` dispatches here for ``task: detection``; it passes its own ``fit`` (recipe record,
-training with resume, final save), which this module cannot import without an import cycle.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from accelerate import PartialState
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from kd_trainer.data.detection import SynthDetDataset, collate_detection
 from kd_trainer.distill.detection import DetectionTrainer
 from kd_trainer.models.detector import Detector, load_detector
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
+from kd_trainer.runner.fit import fit
 from kd_trainer.synthetic.detection import make_synth_det
 
 __all__ = ["build_detector", "run_detection"]
-
-Fit = Callable[[Trainer, Recipe], None]
 
 
 def build_detector(cfg: ModelConfig, recipe: Recipe, role: str) -> Detector:
@@ -46,7 +41,7 @@ def build_detector(cfg: ModelConfig, recipe: Recipe, role: str) -> Detector:
         raise RecipeError(f"{role}.arch: {e}") from None
 
 
-def run_detection(recipe: Recipe, args: TrainingArguments, *, fit: Fit) -> dict[str, float]:
+def run_detection(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     """Train and evaluate a ``task: detection`` recipe; returns the test metrics
     (``test_AP`` = COCO AP@[.5:.95], ``test_AP50``, ``test_AP75`` in percent, ``test_samples``)."""
     set_seed(recipe.seed)

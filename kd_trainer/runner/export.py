@@ -1,0 +1,47 @@
+"""How a retrieval student leaves the run: open_clip's Hub layout in output_dir, pushed when asked."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
+from kd_trainer.recipe import Recipe
+from kd_trainer.runner.errors import RunFault
+
+__all__ = ["export_student"]
+
+logger = logging.getLogger("kd_trainer")
+
+
+def export_student(trainer: Trainer, recipe: Recipe) -> list[Path]:
+    """Write the student into ``output_dir`` in open_clip's Hub layout (config, safetensors, model
+    card) and push that folder when the recipe's ``training.push_to_hub`` asks for it."""
+    out = trainer.args.output_dir
+    teacher = None
+    if recipe.teacher is not None:
+        teacher = recipe.teacher.arch if isinstance(recipe.teacher.arch, str) else "custom architecture"
+        if recipe.teacher.checkpoint:
+            teacher += f" ({recipe.teacher.checkpoint})"
+    repo_id = recipe.training.get("hub_model_id")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunFault(f"the trained student has non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}); "
+                       f"nothing was exported or pushed from {out}")
+    card = ModelCardInfo.from_run_dir(out, teacher=teacher, repo_id=repo_id)
+    files = export_open_clip(model, out, card=card)
+    if recipe.training.get("push_to_hub"):
+        try:
+            url = push_export_to_hub(out, repo_id, token=recipe.training.get("hub_token"),
+                                     private=recipe.training.get("hub_private_repo"),
+                                     revision=recipe.training.get("hub_revision"))
+        except Exception as e:  # network, token, permissions: the exported folder is complete either way
+            raise RunFault(f"the run finished and {out} holds the exported student, but pushing it to "
+                           f"{repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                           f"Push it later with: huggingface-cli upload {repo_id} {out}") from None
+        logger.info("pushed %s to %s", out, url)
+    return files
