@@ -49,3 +49,43 @@ def test_a_missing_recipe_file_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope.yaml")])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.context_length=0"], "data.context_length: Value error, context_length must be at least 2 (start and end "
+                                "tokens), got 0"),
+    (["data.context_length=1"], "context_length must be at least 2"),
+])
+def test_data_range_errors_are_refused_when_the_recipe_is_read(tmp_path, capsys, overrides, expected):
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), *overrides)
+    assert expected in err and err.startswith("error: Invalid recipe ")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.imag_size=[32,16]", "data.imag_size: unknown key. Did you mean image_size?"),
+    ("trainng.max_steps=1", "trainng: unknown key. Did you mean training?"),
+    ("student.checkpont=x", "student.checkpont: unknown key. Did you mean checkpoint?"),
+    ("loss.terms.0.weigth=2", "loss.terms.0.weigth: unknown key. Did you mean weight?"),
+    ("data.synth.num_identites=3", "data.synth.num_identites: unknown key. Did you mean num_identities"),
+    ("training.learnig_rate=0.1", "unknown TrainingArguments field 'training.learnig_rate'. Did you mean "
+                                  "learning_rate"),
+])
+def test_unknown_keys_everywhere_get_the_closest_valid_name(tmp_path, capsys, override, expected):
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), override)
+    assert expected in err
+
+
+def test_a_far_off_unknown_key_gets_no_guess(tmp_path, capsys):
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), "data.zzzzzz=1")
+    assert "data.zzzzzz: unknown key" in err and "Did you mean" not in err
+
+
+def test_a_recipe_path_that_is_a_folder_is_reported_as_a_folder(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.yaml").write_text("name: a\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "recipes")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"Recipe '{tmp_path / 'recipes'}' is a folder, not a recipe file; it holds a.yaml" in err
+    assert "does not exist" not in err

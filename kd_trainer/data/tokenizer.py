@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-__all__ = ["tokenize", "get_tokenizer", "SOT_TOKEN_ID", "EOT_TOKEN_ID"]
+__all__ = ["tokenize", "check_context_length", "get_tokenizer", "SOT_TOKEN_ID", "EOT_TOKEN_ID"]
 
 SOT_TOKEN_ID = 49406  # <|startoftext|> in CLIP's vocabulary
 EOT_TOKEN_ID = 49407  # <|endoftext|>
@@ -35,10 +35,16 @@ def get_tokenizer():  # -> open_clip.tokenizer.SimpleTokenizer
     return tok
 
 
-def tokenize(texts: str | list[str], context_length: int = 77) -> torch.LongTensor:
-    """Token ids of shape ``(len(texts), context_length)`` (a single string gives one row)."""
+def check_context_length(context_length: int) -> int:
+    """``context_length`` if a caption fits in it: at least the start and end tokens (2)."""
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+    return context_length
+
+
+def tokenize(texts: str | list[str], context_length: int = 77) -> torch.LongTensor:
+    """Token ids of shape ``(len(texts), context_length)`` (a single string gives one row)."""
+    check_context_length(context_length)
     if isinstance(texts, str):
         texts = [texts]
     tok = get_tokenizer()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from transformers import TrainingArguments
 
 from kd_trainer.data.formats import canonical_dataset_name
+from kd_trainer.data.tokenizer import check_context_length
 from kd_trainer.losses import get_term
 from kd_trainer.models.derive import DERIVE_KEYS, derive_architecture
 from kd_trainer.models.factory import list_architectures
@@ -100,6 +101,11 @@ class DataConfig(_Strict):
         if min(v) <= 0:
             raise ValueError("image_size must be two positive ints (height, width)")
         return v
+
+    @field_validator("context_length")
+    @classmethod
+    def _fits_a_caption(cls, v: int) -> int:
+        return check_context_length(v)  # the tokenizer's rule, checked when the recipe is read
 
 
 LayerSelection = Union[Literal["first", "uniform", "uniform_last"], list[int]]
@@ -420,9 +426,7 @@ def validate_training_args(training: dict[str, Any]) -> None:
             # YAML 1.1 reads an unquoted `no` as false: `eval_strategy: no` means the strategy "no".
             training[key] = value = "no"
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown TrainingArguments field 'training.{key}'.{hint}")
+            raise ValueError(f"unknown TrainingArguments field 'training.{key}'.{did_you_mean(key, fields)}")
         if value is None or (key == "resume_from_checkpoint" and isinstance(value, bool)):
             continue  # resume_from_checkpoint: true means the latest checkpoint in output_dir
         try:
@@ -445,13 +449,36 @@ def validate_training_args(training: dict[str, Any]) -> None:
 
 # --- loading and overrides --------------------------------------------------------------------
 
+def did_you_mean(key: str, valid: typing.Iterable[str]) -> str:
+    """`` Did you mean a, b?`` with the closest valid names to ``key`` (empty when none is close)."""
+    close = difflib.get_close_matches(key, list(valid), n=3)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the recipe schema allows at ``loc`` (the location of an unknown key, without the key)."""
+    models: list[type[BaseModel]] = [Recipe]
+    for part in loc:
+        if isinstance(part, int) or part not in {k for m in models for k in m.model_fields}:
+            continue  # a list index or a dict key (teachers.<name>): the same models hold below it
+        models = [sub for m in models if part in m.model_fields for sub in _models_in(m.model_fields[part].annotation)]
+    return sorted({k for m in models for k in m.model_fields})
+
+
 def _format_errors(e: ValidationError, source: str) -> str:
     lines = [f"Invalid recipe {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _keys_at(tuple(err["loc"][:-1])))
         elif "input" in err and err["type"] not in ("missing", "value_error"):
             msg += f" (got {err['input']!r})"
         lines.append(f"  - {loc or '<root>'}: {msg}")
@@ -507,6 +534,11 @@ def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        shown = f"; it holds {', '.join(inside[:5])}" + (" ..." if len(inside) > 5 else "") if inside else ""
+        raise RecipeError(f"Recipe {str(path)!r} is a folder, not a recipe file{shown}; expected the path of one "
+                          f"YAML recipe (see recipes/)")
     if not path.is_file():
         raise RecipeError(f"Recipe file {str(path)!r} does not exist")
     try:
