@@ -171,6 +171,20 @@ def test_every_path_the_code_cites_exists():
     assert not problems, "\n".join(problems)
 
 
+# Repository paths the docs pages and the README name (a glob, a brace list or a placeholder
+# after the path, as in `configs/*.json` or `inherit/{a,b}.yaml`, is left alone).
+DOC_PATH = re.compile(r"(?<![\w/.-])((?:kd_trainer|recipes|bench|tests|data_scripts|docs)/[\w./-]*\w)(?![\w{*<])")
+
+
+def test_every_repository_path_the_docs_name_exists():
+    problems = []
+    for page in sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]:
+        for line, text in enumerate(page.read_text().splitlines(), 1):
+            problems += [f"{page.relative_to(ROOT)}:{line}: names {path}, which is not in the repository"
+                         for path in DOC_PATH.findall(text) if not (ROOT / path).exists()]
+    assert not problems, "\n".join(problems)
+
+
 # --- the README ---------------------------------------------------------------------------------
 
 def test_the_readme_is_short_keeps_the_test_command_and_links_to_files_that_exist():
