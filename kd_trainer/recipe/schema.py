@@ -362,7 +362,7 @@ class Recipe(_Strict):
             if self.mimic is not None:
                 raise ValueError("precision: original with mimic jobs is not supported: adapters are fp32 and "
                                  "would receive fp16 features")
-        if self.select is not None and self.training.get("eval_strategy", "no") in ("no", None):
+        if self.select is not None and not self.evaluates_during_training:
             raise ValueError("select: keeps the best evaluation, so the run must evaluate: set "
                              "training.eval_strategy: epoch")
 
@@ -379,6 +379,19 @@ class Recipe(_Strict):
         needs = [t.key for t in self.all_terms if get_term(t.name).needs_teacher]
         if needs and self.teacher is None:
             raise ValueError(f"loss terms {needs} read a teacher, but the recipe has no `teacher:`")
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        """Whether the Trainer evaluates while training (``training.eval_strategy`` other than ``no``): only
+        then is ``data.eval_split`` (or ``select.split``) read, so only then must it exist."""
+        return self.training.get("eval_strategy", "no") not in ("no", None)
+
+    @property
+    def split_evaluated_during_training(self) -> str | None:
+        """``select.split`` with ``select:``, else ``data.eval_split``; None when nothing is evaluated during training."""
+        if not self.evaluates_during_training:
+            return None
+        return self.select.split if self.select is not None else self.data.eval_split
 
     @property
     def all_terms(self) -> list[TermConfig]:

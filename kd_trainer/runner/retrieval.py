@@ -71,8 +71,10 @@ def prepare_data(recipe: Recipe) -> RunData:
             raise RecipeError(f"data.synth is only for synth_pedes, but data.name is {cfg.name!r}")
         with PartialState().main_process_first():  # one process writes, the others wait and reuse
             make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
-    # Only the splits this run uses are loaded (and their images checked).
-    wanted = {"train", cfg.eval_split} | ({cfg.test_split} if cfg.test_split else set())
+    # Only the splits this run uses are loaded (and their images checked): no evaluation during
+    # training, no eval split (a dataset without val records trains with evaluation off).
+    during = recipe.split_evaluated_during_training
+    wanted = {"train"} | ({during} if during else set()) | ({cfg.test_split} if cfg.test_split else set())
     raw = load_pedes(name, cfg.root, splits=wanted, skip_unreadable=cfg.skip_unreadable,
                      verify_images=cfg.verify_images, duplicates=cfg.duplicates)
     # Seeded augmentation: the images depend only on (seed, epoch, row), so resuming is exact.
@@ -157,6 +159,7 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     if teacher is not None and recipe.teacher.cache is not None:
         cache, train_dataset = open_teacher_cache(recipe, teacher, data.raw_train)
 
+    during = recipe.split_evaluated_during_training
     trainer = RetrievalTrainer(
         model=student,
         args=args,
@@ -168,7 +171,7 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
         max_nonfinite_skips=recipe.nonfinite_skips,
         exact_accumulation_steps=exact_steps(recipe),
         train_dataset=train_dataset,
-        eval_dataset=data.split(recipe.select.split if recipe.select is not None else recipe.data.eval_split),
+        eval_dataset=data.split(during) if during else None,
     )
     if recipe.precision == "original" and trainer.accelerator.mixed_precision != "no":
         raise RecipeError(f"precision: original trains fp16 weights itself, but the launch asks for "
