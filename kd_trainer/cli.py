@@ -7,7 +7,7 @@
     kd-trainer cache-teacher RECIPE [--out DIR]   embed the train set with the teacher once (teacher.cache)
     kd-trainer plan RECIPE [key.sub=value ...] [--json]  what each stage will do, without training
     kd-trainer terms | archs                      list the loss terms / named architectures
-    kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table + loss plots
+    kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table (+ cost), loss plots, index.html
     kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
     kd-trainer eval --onnx DIR --dataset NAME --root DIR [--onnx-variant int8]   evaluate an exported folder
 """
@@ -42,7 +42,15 @@ from kd_trainer.models.onnx import (
 )
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
-from kd_trainer.report import PlotDependencyError, ReportError, SkippedRunWarning, UnknownMetricWarning, write_report
+from kd_trainer.report import (
+    GalleryOptions,
+    Latency,
+    PlotDependencyError,
+    ReportError,
+    SkippedRunWarning,
+    UnknownMetricWarning,
+    write_report,
+)
 from kd_trainer.runner import main as run_main
 from kd_trainer.runner.errors import one_line_errors
 from kd_trainer.runner.retrieval import build_model, prepare_data, replay_config
@@ -172,15 +180,26 @@ def _cache_teacher(ns: argparse.Namespace) -> None:
     print(f"wrote the teacher cache to {path}; train from it with teacher.cache={path}")
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _report(ns: argparse.Namespace) -> None:
     """Table to stdout, files under --out; skipped runs as warnings, bad input as exit 2 (no traceback)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedRunWarning)
         warnings.simplefilter("always", UnknownMetricWarning)
         try:
+            latency = Latency(warmup=min(3, ns.latency_iters), iters=ns.latency_iters) if ns.latency_iters else None
+            galleries = None if ns.no_galleries else GalleryOptions(
+                queries=ns.gallery_queries, k=ns.top_k, seed=ns.gallery_seed, data_root=ns.data_root)
             written = write_report(ns.runs, ns.out, with_minp=ns.minp, duplicates=ns.duplicates, seeds=ns.seeds,
-                                   plots=not ns.no_plots, weighted=ns.weighted)
-        except (ReportError, PlotDependencyError) as e:
+                                   plots=not ns.no_plots, weighted=ns.weighted, html=not ns.no_html,
+                                   cost=not ns.no_cost, latency=latency, galleries=galleries)
+        except (ReportError, PlotDependencyError, ValueError) as e:
             error: BaseException | None = e
         else:
             error = None
@@ -194,6 +213,8 @@ def _report(ns: argparse.Namespace) -> None:
         raise SystemExit(2)
     print(written["table"])
     print(f"wrote {written['results']}")
+    if written["html"] is not None:
+        print(f"wrote {written['html']}")
     for path in written["plots"].values():
         print(f"wrote {path}")
 
@@ -276,7 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", choices=["mean", "split"], default="mean",
                    help="seeds of one configuration: one mean ± std (n) cell (default) or a row per run")
     p.add_argument("--weighted", action="store_true", help="plot the weighted loss terms")
-    p.add_argument("--no-plots", action="store_true", help="only results.md (no matplotlib needed)")
+    p.add_argument("--no-plots", action="store_true", help="no loss-curve plots (no matplotlib needed)")
+    p.add_argument("--no-html", action="store_true", help="no index.html (and so no galleries)")
+    p.add_argument("--no-cost", action="store_true",
+                   help="no parameter / GFLOPs / latency columns (the models are not loaded for them)")
+    p.add_argument("--latency-iters", type=_non_negative, default=20,
+                   help="CPU latency: median of this many batch-1 calls per tower (default 20); 0: not measured")
+    p.add_argument("--no-galleries", action="store_true", help="index.html without retrieval galleries")
+    p.add_argument("--gallery-queries", type=int, default=8, help="test captions per gallery (default 8)")
+    p.add_argument("--top-k", type=int, default=5, help="gallery images shown per caption (default 5)")
+    p.add_argument("--gallery-seed", type=int, default=0, help="seed of the caption sample (default 0)")
+    p.add_argument("--data-root", help="the datasets' folder for the galleries (default: each recipe's data.root)")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2

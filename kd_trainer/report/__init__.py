@@ -4,7 +4,7 @@
     print(results_table(runs))                      # methods x datasets, R@1 / R@5 / R@10 / mAP
     tables = results_tables(runs)                   # {"retrieval": ..., "detection": AP / AP50 / AP75}
     plot_loss_curves("runs/motis_2stage", "motis.png")
-    write_report(["runs/"], "reports/")             # results.md + one <run name>_losses.png per run
+    write_report(["runs/"], "reports/")             # results.md, <run name>_losses.png per run, index.html
 
 One module per job:
 
@@ -16,13 +16,19 @@ One module per job:
   :func:`results_tables`);
 * :mod:`~kd_trainer.report.logs`        the training log: loss series, evaluations, stages;
 * :mod:`~kd_trainer.report.plots`       loss-curve figures (matplotlib, an optional extra);
-* :mod:`~kd_trainer.report.writer`      ``results.md`` and the plots (:func:`write_report`).
+* :mod:`~kd_trainer.report.efficiency`  a model's parameters per tower, FLOPs, CPU latency, the machine;
+* :mod:`~kd_trainer.report.galleries`   run roles (teacher / no KD / KD), test rankings, KD-changed answers;
+* :mod:`~kd_trainer.report.inference`   running each run's model once for its cost and its ranking;
+* :mod:`~kd_trainer.report.html_page`   ``index.html``: tables, loss curves, galleries;
+* :mod:`~kd_trainer.report.writer`      ``results.md``, the plots and the page (:func:`write_report`).
 
 Log keys are read through :mod:`kd_trainer.log_keys`, the module the trainers write them with.
 """
 
 from kd_trainer.report.discovery import RunSummary, Selection, collect_runs
+from kd_trainer.report.efficiency import Efficiency, Latency, machine, model_efficiency
 from kd_trainer.report.errors import PlotDependencyError, ReportError, SkippedRunWarning, UnknownMetricWarning
+from kd_trainer.report.galleries import GalleryOptions, run_roles
 from kd_trainer.report.logs import LossCurves, StageSpan, loss_series, read_curves, read_stages
 from kd_trainer.report.metrics import DETECTION, METRIC_ALIASES, METRIC_SETS, RETRIEVAL, MetricSet
 from kd_trainer.report.plots import loss_figure, plot_loss_curves
@@ -55,4 +61,10 @@ __all__ = [
     "loss_figure",
     "plot_loss_curves",
     "write_report",
+    "Efficiency",
+    "Latency",
+    "machine",
+    "model_efficiency",
+    "GalleryOptions",
+    "run_roles",
 ]

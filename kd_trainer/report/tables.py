@@ -25,12 +25,16 @@ Under the table, only when they apply:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key, dataset_rank
 from kd_trainer.report.discovery import RunSummary, Selection, display_folder
+from kd_trainer.report.efficiency import Efficiency
 from kd_trainer.report.errors import ReportError
 from kd_trainer.report.metrics import ALL_METRIC_NAMES, METRIC_SETS, MetricSet, task_metrics
 from kd_trainer.report.seeds import (
@@ -43,7 +47,8 @@ from kd_trainer.report.seeds import (
     run_seed,
 )
 
-__all__ = ["MISSING", "NOT_RECORDED", "SPREAD_MARK", "Duplicates", "runs_by_task", "results_table", "results_tables",
+__all__ = ["MISSING", "NOT_RECORDED", "SPREAD_MARK", "Duplicates", "TableCells", "runs_by_task", "results_table",
+           "results_tables", "table_cells", "results_table_cells", "efficiency_columns", "efficiency_cells",
            "selection_text", "stats_text"]
 
 MISSING = "–"  # en dash: the published tables' "no result"
@@ -158,6 +163,40 @@ def _spread_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[st
     return flagged, notes
 
 
+COST_COLUMNS = ("Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)")
+
+
+def _sig(x: float) -> str:
+    """Three significant figures, never an exponent: 0.000332, 0.00265, 17.6, 4350."""
+    if x <= 0:
+        return f"{x:g}"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}"
+
+
+def efficiency_cells(e: Efficiency) -> list[str]:
+    """The cost cells of one model: parameters (millions), GFLOPs and CPU ms, image / text each."""
+    cells = [f"{e.params['image'] / 1e6:.2f} / {e.params['text'] / 1e6:.2f}",
+             f"{_sig(e.gflops['image'])} / {_sig(e.gflops['text'])}"]
+    if e.latency_ms is not None:
+        cells.append(f"{e.latency_ms['image']:.2f} / {e.latency_ms['text']:.2f}")
+    return cells
+
+
+def efficiency_columns(measured: Iterable[Efficiency], machine: str | None) -> tuple[list[str], str]:
+    """The cost column headings and the note that says how they were measured."""
+    measured = list(measured)
+    timed = all(e.latency_ms is not None for e in measured)
+    sizes = ", ".join(sorted({f"{e.image_size[0]}x{e.image_size[1]} images, {e.context_length}-token captions"
+                              for e in measured}))
+    note = (f"Cost: Params M = millions of parameters of each tower of the deployed dual encoder; GFLOPs = "
+            f"one image / one caption at the run's input size ({sizes}), counted by "
+            "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add)")
+    if timed:
+        note += ("; CPU ms b1 = median latency of one image / one caption (batch 1), every row measured one "
+                 f"after another in one process on {machine or 'this machine'}")
+    return list(COST_COLUMNS[:3 if timed else 2]), note + f"; {MISSING} = no model weights in the run folder."
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -170,6 +209,26 @@ def runs_by_task(runs: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
     return {t: rs for t, rs in out.items() if rs}
 
 
+@dataclass(frozen=True)
+class TableCells:
+    """One results table before it is written out: the same cells make ``results.md``'s Markdown
+    table (:meth:`markdown`) and the HTML report's table."""
+
+    head: list[str]
+    body: list[list[str]]  # one row per method label, cells as text (spread marks included)
+    notes: list[str]  # Markdown paragraphs under the table
+
+    def markdown(self) -> str:
+        rows = [self.head, *([_md(c) for c in row] for row in self.body)]
+        widths = [max(len(row[j]) for row in rows) for j in range(len(self.head))]
+
+        def line(row: list[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+        rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else (":" + "-" * w + ":") for j, w in enumerate(widths)) + "|"
+        return "\n\n".join(["\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])]), *self.notes])
+
+
 def results_table(
     runs: Sequence[RunSummary],
     *,
@@ -179,6 +238,8 @@ def results_table(
     datasets: Sequence[str] | None = None,
     duplicates: Duplicates = "error",
     seeds: Seeds = "mean",
+    efficiency: Mapping[Path, Efficiency] | None = None,
+    machine: str | None = None,
 ) -> str:
     """A Markdown table like the published comparison: methods x datasets, ``R@1 / R@5 / R@10 / mAP``
     for retrieval runs, ``AP / AP50 / AP75`` for detection runs.
@@ -192,8 +253,26 @@ def results_table(
     without a run on a dataset. Runs that are seeds of one configuration share a cell
     (``seeds="mean"``) or get a row each (``seeds="split"``); see the module docstring for
     ``duplicates``, the spread marks and the checkpoint column. Notes, when any, follow the table
-    after a blank line.
+    after a blank line. ``efficiency`` (run folder -> :class:`Efficiency`) adds the inference-cost
+    columns (:func:`efficiency_columns`), ``machine`` naming where latency was measured.
     """
+    return table_cells(runs, task=task, with_minp=with_minp, order=order, datasets=datasets, duplicates=duplicates,
+                       seeds=seeds, efficiency=efficiency, machine=machine).markdown()
+
+
+def table_cells(
+    runs: Sequence[RunSummary],
+    *,
+    task: str | None = None,
+    with_minp: bool = False,
+    order: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    duplicates: Duplicates = "error",
+    seeds: Seeds = "mean",
+    efficiency: Mapping[Path, Efficiency] | None = None,
+    machine: str | None = None,
+) -> TableCells:
+    """The cells and notes of :func:`results_table` (same arguments)."""
     runs = list(runs)
     if not runs:
         raise ReportError("no finished runs to tabulate")
@@ -234,19 +313,19 @@ def results_table(
     with_selection = any(r.selected is not None for r in runs)
 
     head = [f"Method ({mset.heading(with_minp)})", *(dataset_display_name(d) for d in cols)]
-    body = [[_md(lab), *(_cell(cells.get((lab, d)), keys) + (f" {SPREAD_MARK}" if (lab, d) in flagged else "")
-                         for d in cols)] for lab in rows]
+    body = [[lab, *(_cell(cells.get((lab, d)), keys) + (f" {SPREAD_MARK}" if (lab, d) in flagged else "")
+                    for d in cols)] for lab in rows]
     if with_selection:
         head.append("Checkpoint")
         for lab, row in zip(rows, body):
-            row.append(_md(_row_selection({d: cells[(lab, d)] for d in cols if (lab, d) in cells})))
-    widths = [max(len(row[j]) for row in [head, *body]) for j in range(len(head))]
-
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 2)) if j == 0 else (":" + "-" * w + ":") for j, w in enumerate(widths)) + "|"
-    table = [line(head), rule, *(line(b) for b in body)]
+            row.append(_row_selection({d: cells[(lab, d)] for d in cols if (lab, d) in cells}))
+    measured = {r.folder: efficiency[r.folder] for r in runs if efficiency and r.folder in efficiency}
+    if measured:
+        columns, cost_note = efficiency_columns(measured.values(), machine)
+        head += columns
+        for lab, row in zip(rows, body):
+            per_dataset = {d: [measured.get(r.folder) for r in cells[(lab, d)].runs] for d in cols if (lab, d) in cells}
+            row += _efficiency_row(per_dataset, len(columns))
 
     notes: list[str] = []  # Markdown paragraphs
     if any(g.n > 1 for g in groups):
@@ -260,7 +339,21 @@ def results_table(
             text += (" A checkpoint chosen on the test split is test-set selection (as the original code does): "
                      "optimistic next to val-selected numbers.")
         notes.append(text)
-    return "\n\n".join(["\n".join(table), *notes])
+    if measured:
+        notes.append(cost_note)
+    return TableCells(head=head, body=body, notes=notes)
+
+
+def _efficiency_row(per_dataset: Mapping[str, list[Efficiency | None]], width: int) -> list[str]:
+    """A row's cost cells: one text when every run of the row costs the same (seeds of one model),
+    else the text per dataset; ``–`` for runs without weights."""
+    texts = {d: {tuple(efficiency_cells(e)[:width]) if e is not None else (MISSING,) * width for e in effs}
+             for d, effs in per_dataset.items()}
+    distinct = {t for ts in texts.values() for t in ts}
+    if len(distinct) == 1:
+        return list(next(iter(distinct)))
+    return ["; ".join(f"{dataset_display_name(d)}: {' or '.join(t[j] for t in sorted(ts))}" for d, ts in texts.items())
+            for j in range(width)]
 
 
 def results_tables(
@@ -271,6 +364,8 @@ def results_tables(
     datasets: Sequence[str] | None = None,
     duplicates: Duplicates = "error",
     seeds: Seeds = "mean",
+    efficiency: Mapping[Path, Efficiency] | None = None,
+    machine: str | None = None,
 ) -> dict[str, str]:
     """``{task: table}``, one :func:`results_table` per task the runs record, in the order of
     ``report.metrics.METRIC_SETS`` (retrieval, detection, classification).
@@ -279,16 +374,34 @@ def results_tables(
     all in another task's table is not added to this one as an empty row or column (a label
     without a run anywhere still gets its all-``–`` row, in each table).
     """
+    return {task: cells.markdown() for task, cells in results_table_cells(
+        runs, with_minp=with_minp, order=order, datasets=datasets, duplicates=duplicates, seeds=seeds,
+        efficiency=efficiency, machine=machine).items()}
+
+
+def results_table_cells(
+    runs: Sequence[RunSummary],
+    *,
+    with_minp: bool = False,
+    order: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    duplicates: Duplicates = "error",
+    seeds: Seeds = "mean",
+    efficiency: Mapping[Path, Efficiency] | None = None,
+    machine: str | None = None,
+) -> dict[str, TableCells]:
+    """The cells of :func:`results_tables` (same arguments), for a writer of another format."""
     by_task = runs_by_task(list(runs))
     if not by_task:
         raise ReportError("no finished runs to tabulate")
-    out: dict[str, str] = {}
+    out: dict[str, TableCells] = {}
     for task, mine in by_task.items():
         elsewhere = [r for t, rs in by_task.items() if t != task for r in rs]
         foreign_labels = {r.label for r in elsewhere} - {r.label for r in mine}
         foreign_datasets = {r.dataset for r in elsewhere} - {r.dataset for r in mine}
-        out[task] = results_table(
-            mine, task=task, with_minp=with_minp, duplicates=duplicates, seeds=seeds,
+        out[task] = table_cells(
+            mine, task=task, with_minp=with_minp, duplicates=duplicates, seeds=seeds, efficiency=efficiency,
+            machine=machine,
             order=[o for o in order or [] if o not in foreign_labels],
             datasets=[d for d in datasets or [] if dataset_key(d) not in foreign_datasets])
     return out

@@ -16,13 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from kd_trainer.report.discovery import RunSummary, display_folder, find_runs, warn_skipped
+from kd_trainer.report.efficiency import Latency, machine
 from kd_trainer.report.errors import ReportError, SkippedRunWarning, UnknownMetricWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, STATE_FILE
+from kd_trainer.report.galleries import GalleryOptions, kd_change, kd_pairs, run_roles, sample_queries
+from kd_trainer.report.html_page import ChangedAnswers, DatasetGalleries, RunGallery, order_by_role, write_html
+from kd_trainer.report.inference import ModelResults, run_models
 from kd_trainer.report.logs import hybrid_during_training
 from kd_trainer.report.metrics import ALL_METRIC_NAMES, RETRIEVAL, task_metrics, unlisted_metrics
 from kd_trainer.report.plots import plot_loss_curves, require_matplotlib
 from kd_trainer.report.seeds import Seeds, group_seeds, run_seed
-from kd_trainer.report.tables import MISSING, Duplicates, results_tables
+from kd_trainer.report.tables import MISSING, Duplicates, results_table_cells
 
 __all__ = ["HYBRID_TOWERS", "write_report"]
 
@@ -74,14 +78,25 @@ def write_report(
     seeds: Seeds = "mean",
     plots: bool = True,
     weighted: bool = False,
+    html: bool = True,
+    cost: bool = True,
+    latency: Latency | None = Latency(),
+    galleries: GalleryOptions | None = GalleryOptions(),
 ) -> dict[str, Any]:
-    """Write ``results.md`` (a table per task, skipped runs, one section per run) and ``<run name>_losses.png``.
+    """Write ``results.md`` (a table per task, skipped runs, one section per run), ``<run name>_losses.png``
+    and, with ``html``, ``index.html`` (:mod:`kd_trainer.report.html_page`).
+
+    ``cost`` adds each retrieval model's parameters and FLOPs to the tables, and its CPU latency when
+    ``latency`` is given (:mod:`kd_trainer.report.efficiency`; runs without weights get ``–``).
+    ``galleries`` (with ``html``) ranks each retrieval run's test split with its model for the
+    page's galleries (:mod:`kd_trainer.report.galleries`); None leaves them out.
 
     Retrieval runs get the R@1 / R@5 / R@10 / mAP table, detection runs the AP / AP50 / AP75 one;
     a folder of one task's runs has one table, with no task heading. Seeds of one configuration
     share a table cell (``seeds="mean"``) or get a row each (``seeds="split"``); either way every run
     has its own section, with its seed and metrics.
-    Returns ``{"results": Path, "plots": {run folder (str): Path}, "table": str, "tables": {task: str}}``
+    Returns ``{"results": Path, "html": Path | None, "plots": {run folder (str): Path}, "table": str,
+    "tables": {task: str}}``
     (``table``: the tables with their notes, under a ``## <Task>`` heading each when there are
     several, so a caller printing it does not read the runs twice). Runs without a
     ``trainer_state.json`` get no plot (a :class:`SkippedRunWarning` says so). The runs are read,
@@ -94,7 +109,8 @@ def write_report(
     if not runs:
         where = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise ReportError(f"no finished run (a folder with {RESULTS_FILE} and {RECIPE_FILE}) under {where}")
-    tables = results_tables(runs, with_minp=with_minp, order=order, duplicates=duplicates, seeds=seeds)
+    table_args = dict(with_minp=with_minp, order=order, duplicates=duplicates, seeds=seeds)
+    results_table_cells(runs, **table_args)  # a clash or bad option fails here, before any model is run
     unknown = {id(run): unlisted_metrics(run.metrics, run.metric_set) for run in runs}
     for run in runs:
         if unknown[id(run)]:
@@ -103,6 +119,10 @@ def write_report(
                           "in no table", UnknownMetricWarning, stacklevel=2)
     if plots:
         require_matplotlib()
+    ran = run_models(runs, cost=cost, latency=latency, galleries=galleries if html else None)
+    cells = results_table_cells(runs, **table_args, efficiency=ran.efficiency,
+                                machine=machine() if latency is not None else None)
+    tables = {task: c.markdown() for task, c in cells.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -136,6 +156,35 @@ def write_report(
     grouped = {id(r) for g in group_seeds(runs, seeds) if g.n > 1 for r in g.runs}
     for run in runs:
         doc += _run_section(run, written.get(str(run.folder)), id(run) in grouped, unknown[id(run)])
+    page = None
+    if html:
+        page = write_html(out, tables=cells, plots=written, runs=runs,
+                          galleries=_galleries(runs, ran, galleries) if galleries is not None else [],
+                          options=galleries, notes=ran.notes)
     results = out / "results.md"
     results.write_text("\n".join(doc).rstrip("\n") + "\n", encoding="utf-8")
-    return {"results": results, "plots": written, "table": "\n\n".join(shown), "tables": tables}
+    return {"results": results, "html": page, "plots": written, "table": "\n\n".join(shown), "tables": tables}
+
+
+def _galleries(runs: Sequence[RunSummary], ran: ModelResults, options: GalleryOptions) -> list[DatasetGalleries]:
+    """Per dataset with a loaded test split: every ranked run (teacher, no KD, KD) on the same sampled
+    captions, and each KD run's comparison with its no-KD run."""
+    roles = run_roles(runs)
+    ranked = [r for r in runs if r.folder in ran.rankings]
+    out = []
+    for dataset, split in ran.splits.items():
+        mine = [r for r in ranked if r.dataset == dataset]
+        if not mine:
+            continue
+        by_folder = {r.folder: RunGallery(run=r, role=roles[r.folder], ranking=ran.rankings[r.folder]) for r in mine}
+        changed = []
+        for kd, nokd in kd_pairs(mine, roles):
+            change = kd_change(by_folder[kd.folder].ranking, by_folder[nokd.folder].ranking)
+            pick = [sorted(ids[i] for i in sample_queries(len(ids), options.changed, options.seed))
+                    for ids in (change.kd_only, change.nokd_only)]
+            changed.append(ChangedAnswers(kd=by_folder[kd.folder], nokd=by_folder[nokd.folder], change=change,
+                                          shown_kd_only=pick[0], shown_nokd_only=pick[1]))
+        out.append(DatasetGalleries(split=split, queries=sample_queries(len(split.captions), options.queries,
+                                                                        options.seed),
+                                    runs=order_by_role(list(by_folder.values())), changed=changed))
+    return out
