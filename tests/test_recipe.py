@@ -86,6 +86,18 @@ def test_overrides_parse_yaml_values_and_reach_lists(tmp_path: Path):
     assert r.data.name == "rstpreid"
 
 
+
+def test_a_number_yaml_reads_as_a_string_is_kept_as_the_number(tmp_path: Path):
+    # YAML 1.1 reads `3e-4` (no dot) as the string "3e-4"; it used to reach the range check as a
+    # string and end in a TypeError traceback.
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(BASE))
+    r = load_recipe(f, ["training.learning_rate=3e-4", "training.weight_decay=1e-2"])
+    assert r.training["learning_rate"] == pytest.approx(3e-4) and isinstance(r.training["learning_rate"], float)
+    assert r.training["weight_decay"] == pytest.approx(1e-2)
+    with pytest.raises(RecipeError, match="learning_rate.*out of range"):
+        load_recipe(f, ["training.learning_rate=-1e-3"])
+
 @pytest.mark.parametrize("bad", ["noequals", "loss.terms.5.weight=1", "data.name.sub=1", "=3"])
 def test_bad_overrides_are_explained(bad):
     with pytest.raises(RecipeError):

@@ -443,12 +443,15 @@ def validate_training_args(training: dict[str, Any]) -> None:
         if value is None or (key == "resume_from_checkpoint" and isinstance(value, bool)):
             continue  # resume_from_checkpoint: true means the latest checkpoint in output_dir
         try:
-            TypeAdapter(fields[key]).validate_python(value, strict=False)
+            coerced = TypeAdapter(fields[key]).validate_python(value, strict=False)
         except ValidationError as e:
             raise ValueError(f"'training.{key}' = {value!r} has the wrong type (expected {fields[key]}): "
                              f"{e.errors()[0]['msg']}") from None
         except Exception:  # a type pydantic cannot build a validator for: let TrainingArguments judge it
             continue
+        if isinstance(value, str) and isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
+            # YAML 1.1 reads `3e-4` (no dot) as a string: keep the number it names, as argparse would.
+            training[key] = coerced
     for key, ok, expected in _RANGES:
         if key in training and training[key] is not None and not ok(training[key]):
             raise ValueError(f"'training.{key}' = {training[key]!r} is out of range: expected {expected}")
