@@ -95,7 +95,7 @@ bench-accum: $(STAMP)
 # The docs site (docs/, mkdocs.yml); the reference pages are generated from the code at build time.
 .PHONY: docs
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean-runs:
 	rm -rf runs/demo

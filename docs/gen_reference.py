@@ -43,8 +43,10 @@ def _md(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text that fits in one table cell."""
-    return _md(" ".join(text.split())).replace("|", "\\|")
+    """Text that fits in one table cell: one line, pipes escaped outside code spans (inside them
+    the table reads a pipe as text, and an escape would show)."""
+    parts = re.split(r"(`[^`]*`)", _md(" ".join(text.split())))
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts)
 
 
 # --- the recipe keys -----------------------------------------------------------------------------
