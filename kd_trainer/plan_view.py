@@ -9,6 +9,7 @@ so the real ViT-B/16 plan prints in a second.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -68,7 +69,9 @@ def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe, epo
 
 
 def plan_report(recipe: Recipe) -> dict[str, Any]:
-    """The plan of a retrieval recipe as plain data (what ``kd-trainer plan`` prints)."""
+    """The plan of a recipe as plain data (what ``kd-trainer plan`` prints)."""
+    if recipe.task != "retrieval":
+        return _task_plan_report(recipe)
     plan = RunPlan.from_recipe(recipe)
     teacher_dim = None
     if recipe.teacher is not None and plan.direct_compare:
@@ -118,6 +121,8 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
 
 def format_plan(report: dict[str, Any]) -> str:
     """The report as the lines ``kd-trainer plan`` prints."""
+    if report.get("task", "retrieval") != "retrieval":
+        return _format_task_plan(report)
     lines = [f"plan of {report['recipe']}" + (f" ({report['method']})" if report["method"] else "")]
     p = report["precision"]
     lines.append(f"precision: {p['mode']}" + (f", mixed {p['mixed']}" if p["mixed"] else "")
@@ -151,5 +156,64 @@ def format_plan(report: dict[str, Any]) -> str:
             lines.append("  alpha per epoch: " + " ".join(f"{v:g}" for v in s["alpha_per_epoch"]))
         if s["eval_hybrids"]:
             lines.append(f"  hybrid evaluation: {', '.join(s['eval_hybrids'])}")
+    lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
+    return "\n".join(lines)
+
+
+# --- classification and detection: a task loss plus mimic jobs ---------------------------------
+
+def _arch(cfg: Any) -> str:
+    """A model's architecture in one line: its name, or the architecture dict as JSON."""
+    return cfg.arch if isinstance(cfg.arch, str) else json.dumps(cfg.arch, sort_keys=True)
+
+
+def _task_plan_report(recipe: Recipe) -> dict[str, Any]:
+    """The plan of a classification or detection recipe: its models, its mimic jobs and its one
+    stage (the Trainer's own optimiser and schedule over ``training:``). Builds no model and reads
+    no data; a tap name that does not exist is found when the run builds the models."""
+    training, mimic = recipe.training, recipe.mimic
+    steps = training.get("max_steps", -1)
+    jobs = [{"name": j.name, "student": list(j.student), "teachers": {t: list(taps) for t, taps in j.teachers.items()},
+             "loss": j.loss.type, "loss_kwargs": j.loss.kwargs, "weight": j.loss_weight,
+             "warm_up_iters": j.warm_up_iters, "reduce": j.reduce, "adapter": j.adapter}
+            for j in (mimic.jobs if mimic is not None else [])]
+    return {
+        "recipe": recipe.name, "method": recipe.method, "task": recipe.task,
+        "student": {"arch": _arch(recipe.student), "checkpoint": recipe.student.checkpoint},
+        "teachers": {name: {"arch": _arch(cfg), "checkpoint": cfg.checkpoint}
+                     for name, cfg in (recipe.teachers or {}).items()},
+        "task_loss": mimic.task_loss if mimic is not None else True,
+        "mimic_jobs": jobs,
+        "length": f"{steps} steps" if steps not in (-1, None) else f"{training.get('num_train_epochs', 3)} epochs",
+        "optimiser": {"optim": training.get("optim", "adamw_torch"), "lr": training.get("learning_rate", 5e-5),
+                      "weight_decay": training.get("weight_decay", 0.0),
+                      "schedule": training.get("lr_scheduler_type", "linear")},
+        "run": {"accumulation": f"{int(training.get('gradient_accumulation_steps', 1))} micro-batch(es) per step",
+                "nonfinite_skips": recipe.nonfinite_skips},
+        "checkpoint_kept": "the last weights",
+    }
+
+
+def _format_task_plan(report: dict[str, Any]) -> str:
+    lines = [f"plan of {report['recipe']}" + (f" ({report['method']})" if report["method"] else "")
+             + f": task {report['task']}"]
+    s = report["student"]
+    lines.append(f"student: {s['arch']}" + (f" from {s['checkpoint']}" if s["checkpoint"] else ""))
+    for name, t in report["teachers"].items():
+        lines.append(f"teacher {name}: {t['arch']}" + (f" from {t['checkpoint']}" if t["checkpoint"] else
+                                                       " (no checkpoint: random weights)"))
+    r, o = report["run"], report["optimiser"]
+    lines.append(f"accumulation: {r['accumulation']}; non-finite losses skipped before stopping: "
+                 f"{r['nonfinite_skips']}")
+    lines.append(f"\none stage: {report['length']}; task loss: {'yes' if report['task_loss'] else 'no (mimic only)'}")
+    lines.append(f"  optimiser: Trainer {o['optim']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, "
+                 f"{o['schedule']} schedule")
+    for j in report["mimic_jobs"]:
+        warm = f", warm-up {j['warm_up_iters']} steps" if j["warm_up_iters"] > 0 else ""
+        lines.append(f"  mimic job {j['name']}: loss {j['loss']}" + (f" {j['loss_kwargs']}" if j["loss_kwargs"] else "")
+                     + f" x {j['weight']:g}{warm}; teachers combined by {j['reduce']}; adapter {j['adapter']}")
+        for teacher, taps in j["teachers"].items():
+            for student_tap, teacher_tap in zip(j["student"], taps):
+                lines.append(f"    student {student_tap} <- {teacher} {teacher_tap}")
     lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
     return "\n".join(lines)
