@@ -102,23 +102,26 @@ def _default_text(field: Any) -> str:
     return f"`{json.dumps(value, default=list)}`"
 
 
-def schema_models(root: Any = Recipe) -> list[type[BaseModel]]:
-    """Every schema class reachable from the recipe, the root's first, each once, in reading order."""
-    found: list[type[BaseModel]] = []
+def schema_models(root: Any = Recipe) -> dict[type[BaseModel], list[str]]:
+    """Every schema class reachable from the recipe (the root's first, in reading order), with the
+    dotted key paths where it appears (``N``: a list index, ``<name>``: a key the user chooses)."""
+    found: dict[type[BaseModel], list[str]] = {}
 
-    def visit(annotation: Any) -> None:
+    def visit(annotation: Any, path: str, ancestors: tuple[type, ...]) -> None:
         for a in _members(annotation):
-            if isinstance(a, type) and issubclass(a, BaseModel):
-                if a not in found:
-                    found.append(a)
-                    for f in a.model_fields.values():
-                        visit(f.annotation)
-            else:
-                for arg in typing.get_args(a):
-                    if arg is not Ellipsis and not isinstance(arg, str):
-                        visit(arg)
+            origin, args = typing.get_origin(a), typing.get_args(a)
+            if isinstance(a, type) and issubclass(a, BaseModel) and a not in ancestors:
+                found.setdefault(a, [])
+                if path and path not in found[a]:
+                    found[a].append(path)
+                for name, f in a.model_fields.items():
+                    visit(f.annotation, f"{path}.{name}" if path else name, (*ancestors, a))
+            elif origin is list:
+                visit(args[0], f"{path}.N", ancestors)
+            elif origin is dict:
+                visit(args[1], f"{path}.<name>", ancestors)
 
-    visit(root)
+    visit(root, "", ())
     return found
 
 
@@ -133,8 +136,10 @@ def recipe_page() -> str:
         "`training:` is not listed here: it is `transformers.TrainingArguments`, field for field, "
         "checked against that class when the recipe is read.", "",
     ]
-    for model in schema_models():
+    for model, paths in schema_models().items():
         lines += [f"## {model.__name__}", ""]
+        if paths:
+            lines += ["At " + ", ".join(f"`{p}`" for p in paths) + ".", ""]
         doc = inspect.getdoc(model)
         if doc and model.__doc__ is not None and "__doc__" in vars(model):
             lines += [_md(doc), ""]
