@@ -4,7 +4,7 @@
 
 INT8: ONNX Runtime's dynamic quantisation (weights int8 ahead of time, activations quantised per call)
 of the matrix products only: every ``MatMul`` and ``Gemm`` with a constant weight, with one scale per
-output channel. Measured on SynthPEDES (README, "Deploy: ONNX / INT8"): per-tensor scales, or also
+output channel. Measured on SynthPEDES (docs/results.md, "Which INT8"): per-tensor scales, or also
 quantising the token embedding (``Gather``, which would make the text graph 4x smaller) or the patch
 convolution, cost up to 1-2 R@1 points where this choice costs none.
 """
