@@ -37,6 +37,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, default_data_collator, get_scheduler
 
 from kd_trainer.data.pipeline import set_augmentation_epoch
+from kd_trainer.distill.checkpoints import CheckpointSaveError, checkpoint_problem, disk_full, raise_if_not_resumable
 from kd_trainer.distill.epochs import DatasetEpochCallback
 from kd_trainer.distill.mimic import MimicEngine
 from kd_trainer.distill.optim import create_optimizer as original_optimizer
@@ -112,6 +113,8 @@ class DistillationTrainer(Trainer):
         self._logged = RunningMeans()
         self.selected: dict[str, Any] | None = None  # the kept evaluation (plan.select), and its weights
         self._selected_weights: dict[str, torch.Tensor] | None = None
+        # The newest complete checkpoint this run saved or resumed from: what a stop can point to.
+        self.last_checkpoint: str | None = None
 
     # --- the task's hooks ------------------------------------------------------------------------
 
@@ -272,8 +275,8 @@ class DistillationTrainer(Trainer):
         return (total, outputs) if return_outputs else total
 
     def _non_finite(self, total: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Stop at a non-finite loss (the last saved checkpoint stays the last good one), or skip
-        the micro-batch while ``max_nonfinite_skips`` allows: a zero loss, so no gradient."""
+        """Stop at a non-finite loss, saying which checkpoint (if any) holds weights from before it,
+        or skip the micro-batch while ``max_nonfinite_skips`` allows: a zero loss, so no gradient."""
         bad = [k for k, v in values.items() if not torch.isfinite(v.detach()).all()]
         where = f"at step {self.state.global_step} (stage {self.current_stage.name!r})"
         if self.nonfinite_skipped < self.max_nonfinite_skips:
@@ -281,10 +284,15 @@ class DistillationTrainer(Trainer):
             logger.warning("non-finite loss %s in %s: micro-batch skipped (%d of at most %d)", where, bad,
                            self.nonfinite_skipped, self.max_nonfinite_skips)
             return total.new_zeros(()).requires_grad_()
+        if self.last_checkpoint is not None:
+            kept = (f"its newest complete checkpoint, {self.last_checkpoint}, holds the weights saved before the loss "
+                    "became non-finite (resume from it with training.resume_from_checkpoint)")
+        else:
+            kept = "no checkpoint of this run was saved before it, so no trained weights were kept"
         raise NonFiniteLossError(
             f"the loss became non-finite {where}: terms {bad or ['(the weighted total)']} are NaN or infinite. "
-            "The run stopped; its last checkpoint holds the last good weights. Lower the learning rate, check "
-            "the terms' temperatures, or let the recipe skip up to N such micro-batches (nonfinite_skips: N)")
+            f"The run stopped; {kept}. Lower the learning rate, check the terms' temperatures, or let the recipe "
+            "skip up to N such micro-batches (nonfinite_skips: N)")
 
     def _weighted_total(self, values: dict[str, torch.Tensor], mimic: dict[str, torch.Tensor], stage: Stage,
                         *, record: bool) -> torch.Tensor:
@@ -332,19 +340,52 @@ class DistillationTrainer(Trainer):
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint."""
+    def resume_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder a resume starts from, checked: ``True`` is the newest complete one
+        whose files all read; a path with an unreadable file or another architecture's weights is
+        refused (:class:`~kd_trainer.models.loading.CheckpointError`, one line naming it)."""
+        if not resume_from_checkpoint:
+            return None
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        path = str(resume_from_checkpoint)
+        if path != self.last_checkpoint:  # checked once, however often it is asked
+            model = self.accelerator.unwrap_model(self.model)
+            raise_if_not_resumable(path, model, self.saved_configs(model))
+            self.last_checkpoint = path
+        return path
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """Resume from a checked checkpoint (see :meth:`resume_checkpoint`; ``True``: the newest intact one)."""
+        return super().train(resume_from_checkpoint=self.resume_checkpoint(resume_from_checkpoint), **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every process's RNG state is on disk
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
-                f.write(f"{self.state.global_step}\n")
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with self.disk_full_is_one_line(folder):
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every process's RNG state is on disk
+            if self.args.should_save:
+                with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                    f.write(f"{self.state.global_step}\n")
+        self.last_checkpoint = folder
+
+    @contextlib.contextmanager
+    def disk_full_is_one_line(self, folder: str) -> Iterator[None]:
+        """A write into ``folder`` that fails on a full disk raises :class:`CheckpointSaveError`,
+        saying which complete checkpoint is kept and how to go on; other failures pass unchanged."""
+        try:
+            yield
+        except Exception as e:
+            where = folder if os.path.isdir(folder) else self.args.output_dir
+            if not disk_full(e, where):
+                raise
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            kept = (f"{self.last_checkpoint} is the newest complete checkpoint" if self.last_checkpoint is not None
+                    else "no checkpoint of this run was complete yet")
+            raise CheckpointSaveError(
+                f"the disk is full: writing {folder} failed ({reason}). Nothing complete was lost: {kept}. Free some "
+                f"space (an incomplete checkpoint-N folder can be deleted) and run again with "
+                f"training.resume_from_checkpoint=true") from None
 
     def _keep_if_best(self, metrics: dict[str, float], split: str) -> None:
         """With ``plan.select``: remember the weights of the best evaluation of the last stage (the
@@ -398,9 +439,13 @@ def last_complete_checkpoint(output_dir: str) -> str:
             found.append((int(step), name))
     for step, name in sorted(found, reverse=True):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+        if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+            logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
+                           path, COMPLETE_MARKER)
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",
-                       path, COMPLETE_MARKER)
+        logger.warning("%s; resuming from an earlier checkpoint", problem)
     raise RecipeError(f"training.resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-N folder "
                             "(a run saves one every save_steps / epoch); start without resuming, or give a path")

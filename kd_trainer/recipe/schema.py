@@ -292,6 +292,12 @@ class Recipe(_Strict):
         0, ge=0, description="Micro-batches whose loss is NaN or infinite that may be skipped (zero gradient) before "
                              "the run stops; 0 stops at the first, naming the terms and the step. A model with "
                              "non-finite weights is never exported or pushed.")
+    resume_changes: list[str] = Field(
+        default_factory=list,
+        description="Keys (dotted, e.g. training.max_steps, or a block such as stages.1) that a resumed run may "
+                    "change from the recipe.yaml it started with; other changes to keys that shape training are "
+                    "refused, listed by key. recipe.yaml keeps the recipe the run started with, and resumes.json "
+                    "records each resume: its step, its checkpoint and every accepted change. '*' accepts any.")
 
     @field_validator("training")
     @classmethod

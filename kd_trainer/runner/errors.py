@@ -10,6 +10,7 @@ from typing import Iterator
 
 from kd_trainer.data import DatasetFormatError, unwrap_worker_error
 from kd_trainer.distill.cache import CacheMismatchError
+from kd_trainer.distill.checkpoints import CheckpointSaveError
 from kd_trainer.distill.core import NonFiniteLossError
 from kd_trainer.models.loading import CheckpointError
 from kd_trainer.recipe import RecipeError
@@ -24,7 +25,8 @@ class RunFault(RuntimeError):
 # Bad input and faults: the message names the recipe key, dataset record, checkpoint file or what
 # went wrong; the CLI prints it on one line and exits 2, without a traceback.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DatasetFormatError, CheckpointError,
-                                                 CacheMismatchError, NonFiniteLossError, RunFault)
+                                                 CacheMismatchError, NonFiniteLossError, CheckpointSaveError,
+                                                 RunFault)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from kd_trainer.recipe import Recipe, dump_recipe
+from kd_trainer.recipe import Recipe
+from kd_trainer.runner.resume import record_recipe, resume_changes
 
 __all__ = ["fit", "run_info"]
 
@@ -34,12 +35,16 @@ def fit(trainer: Trainer, recipe: Recipe) -> None:
     """Record the resolved recipe and where the run runs, train (resuming when the recipe says so),
     and save the final model and the whole log history (trainer_state.json) in output_dir."""
     out = trainer.args.output_dir
+    # Checked on every process, so each refuses alike: a damaged or foreign checkpoint, a recipe
+    # that changed what the run trains (runner/resume.py).
+    checkpoint = trainer.resume_checkpoint(recipe.training.get("resume_from_checkpoint") or None)
+    changes = resume_changes(recipe, out, checkpoint) if checkpoint is not None else {}
     if trainer.is_world_process_zero():
         os.makedirs(out, exist_ok=True)
-        Path(out, "recipe.yaml").write_text(dump_recipe(recipe))
+        record_recipe(recipe, out, checkpoint, changes)
         Path(out, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
-    resume = recipe.training.get("resume_from_checkpoint") or None  # a path, or true for the latest complete
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.restore_selected()  # with `select:`, the best evaluation of the last stage is the result
-    trainer.save_model(out)
-    trainer.save_state()
+    with trainer.disk_full_is_one_line(out):
+        trainer.save_model(out)
+        trainer.save_state()
