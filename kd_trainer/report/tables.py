@@ -188,7 +188,8 @@ def efficiency_columns(measured: Iterable[Efficiency], machine: str | None) -> t
     timed = all(e.latency_ms is not None for e in measured)
     sizes = ", ".join(sorted({f"{e.image_size[0]}x{e.image_size[1]} images, {e.context_length}-token captions"
                               for e in measured}))
-    note = (f"Cost: Params M = millions of parameters of each tower of the deployed dual encoder; GFLOPs = "
+    note = (f"Cost: Params M = millions of parameters of each tower of the deployed dual encoder (the text tower's "
+            "include its token-embedding table, a lookup that costs no FLOPs); GFLOPs = "
             f"one image / one caption at the run's input size ({sizes}), counted by "
             "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add)")
     if timed:
