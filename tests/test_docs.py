@@ -117,7 +117,8 @@ WRITTEN_FILES = {"results.md"}
 EXTERNAL = {"solver/build.py", "solver/lr_scheduler.py", "open_clip/model.py"}
 MD_PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:[\w.-]+/)*[\w-]+\.md)\b")
 PY_PATH = re.compile(r"(?<![\w/.-])((?:[\w-]+/)+[\w-]+\.py)\b")
-SECTION = re.compile(r"(docs/[\w/-]+\.md)`{0,2}[,;:]? *\(?\"([^\"]+)\"")
+# A cited section: `docs/losses.md, "Notation"`, or `README, "Quick start"`.
+SECTION = re.compile(r"(docs/[\w/-]+\.md|\bREADME(?:\.md)?)`{0,2}[,;:]? *\(?\"([^\"]+)\"")
 CODE_DIRS = ("kd_trainer", "bench", "data_scripts")
 
 
@@ -146,21 +147,24 @@ def broken_citations(source: str, where: str) -> list[str]:
             if path not in EXTERNAL and not any(c.is_file() for c in candidates):
                 problems.append(f"{where}:{line}: cites {path}, which is not in the repository")
         for page, section in SECTION.findall(text):
+            page = "README.md" if page.startswith("README") else page
             if (ROOT / page).is_file() and section not in _headings(ROOT / page):
                 problems.append(f"{where}:{line}: cites section {section!r} of {page}, which has none")
     return problems
 
 
-def test_the_citation_check_finds_a_missing_page_a_moved_module_and_a_missing_section():
+def test_the_citation_check_finds_a_missing_page_a_moved_module_and_missing_sections():
     source = '''"""Notation as in ``losses.md``; see docs/losses.md, "No such section"."""
 # weights: see kd_trainer/distill/schedules.py; gather: docs/losses.md, "Gathering across processes"
-HELP = "a schedule (kd_trainer/recipe/schedules.py), written to results.md"
+HELP = 'a schedule (kd_trainer/recipe/schedules.py), written to results.md (README, "Quick start")'
+# measured on SynthPEDES (README, "Deploy: ONNX / INT8")
 '''
     problems = broken_citations(source, "x.py")
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert "cites losses.md" in problems[0]
     assert "'No such section'" in problems[1]
     assert "kd_trainer/distill/schedules.py" in problems[2]
+    assert "'Deploy: ONNX / INT8' of README.md" in problems[3]
 
 
 def test_every_path_the_code_cites_exists():
