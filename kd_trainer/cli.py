@@ -10,6 +10,8 @@
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table (+ cost), loss plots, index.html
     kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
     kd-trainer eval --onnx DIR --dataset NAME --root DIR [--onnx-variant int8]   evaluate an exported folder
+    kd-trainer index MODEL --gallery DIR --out INDEX [--onnx-variant int8]   embed a folder of images once
+    kd-trainer search INDEX "a woman in a red coat" [--top 10] [--html OUT]   rank the folder for a sentence
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ from kd_trainer.models.onnx import (
 )
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
+from kd_trainer.search import (
+    SearchIndexError,
+    Searcher,
+    build_index,
+    load_encoder,
+    load_index,
+    write_search_page,
+)
 from kd_trainer.report import (
     GalleryOptions,
     Latency,
@@ -55,7 +65,7 @@ from kd_trainer.runner import main as run_main
 from kd_trainer.runner.errors import one_line_errors
 from kd_trainer.runner.retrieval import build_model, prepare_data, replay_config
 
-COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "plan", "export-onnx")
+COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher", "plan", "export-onnx", "index", "search")
 
 
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
@@ -219,6 +229,52 @@ def _report(ns: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _index(ns: argparse.Namespace) -> None:
+    """Embed every image of a folder once with a model; the index records the files and the model."""
+    try:
+        encoder = load_encoder(ns.model, onnx_variant=ns.onnx_variant)
+        index = build_index(encoder, ns.gallery, ns.out, batch_size=ns.batch_size)
+    except (SearchIndexError, DeployDependencyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    m = index.model
+    print(f"indexed {len(index.files)} images of {index.gallery} with {m['path']} "
+          f"({m['kind']}{' ' + m['variant'] if m['variant'] else ''}, {m['embed_dim']}-d)")
+    print(f"wrote {index.path}")
+
+
+def _search(ns: argparse.Namespace) -> None:
+    """Rank an index's images for each query; a stale or foreign index is refused (exit 2)."""
+    try:
+        index = load_index(ns.index)
+        index.check_gallery(ns.gallery)
+        model = ns.model or index.model["path"]
+        encoder = load_encoder(model, onnx_variant=index.model.get("variant") if ns.model is None else ns.onnx_variant)
+        searcher = Searcher(index, encoder, gallery=ns.gallery)
+        hits = searcher.search(ns.queries, top=ns.top)
+    except (SearchIndexError, DeployDependencyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for query, row in zip(ns.queries, hits):
+        print(f"query: {query}")
+        for h in row:
+            print(f"{h.rank:4d}  {h.score:.4f}  {h.file}")
+    if ns.html:
+        page = write_search_page(ns.html, ns.queries, hits, index_path=str(index.path), model=str(model),
+                                 gallery=str(searcher.gallery))
+        print(f"wrote {page}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -308,6 +364,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=5, help="gallery images shown per caption (default 5)")
     p.add_argument("--gallery-seed", type=int, default=0, help="seed of the caption sample (default 0)")
     p.add_argument("--data-root", help="the datasets' folder for the galleries (default: each recipe's data.root)")
+    p = sub.add_parser("index", help="embed a folder of images once, for `kd-trainer search`")
+    p.add_argument("model", metavar="MODEL", help="a run folder, an open_clip export, any checkpoint `eval` reads, "
+                                                  "or an ONNX export (a folder written by export-onnx)")
+    p.add_argument("--gallery", required=True, metavar="DIR", help="the folder of images (sub-folders included)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="the index folder to write")
+    p.add_argument("--onnx-variant", choices=VARIANTS, help="which graphs of an ONNX export (default fp32)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p = sub.add_parser("search", help="rank an index's images for a sentence (the model that built it embeds it)")
+    p.add_argument("index", metavar="INDEX", help="a folder written by `kd-trainer index`")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="one or more sentences")
+    p.add_argument("--top", type=_positive_int, default=10, help="images per query (default 10)")
+    p.add_argument("--html", metavar="OUT", help="also write a self-contained page with the images")
+    p.add_argument("--model", help="the model, if it moved since the index was built (it must be the same model)")
+    p.add_argument("--onnx-variant", choices=VARIANTS, help="with --model: which graphs of an ONNX export")
+    p.add_argument("--gallery", metavar="DIR", help="the gallery folder, if it moved since the index was built")
     ns = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2
@@ -330,6 +401,10 @@ def _dispatch(ns: argparse.Namespace) -> None:
         _report(ns)
     elif ns.command == "cache-teacher":
         _cache_teacher(ns)
+    elif ns.command == "index":
+        _index(ns)
+    elif ns.command == "search":
+        _search(ns)
     elif ns.command == "terms":
         for name, spec in sorted(TERMS.items()):
             print(f"{name:18s} {spec.kind:8s} sides={','.join(spec.sides):16s} "

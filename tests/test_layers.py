@@ -27,6 +27,7 @@ LAYERS = {
     "recipe": 3,
     "distill": 4,
     "run": 5, "runner": 5, "cli": 5, "demo": 5, "report": 5, "plan_view": 5, "__main__": 5, "__init__": 5,
+    "search": 5,  # index and rank a folder of images; an entry point (cli) uses it
 }
 # Optional dependencies may be imported where they are used, so the package works without them.
 OPTIONAL = {"onnx", "onnxruntime", "matplotlib", "pycocotools", "faster_coco_eval", "torchmetrics", "torch_npu",

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.models.factory import RetrievalModel, create_model
 
 
@@ -59,3 +60,31 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 def spawn_gloo(worker: Callable[..., Any], world: int, *args: Any) -> None:
     """Run ``worker(rank, world, port, *args)`` in ``world`` processes (a module-level function)."""
     mp.spawn(worker, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def fitted_micro(root: str | os.PathLike, dataset: str = "synth_pedes", split: str = "test", *, steps: int = 80,
+                 seed: int = 0, lr: float = 2e-3) -> RetrievalModel:
+    """``micro`` fitted on one split's image-caption pairs (soft targets: every caption of a pid matches
+    every image of it). A model that ranks well has rankings worth comparing: a random one ranks by
+    near-ties that any rounding (INT8, another batch size) reorders."""
+    torch.manual_seed(seed)
+    model = create_model("micro")
+    raw = load_pedes(dataset, root, splits=[split])
+    views = with_retrieval_transforms(raw, image_size=model.image_size, augment=False,
+                                      context_length=model.context_length)
+    gallery, queries = views[f"{split}_gallery"], views[f"{split}_queries"]
+    pixels = torch.stack([gallery[i]["pixel_values"] for i in range(len(gallery))])
+    tokens = torch.stack([queries[i]["input_ids"] for i in range(len(queries))])
+    row_of = {image_id: i for i, image_id in enumerate(raw[f"{split}_gallery"]["image_id"])}
+    image_rows = torch.tensor([row_of[i] for i in raw[f"{split}_queries"]["image_id"]])
+    pids = torch.tensor(raw[f"{split}_queries"]["pid"])
+    same = (pids[:, None] == pids[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        logits = model.encode_text(tokens) @ model.encode_image(pixels)[image_rows].t() / 0.05
+        loss = -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
