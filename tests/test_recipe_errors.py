@@ -89,3 +89,27 @@ def test_a_recipe_path_that_is_a_folder_is_reported_as_a_folder(tmp_path, capsys
     assert e.value.code == 2 and "Traceback" not in err
     assert f"Recipe '{tmp_path / 'recipes'}' is a folder, not a recipe file; it holds a.yaml" in err
     assert "does not exist" not in err
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.mark.parametrize("student_tap, expected", [
+    ("clip.visual.transformer.resblocks.9", "error: mimic: unknown module name 'clip.visual.transformer.resblocks.9' "
+                                            "in RetrievalModel. Closest valid names: 'clip.visual.transformer.resblocks.0'"),
+    ("clip.visual.transformer.resblocks.0:3", "error: mimic: tap 'clip.visual.transformer.resblocks.0:3': "),
+])
+def test_a_bad_mimic_tap_in_a_retrieval_recipe_is_one_line_exit_2(tmp_path, capsys, synth_root, student_tap, expected):
+    recipe = {**BASE, "data": {"name": "synth_pedes", "root": str(synth_root), "image_size": [32, 16],
+                               "context_length": 16,
+                               "synth": {"num_identities": 8, "images_per_identity": [2, 2], "image_size": [32, 16]}},
+              "teacher": {"arch": "micro"},
+              "mimic": {"mimic_ins_type": "base", "cfgs": {"loss": {"type": "l2_loss"}},
+                        "teacher": {"mimic_name": ["clip.visual.transformer.resblocks.0"]},
+                        "student": {"mimic_name": [student_tap]}},
+              "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
+                           "use_cpu": True, "report_to": "none", "disable_tqdm": True}}
+    err = _run(tmp_path, capsys, yaml.safe_dump(recipe))  # today: a ValueError traceback from the tap
+    assert err.startswith(expected) and err.count("\n") == 1, err

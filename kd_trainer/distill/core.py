@@ -236,10 +236,15 @@ class DistillationTrainer(Trainer):
             return None
         if train_dataset is None:
             raise ValueError("mimic jobs need a train_dataset to size their adapters")
-        engine = MimicEngine(model, self.teachers, list(jobs))
         batch = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
-        engine.build_adapters(student_forward=lambda m: self.student_outputs(m, batch, self.plan.stages[0]),
-                              teacher_forward=lambda n, t: self.teacher_tap_forward(n, t, batch))
+        try:  # the taps run once here, on a real batch: a bad name, key or width is the recipe's, named now
+            engine = MimicEngine(model, self.teachers, list(jobs))
+            engine.build_adapters(student_forward=lambda m: self.student_outputs(m, batch, self.plan.stages[0]),
+                                  teacher_forward=lambda n, t: self.teacher_tap_forward(n, t, batch))
+        except ValueError as e:
+            if type(e) is not ValueError:  # a subclass (a checkpoint or data error) says what it is itself
+                raise
+            raise RecipeError(f"mimic: {e}") from None
         model.mimic_head = engine.head
         return engine
 
