@@ -130,8 +130,9 @@ def _prose(source: str) -> list[tuple[int, str]]:
 
 
 def _headings(page: Path) -> set[str]:
-    return {re.sub(r"\s*\{.*\}\s*$", "", h).strip()
-            for h in re.findall(r"(?m)^#+ (.+)$", page.read_text())}
+    """A page's headings, without `{ #anchor }` attributes; comment lines in code blocks are not."""
+    text = re.sub(r"(?ms)^```.*?^```", "", page.read_text())
+    return {re.sub(r"\s*\{.*\}\s*$", "", h).strip() for h in re.findall(r"(?m)^#+ (.+)$", text)}
 
 
 def broken_citations(source: str, where: str) -> list[str]:
