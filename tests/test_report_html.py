@@ -28,7 +28,15 @@ from kd_trainer.data import collate_retrieval, load_pedes, with_retrieval_transf
 from kd_trainer.evaluation import embed_dataset
 from kd_trainer.models.factory import create_model, get_architecture
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config, model_from_checkpoint
-from kd_trainer.report import GalleryOptions, Latency, SkippedRunWarning, model_efficiency, write_report
+from kd_trainer.report import (
+    GalleryOptions,
+    Latency,
+    SkippedRunWarning,
+    collect_runs,
+    model_efficiency,
+    run_roles,
+    write_report,
+)
 from kd_trainer.report.galleries import KD, NO_KD, TEACHER
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
@@ -330,3 +338,27 @@ def test_the_page_in_headless_chromium(report: dict, tmp_path: Path) -> None:
     assert not page.broken, f"images the browser could not load: {page.broken[:3]}"
     assert all(not i.src.startswith(("http:", "https:", "//")) for i in page.images), "nothing from the network"
     assert shot.stat().st_size > 10_000
+
+
+def test_roles_come_from_the_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher: named as a checkpoint by another run (a relative path, launched elsewhere, matches the
+    folder's tail); KD: a term reads a teacher; no KD: none does, even with a teacher loaded to inherit from."""
+    def run(name: str, terms: list, teacher: str | None = None) -> Path:
+        folder = tmp_path / "exp" / "runs" / name
+        folder.mkdir(parents=True)
+        recipe = {"name": name, "seed": 0, "data": {"name": "synth_pedes"}, "student": {"arch": "micro"},
+                  "loss": {"terms": terms}, "training": {"output_dir": str(folder)}}
+        if teacher:
+            recipe["teacher"] = {"arch": "micro", "checkpoint": teacher}
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        (folder / "test_results.json").write_text(json.dumps({"test_r1": 1.0, "test_r5": 2.0, "test_r10": 3.0,
+                                                              "test_mAP": 1.0, "test_mINP": 1.0}))
+        return folder
+
+    run("t", [{"name": "itc"}])
+    run("plain", [{"name": "itc"}], teacher="runs/t")
+    run("kd", [{"name": "itc"}, {"name": "crd"}], teacher="runs/t")
+    monkeypatch.chdir(tmp_path)  # not where the runs were launched (tmp_path/exp)
+    runs = collect_runs([tmp_path / "exp" / "runs"])
+    assert {r.name: role for r in runs for f, role in run_roles(runs).items() if f == r.folder} == {
+        "t": TEACHER, "plain": NO_KD, "kd": KD}

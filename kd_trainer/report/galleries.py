@@ -11,7 +11,8 @@ item is correct for a query when it shows the query's person (same pid), as in R
 Roles, read from the recipes of the runs in the report:
 
 * **teacher**: a run whose folder another run in the report names as its teacher checkpoint
-  (``teacher.checkpoint`` or one of ``teachers:``);
+  (``teacher.checkpoint`` or one of ``teachers:``; a relative checkpoint path matches the folder
+  whose path ends with it, since it was relative to where that run was launched);
 * **KD**: a run with a loss term that reads a teacher (``needs_teacher`` in the term registry);
 * **no KD**: every other run (its terms read no teacher, even when the recipe loads one for
   weight inheritance).
@@ -34,7 +35,7 @@ import torch
 from kd_trainer.data import canonical_dataset_name, collate_retrieval, load_pedes, with_retrieval_transforms
 from kd_trainer.evaluation import embed_dataset, top_k
 from kd_trainer.losses import get_term
-from kd_trainer.recipe.schema import RecipeError, parse_recipe
+from kd_trainer.recipe import RecipeError, parse_recipe
 from kd_trainer.report.discovery import RunSummary
 from kd_trainer.report.seeds import run_seed
 
@@ -107,10 +108,14 @@ def _checkpoints(recipe: Mapping[str, Any]) -> list[str]:
 
 
 def _same_folder(path: str, folder: Path) -> bool:
-    try:
-        return Path(path).resolve() == folder.resolve()
-    except OSError:
-        return False
+    """Whether a recipe's checkpoint ``path`` is ``folder``. A relative path was relative to where that
+    run was launched, which need not be where the report runs: it matches a folder whose path ends
+    with it (``runs/demo/teacher`` matches ``/home/me/kd/runs/demo/teacher``)."""
+    p, f = Path(path), folder.resolve()
+    if p.resolve() == f:
+        return True
+    parts = [x for x in p.parts if x not in (".", "")]
+    return not p.is_absolute() and ".." not in parts and len(parts) > 0 and list(f.parts[-len(parts):]) == parts
 
 
 def _reads_teacher(recipe: Mapping[str, Any]) -> bool:
