@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.demo import run_demo
+from kd_trainer.demo import run_demo, train_teacher
 from kd_trainer.distill.cache import build_teacher_cache
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
@@ -307,9 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="SynthPEDES demo: teacher, student without KD, student with KD")
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to all three recipes")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every recipe of the demo")
     p.add_argument("--seeds", type=int, default=1,
                    help="train both students at this many seeds (42, 1, 2, ...) and add their mean ± std")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="only pre-train and fine-tune the teacher (what make compare needs), unless already done")
     p = sub.add_parser("cache-teacher", help="embed the training set with the recipe's teacher once (K draws)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -396,7 +398,10 @@ def _dispatch(ns: argparse.Namespace) -> None:
         report = plan_report(load_recipe(ns.recipe, ns.overrides))
         print(json.dumps(report, indent=2) if ns.json else format_plan(report))
     elif ns.command == "demo":
-        run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides, seeds=ns.seeds)
+        if ns.teacher_only:
+            train_teacher(root=ns.root, runs=ns.runs, overrides=ns.overrides)
+        else:
+            run_demo(root=ns.root, runs=ns.runs, overrides=ns.overrides, seeds=ns.seeds)
     elif ns.command == "report":
         _report(ns)
     elif ns.command == "cache-teacher":

@@ -1,22 +1,29 @@
-"""The SynthPEDES demo: the whole pipeline on a generated dataset, in minutes on a CPU.
+"""The SynthPEDES demo: the whole pipeline on generated data, in minutes on a CPU.
 
-1. generate SynthPEDES (seeded) under ``<root>/SynthPEDES``;
-2. train a small teacher from scratch (task terms only: ``recipes/demo/teacher.yaml``);
-3. cut a student out of the teacher (half its depth, weights inherited from its first layers)
-   and train it without KD (``recipes/demo/student_nokd.yaml``);
-4. distil the same student, from the same inherited weights and for the same steps, from the
+1. generate the target SynthPEDES (400 people, seed 0) under ``<root>/SynthPEDES`` and the
+   teacher's pre-training corpus (3000 other people, seed 1, none of the target's) under
+   ``<root>/corpus/SynthPEDES``;
+2. pre-train the teacher on the corpus (``recipes/demo/teacher_pretrain.yaml``), then fine-tune
+   it on the target train split (``recipes/demo/teacher.yaml``);
+3. train a smaller student on the target train split alone, without KD
+   (``recipes/demo/student_nokd.yaml``);
+4. distil the same student, from the same initialisation and for the same steps, from the
    teacher (``recipes/demo/student_kd.yaml``);
-5. print R@1/R@5/R@10/mAP/mINP of all three on the test split.
+5. print R@1/R@5/R@10/mAP/mINP of all three on the target test split, and how much of the
+   teacher's lead over the student trained alone the KD student closes.
 
 With ``seeds > 1`` steps 3 and 4 run once per seed (42, 1, 2, ...) against the one teacher, and
-the table gives each student's mean ± sample standard deviation over the seeds, the number that
-says whether the KD student's lead is larger than what the seed alone moves. A run whose folder
-already holds the test results of this very recipe (its saved ``recipe.yaml`` equal) is read
-back, not trained again, so ``make demo SEEDS=3`` after ``make demo`` trains only the new seeds.
+the table gives each student's mean ± sample standard deviation over the seeds.
+
+Nothing is trained twice: a run whose folder already holds the test results of this very recipe,
+made from data of this generator version (and, for a student, against this very teacher), is read
+back; ``make demo SEEDS=3`` after ``make demo`` trains only the new seeds. A run made by another
+recipe, generator version or teacher is trained again, with a line that says which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -24,23 +31,67 @@ from pathlib import Path
 from kd_trainer.evaluation import format_metrics
 from kd_trainer.recipe import dump_recipe, load_recipe
 from kd_trainer.runner import run
+from kd_trainer.synthetic.pedes import GENERATOR_VERSION
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 METRICS = ("r1", "r5", "r10", "mAP", "mINP")
 SEEDS = (42, 1, 2, 3, 4, 5, 6, 7)
-# (row label, recipe): both students inherit their weights from the teacher; one also distils
-STUDENTS = (("student, no KD", "student_nokd.yaml"), ("student, KD", "student_kd.yaml"))
+# The same student, initialisation and steps; one also distils.
+# (row label, recipe, learns from the teacher)
+STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "student_kd.yaml", True))
+PROVENANCE = "demo_provenance.json"  # what a demo run was made from, checked before it is read back
 
 
-def _test_metrics(recipe_file: str, out: Path, overrides: list[str]) -> dict[str, float]:
-    recipe = load_recipe(RECIPE_DIR / recipe_file, [f"training.output_dir={out}", *overrides])
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stale(out: Path, recipe_text: str, provenance: dict[str, object]) -> str | None:
+    """Why the finished run in ``out`` cannot be read back (None: it can; "": there is none)."""
     saved, results = out / "recipe.yaml", out / "test_results.json"
-    if results.is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe):
+    if not results.is_file() or not saved.is_file():
+        return ""
+    if saved.read_text() != recipe_text:
+        return "it was trained by another recipe"
+    made = json.loads((out / PROVENANCE).read_text()) if (out / PROVENANCE).is_file() else {}
+    if made.get("generator_version") != provenance["generator_version"]:
+        return (f"it was trained on SynthPEDES of generator version {made.get('generator_version')}, "
+                f"this toolkit draws version {provenance['generator_version']}")
+    if made.get("teacher") != provenance.get("teacher"):
+        return "it was distilled from (or inherited) another teacher than the one in this demo"
+    return None
+
+
+def _test_metrics(recipe_file: str, out: Path, overrides: list[str],
+                  teacher: Path | None = None) -> dict[str, float]:
+    recipe = load_recipe(RECIPE_DIR / recipe_file, [f"training.output_dir={out}", *overrides])
+    provenance: dict[str, object] = {"generator_version": GENERATOR_VERSION}
+    if teacher is not None:  # a student is only as current as the teacher it learnt from
+        provenance["teacher"] = _digest(teacher / "model.safetensors")
+    why = _stale(out, dump_recipe(recipe), provenance)
+    if why is None:
         print(f"{out}: already trained with this recipe; its test results are read back", flush=True)
-        metrics = json.loads(results.read_text())
+        metrics = json.loads((out / "test_results.json").read_text())
     else:
+        if why:
+            print(f"{out}: {why}: training it again", flush=True)
         metrics = run(recipe)
+        (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     return {m: metrics[f"test_{m}"] for m in METRICS}
+
+
+def gap_closed(results: dict[str, list[dict[str, float]]], metric: str) -> tuple[float, float]:
+    """The teacher's lead over the student trained alone, and the share of it the KD student closes
+    (means over the seeds)."""
+    teacher = statistics.mean(r[metric] for r in results["teacher"])
+    alone = statistics.mean(r[metric] for r in results["student, no KD"])
+    kd = statistics.mean(r[metric] for r in results["student, KD"])
+    gap = teacher - alone
+    return gap, (kd - alone) / gap if gap > 0 else float("nan")
 
 
 def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
@@ -60,6 +111,18 @@ def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def train_teacher(root: str = "./data", runs: str = "./runs/demo",
+                  overrides: list[str] | None = None) -> dict[str, float]:
+    """Pre-train the teacher on the corpus, fine-tune it on the target set (each step only when its
+    run is missing or stale), and return its test metrics on the target set."""
+    out = Path(runs)
+    pretrained = out / "teacher_pretrain"
+    _test_metrics("teacher_pretrain.yaml", pretrained, [f"data.root={Path(root) / 'corpus'}", *(overrides or [])])
+    return _test_metrics("teacher.yaml", out / "teacher",
+                         [f"data.root={root}", *(overrides or []), f"student.checkpoint={pretrained}"],
+                         teacher=pretrained)
+
+
 def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[str] | None = None,
              seeds: int = 1) -> dict[str, list[dict[str, float]]]:
     """Train the teacher once and both students at ``seeds`` seeds; print and save the tables."""
@@ -68,19 +131,28 @@ def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[st
     base = [f"data.root={root}", *(overrides or [])]
     out = Path(runs)
     teacher_dir = out / "teacher"
-    results: dict[str, list[dict[str, float]]] = {"teacher": [_test_metrics("teacher.yaml", teacher_dir, base)]}
-    for label, file in STUDENTS:
+    results = {"teacher": [train_teacher(root, runs, overrides)]}
+    for label, file, distils in STUDENTS:
         results[label] = []
         for seed in SEEDS[:seeds]:
             run_dir = out / (Path(file).stem + ("" if seed == SEEDS[0] else f"_seed{seed}"))
-            extra = [f"seed={seed}", f"teacher.checkpoint={teacher_dir}"]
-            results[label].append(_test_metrics(file, run_dir, [*base, *extra]))
+            extra = [f"seed={seed}", *([f"teacher.checkpoint={teacher_dir}"] if distils else [])]
+            results[label].append(_test_metrics(file, run_dir, [*base, *extra],
+                                                teacher=teacher_dir if distils else None))
     first = {label: rows[0] for label, rows in results.items()}
     text = "SynthPEDES test split (text-to-image, %), seed 42:\n" + format_metrics(first)
     if seeds > 1:
         text += (f"\n\nStudents over seeds {list(SEEDS[:seeds])} (mean ± sample std; same teacher and data; "
-                 "both students start from the teacher's weights; the seed sets data order, augmentation "
-                 "and dropout):\n" + spread_table(results))
+                 "both students start from the same weights at each seed; the seed sets the initialisation, "
+                 "data order, augmentation and dropout):\n" + spread_table(results))
+    lines = []
+    for metric, name in (("r1", "R@1"), ("mAP", "mAP")):
+        gap, closed = gap_closed(results, metric)
+        lines.append(f"{name}: the teacher leads the student trained alone by {gap:.2f}; "
+                     f"the KD student closes {100 * closed:.0f}% of that gap")
+    share = statistics.mean(r["r1"] for r in results["student, no KD"]) / results["teacher"][0]["r1"]
+    lines.append(f"the student trained alone reaches {100 * share:.0f}% of the teacher's R@1")
+    text += "\n\n" + "\n".join(lines)
     print("\n" + text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")

@@ -40,6 +40,7 @@ class MetricSet:
     description: str  # the sentence above the table in results.md
     optional: tuple[str, ...] = ()  # appended to each cell on request (``with_minp``)
     others: tuple[str, ...] = ()  # recognised metrics of the task shown per run but in no table column
+    ranked: tuple[str, ...] = ()  # metrics whose separated pairs the table lists (the headline when empty)
 
     @property
     def known(self) -> tuple[str, ...]:
@@ -59,6 +60,7 @@ RETRIEVAL = MetricSet(
     optional=("mINP",),
     names={"r1": "R@1", "r5": "R@5", "r10": "R@10", "mAP": "mAP", "mINP": "mINP"},
     headline="r1",
+    ranked=("r1", "mAP"),
     description="Text-to-image retrieval on each run's test split, in %.",
 )
 # The columns are what DetectionTrainer.evaluate_split records; the per-size APs/APm/APl (the rest of

@@ -163,6 +163,30 @@ def _spread_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[st
     return flagged, notes
 
 
+def _separation_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[str, str], SeedGroup],
+                      mset: MetricSet) -> list[str]:
+    """Pairs of rows over several seeds whose means on one dataset differ by more than their seed
+    spread (the sum of the two sample standard deviations): the pairs the seeds run so far can rank."""
+    notes: list[str] = []
+    for metric in mset.ranked or (mset.headline,):
+        name = mset.names[metric]
+        for d in cols:
+            have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(metric)) is not None]
+            for i, (ra, sa) in enumerate(have):
+                for rb, sb in have[i + 1:]:
+                    if sa.std is None or sb.std is None:
+                        continue  # one run has no spread: its seeds cannot rank it yet
+                    spread, diff = sa.std + sb.std, sa.mean - sb.mean
+                    if abs(diff) > spread:
+                        (hi, lo) = (ra, rb) if diff > 0 else (rb, ra)
+                        notes.append(f"- {dataset_display_name(d)}, {name}: {hi} above {lo} by {abs(diff):.2f}, "
+                                     f"more than their seed spread {spread:.2f}")
+    if notes:
+        notes.insert(0, "Pairs that separate: means further apart than their seed spread (the sum of the two "
+                        "sample standard deviations), both over several seeds:")
+    return notes
+
+
 COST_COLUMNS = ("Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)")
 
 
@@ -333,6 +357,8 @@ def table_cells(
         notes.append("Cells over several seeds: mean ± sample standard deviation (n - 1), n = number of seeds.")
     if spread_notes:
         notes.append("\n".join(spread_notes))
+    if separated := _separation_notes(rows, cols, cells, mset):
+        notes.append("\n".join(separated))
     if with_selection:
         text = (f"Checkpoint: the split and metric that chose each run's kept epoch; {NOT_RECORDED} = not "
                 "recorded by the run.")
