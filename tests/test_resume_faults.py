@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -282,3 +284,23 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, monke
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
     assert not (out / "checkpoint-4" / COMPLETE_MARKER).exists()
     assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+
+# --- under accelerate launch ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_bad_input_under_accelerate_launch_is_each_ranks_line_and_the_launchers_exit_1(tmp_path):
+    """Each rank prints its one line and exits 2; the launcher exits 1, and with --quiet it prints
+    torch's failure summary, naming that line as the root cause, without its own traceback."""
+    path = _recipe(tmp_path, tmp_path / "out", tmp_path / "data")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run([str(accelerate), "launch", "--quiet", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+                           "kd_trainer/run.py", str(path), "training.learning_rat=0.1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    before_summary = proc.stderr.split("FAILED")[0]
+    assert before_summary.count("error: Invalid recipe") == 2, proc.stderr[-3000:]  # each rank's own message
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert "exitcode  : 2" in root_cause and "error: " in root_cause and "learning_rat" in root_cause, root_cause

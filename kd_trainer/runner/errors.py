@@ -5,8 +5,11 @@ traceback, which is what a report needs."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
-from typing import Iterator
+import time
+from typing import Iterator, NoReturn
 
 from kd_trainer.data import DatasetFormatError, unwrap_worker_error
 from kd_trainer.distill.cache import CacheMismatchError
@@ -36,11 +39,24 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except INPUT_ERRORS as e:
-        print(f"error: {unwrap_worker_error(e) or e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(f"error: {unwrap_worker_error(e) or e}")
     except Exception as e:
         data_error = unwrap_worker_error(e)
         if data_error is None:
             raise  # a bug: its traceback is what a report needs
-        print(f"error: {data_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(f"error: {data_error}")
+
+
+def _fail(line: str) -> NoReturn:
+    """Print ``line`` and exit 2. Under a torch elastic launcher (``accelerate launch``, ``torchrun``)
+    the line also goes into this process's error file, so the launcher's failure summary names the
+    cause instead of 'To enable traceback see ...' (the launcher itself then exits 1)."""
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": line.replace("\n", "\n  "), "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the line is on stderr either way
+    raise SystemExit(2) from None
