@@ -29,6 +29,9 @@ from kd_trainer.models.factory import list_architectures
 from kd_trainer.recipe.optim import OptimConfig
 from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
+from kd_trainer.synthetic.detection import check_synth_det_args
+from kd_trainer.synthetic.pedes import check_synth_pedes_args
+from kd_trainer.synthetic.shapes import check_synth_shapes_args
 
 
 class RecipeError(ValueError):
@@ -52,6 +55,12 @@ class SynthConfig(_Strict):
         None, description="(num_identities, seed) of another SynthPEDES whose people this one leaves out: "
                           "a teacher's pre-training corpus that shares no person with the target set")
 
+    @model_validator(mode="after")
+    def _generable(self) -> "SynthConfig":
+        # The generator's own rule, checked when the recipe is read rather than when the data is made.
+        check_synth_pedes_args(self.num_identities, self.images_per_identity, self.image_size, self.split_identities)
+        return self
+
 
 class ShapesConfig(_Strict):
     """Only for synth_shapes (the classification example): generate it under ``<root>/SynthShapes``."""
@@ -61,6 +70,11 @@ class ShapesConfig(_Strict):
     test_per_class: int = 20
     image_size: int = 32
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _generable(self) -> "ShapesConfig":
+        check_synth_shapes_args(self.num_classes, self.train_per_class, self.test_per_class, self.image_size)
+        return self
 
 
 class SynthDetConfig(_Strict):
@@ -72,6 +86,11 @@ class SynthDetConfig(_Strict):
     image_size: int = 96
     max_objects: int = 4
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _generable(self) -> "SynthDetConfig":
+        check_synth_det_args(self.num_classes, self.train_images, self.test_images, self.image_size, self.max_objects)
+        return self
 
 
 class DataConfig(_Strict):

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from kd_trainer.synthetic.generated import already_generated, mark_generated
 from kd_trainer.synthetic.shapes import COLOURS, class_names
 
-__all__ = ["GENERATOR_VERSION", "META_FILE", "make_synth_det"]
+__all__ = ["GENERATOR_VERSION", "META_FILE", "check_synth_det_args", "make_synth_det"]
 
 # Bumped whenever the same arguments would draw different files, so an old copy is refused.
 GENERATOR_VERSION = 1
@@ -105,6 +105,18 @@ def _draw_image(names: list[str], size: int, max_objects: int, rng: random.Rando
     return img, objects
 
 
+def check_synth_det_args(num_classes: int, train_images: int, test_images: int, image_size: int,
+                         max_objects: int) -> None:
+    """Refuse arguments :func:`make_synth_det` cannot generate from (the recipe's ``data.det`` calls it too)."""
+    if image_size < 32:
+        raise ValueError(f"SynthDet image_size must be at least 32 pixels (a ResNet+FPN's coarsest level is "
+                         f"1/32 of it), got {image_size}")
+    if max_objects < 1 or train_images < 1 or test_images < 1:
+        raise ValueError(f"SynthDet needs max_objects, train_images and test_images >= 1, got {max_objects}, "
+                         f"{train_images}, {test_images}")
+    class_names(num_classes)  # checks num_classes
+
+
 def make_synth_det(out_dir: str | Path, *, num_classes: int = 6, train_images: int = 400, test_images: int = 100,
                    image_size: int = 96, max_objects: int = 4, seed: int = 0) -> Path:
     """Write the set (or reuse it if these arguments wrote it); returns ``out_dir``.
@@ -112,13 +124,8 @@ def make_synth_det(out_dir: str | Path, *, num_classes: int = 6, train_images: i
     Category ids are ``1..num_classes`` (0 is the detector's background); their names are
     SynthShapes' ``colour_shape`` class names.
     """
-    if image_size < 32:
-        raise ValueError(f"SynthDet image_size must be at least 32 pixels (a ResNet+FPN's coarsest level is "
-                         f"1/32 of it), got {image_size}")
-    if max_objects < 1 or train_images < 1 or test_images < 1:
-        raise ValueError(f"SynthDet needs max_objects, train_images and test_images >= 1, got {max_objects}, "
-                         f"{train_images}, {test_images}")
-    names = class_names(num_classes)  # checks num_classes
+    check_synth_det_args(num_classes, train_images, test_images, image_size, max_objects)
+    names = class_names(num_classes)
     out = Path(out_dir)
     args: dict[str, Any] = {"num_classes": num_classes, "train_images": train_images, "test_images": test_images,
                             "image_size": image_size, "max_objects": max_objects, "seed": seed,

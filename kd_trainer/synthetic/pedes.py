@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_SUBDIR",
     "META_FILE",
     "Identity",
+    "check_synth_pedes_args",
     "make_synth_pedes",
     "sample_identities",
 ]
@@ -601,8 +602,9 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, i
     return counts[0], counts[1], counts[2]
 
 
-def _validate(num_identities: int, images_per_identity: tuple[int, int], image_size: tuple[int, int],
-              split_identities: tuple[float, float, float]) -> None:
+def check_synth_pedes_args(num_identities: int, images_per_identity: tuple[int, int], image_size: tuple[int, int],
+                           split_identities: tuple[float, float, float]) -> None:
+    """Refuse arguments :func:`make_synth_pedes` cannot generate from (the recipe's ``data.synth`` calls it too)."""
     if num_identities < 1:
         raise ValueError(f"num_identities must be >= 1, got {num_identities}")
     lo, hi = images_per_identity
@@ -658,7 +660,7 @@ def make_synth_pedes(out_dir: str | os.PathLike, *, num_identities: int = 400,
     images_per_identity = (int(images_per_identity[0]), int(images_per_identity[1]))
     image_size = (int(image_size[0]), int(image_size[1]))
     split_identities = tuple(float(x) for x in split_identities)  # type: ignore[assignment]
-    _validate(num_identities, images_per_identity, image_size, split_identities)
+    check_synth_pedes_args(num_identities, images_per_identity, image_size, split_identities)
     out = pathlib.Path(out_dir)
     # Lists, as JSON stores them, so a round-tripped meta compares equal to a fresh one.
     meta = {"num_identities": int(num_identities), "images_per_identity": list(images_per_identity),

@@ -60,12 +60,23 @@ def _draw(name: str, size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def check_synth_shapes_args(num_classes: int, train_per_class: int, test_per_class: int, image_size: int) -> None:
+    """Refuse arguments :func:`make_synth_shapes` cannot generate from (the recipe's ``data.shapes`` calls it too)."""
+    class_names(num_classes)  # checks num_classes
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError(f"SynthShapes needs train_per_class and test_per_class >= 1 (an empty split has nothing to "
+                         f"train or test on), got {train_per_class}, {test_per_class}")
+    if image_size < 1:
+        raise ValueError(f"SynthShapes image_size must be a positive number of pixels, got {image_size}")
+
+
 def make_synth_shapes(out_dir: str | Path, *, num_classes: int = 10, train_per_class: int = 60,
                       test_per_class: int = 20, image_size: int = 32, seed: int = 0) -> Path:
     """Write the set (or reuse it if these arguments wrote it); returns ``out_dir``."""
     out = Path(out_dir)
     args: dict[str, Any] = {"num_classes": num_classes, "train_per_class": train_per_class,
                             "test_per_class": test_per_class, "image_size": image_size, "seed": seed}
+    check_synth_shapes_args(num_classes, train_per_class, test_per_class, image_size)
     if already_generated(out, META, args, "SynthShapes"):
         return out
     names = class_names(num_classes)
