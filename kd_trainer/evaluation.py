@@ -308,8 +308,12 @@ class GalleryRanking:
             raise ValueError(f"k must be a positive int, got {k!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        q, _ = _checked_features(query_feats, self.gallery)
-        q_np = F.normalize(q, dim=1).numpy()
+        q = torch.as_tensor(query_feats)
+        if q.dim() != 2 or q.shape[0] == 0 or q.shape[1] != self.gallery.shape[1]:
+            raise ValueError(f"query_feats must be (queries >= 1, {self.gallery.shape[1]}) like the gallery's "
+                             f"width, got shape {tuple(q.shape)}")
+        # The gallery was checked once, when it was built; a query pass must not re-read it.
+        q_np = F.normalize(_checked_matrix("query_feats", q), dim=1).numpy()
         num_g = len(self)
         k = min(k, num_g)
         indices = np.empty((q_np.shape[0], k), dtype=np.int64)
