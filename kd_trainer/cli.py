@@ -23,13 +23,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
+from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.demo import run_demo, train_teacher
 from kd_trainer.distill.cache import build_teacher_cache
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
 from kd_trainer.models.factory import get_architecture, list_architectures
+from kd_trainer.models.finite import require_finite_weights
 from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.export import update_model_card
 from kd_trainer.models.onnx import (
@@ -37,9 +38,13 @@ from kd_trainer.models.onnx import (
     DeployDependencyError,
     ExportVerificationError,
     OnnxDualEncoder,
+    OnnxExportError,
+    check_limits,
+    check_output_folder,
     evaluate_onnx,
     export_onnx,
     format_export_report,
+    read_report,
     verify_onnx_export,
 )
 from kd_trainer.plan_view import format_plan, plan_report
@@ -71,6 +76,66 @@ COMMANDS = ("train", "eval", "demo", "terms", "archs", "report", "cache-teacher"
 PAIRINGS = ("model", "teacher", "hybrid-image", "hybrid-text")
 
 
+def _context_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 2:  # the start and end tokens alone take two places
+        raise argparse.ArgumentTypeError(f"expected at least 2 (the start and end tokens), got {value}")
+    return value
+
+
+def _export_folder(text: str) -> str:
+    """export-onnx --out: a folder, or a path where one can be made (the export creates it)."""
+    try:
+        check_output_folder(Path(text))
+    except OnnxExportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _output_file(text: str) -> str:
+    """eval --output: a file name whose folder exists or can be made (eval creates it)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the metrics file's name")
+    try:
+        check_output_folder(Path(text).parent)
+    except OnnxExportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _check_arguments(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What one option alone cannot say: eval's and export-onnx's options that do not go together.
+    A bad combination is a usage error (exit 2) before any model is loaded."""
+    if ns.command == "eval":
+        if ns.onnx:
+            given = [flag for flag, value in (("--teacher", ns.teacher), ("--pairings", ns.pairings),
+                                              ("--arch", ns.arch), ("--image-size", ns.image_size),
+                                              ("--context-length", ns.context_length),
+                                              ("--irra-config", ns.irra_config)) if value]
+            if given:
+                parser.error(f"--onnx evaluates the exported folder as it is: {', '.join(given)} cannot be used with it")
+        elif ns.onnx_variant:
+            parser.error("--onnx-variant needs --onnx (MODEL is then a folder written by export-onnx)")
+        if not ns.teacher:
+            needs = sorted(set(ns.pairings or []) - {"model"})
+            given = [flag for flag, value in (("--teacher-arch", ns.teacher_arch),
+                                              ("--teacher-config", ns.teacher_config)) if value]
+            if needs:
+                parser.error(f"the pairings {needs} need --teacher")
+            if given:
+                parser.error(f"{', '.join(given)} describe a teacher: give it with --teacher")
+    elif ns.command == "export-onnx":
+        if ns.root is not None and ns.dataset is None:
+            parser.error("--root needs --dataset (the split to check retrieval on)")
+        try:
+            check_limits(tolerance=ns.tolerance, atol=ns.atol)
+        except OnnxExportError as e:
+            parser.error(str(e))
+
+
 def _load_any(path: str, arch: str | None, image_size: list[int] | None, context_length: int | None,
               config: str | None) -> object:
     """A kd_trainer folder, or any checkpoint format the importers know (IRRA, TinyCLIP, OpenAI, ...)."""
@@ -86,16 +151,18 @@ def _eval(ns: argparse.Namespace) -> None:
     image x model text, the scores a staged run reports for the tower it trains.
     """
     model = _load_any(ns.model, ns.arch, ns.image_size, ns.context_length, ns.irra_config)
+    # A NaN weight makes every score it touches NaN: refuse before computing, naming the tensors.
+    require_finite_weights(model.clip, name=f"the model {ns.model}", refused="evaluated")  # type: ignore[attr-defined]
     teacher = None
     if ns.teacher:
         teacher = _load_any(ns.teacher, ns.teacher_arch, ns.image_size, ns.context_length, ns.teacher_config)
+        require_finite_weights(teacher.clip, name=f"the teacher {ns.teacher}",  # type: ignore[attr-defined]
+                               refused="evaluated")
     pairings = ns.pairings or (list(PAIRINGS) if teacher is not None else ["model"])
-    if teacher is None and set(pairings) - {"model"}:
-        raise SystemExit(f"error: pairings {sorted(set(pairings) - {'model'})} need --teacher")
     name = canonical_dataset_name(ns.dataset)
     raw = load_pedes(name, ns.root, splits=[ns.split])
     if f"{ns.split}_gallery" not in raw:
-        raise SystemExit(f"error: {ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
+        raise DatasetFormatError(f"{ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
 
     def views(m: object) -> object:  # each tower sees the split at its own image size / caption length
         return with_retrieval_transforms(raw, image_size=m.image_size, augment=False,  # type: ignore[attr-defined]
@@ -117,39 +184,47 @@ def _eval(ns: argparse.Namespace) -> None:
     print(format_metrics({label[p]: results[p] for p in pairings}))
     default_dir = Path(ns.model) if Path(ns.model).is_dir() else Path(ns.model).parent
     out = Path(ns.output) if ns.output else default_dir / f"eval_{name}_{ns.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results["model"] if pairings == ["model"] else results, indent=2))
     print(f"wrote {out}")
 
 
 def _eval_onnx(ns: argparse.Namespace) -> None:
     """Evaluate a folder written by export-onnx: images and captions preprocessed from its
-    preprocess.json, run through its graphs, ranked by the same metric code as any model."""
-    if ns.teacher or ns.pairings or ns.arch or ns.image_size or ns.context_length:
-        raise SystemExit("error: --onnx evaluates the exported folder as it is; --teacher, --pairings, --arch, "
-                         "--image-size and --context-length do not apply")
+    preprocess.json, run through its graphs, ranked by the same metric code as any model. An unfinished,
+    damaged or mixed folder is refused (exit 2) by OnnxDualEncoder; an unverified or failed one is
+    evaluated with a warning."""
+    variant = ns.onnx_variant or "fp32"
     try:
-        encoder = OnnxDualEncoder(ns.model, ns.onnx_variant)
+        encoder = OnnxDualEncoder(ns.model, variant)
     except DeployDependencyError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    report = read_report(Path(ns.model))
+    if report is None:
+        print(f"warning: {ns.model} has no export_report.json: these graphs were never checked against the "
+              "model (kd-trainer export-onnx checks them)", file=sys.stderr)
+    elif not report.get("passed"):
+        print(f"warning: {ns.model}'s export_report.json says the check against the model FAILED: "
+              f"{'; '.join(report.get('failures') or ['(no reason recorded)'])}", file=sys.stderr)
     name = canonical_dataset_name(ns.dataset)
     raw = load_pedes(name, ns.root, splits=[ns.split])
     if f"{ns.split}_gallery" not in raw:
-        raise SystemExit(f"error: {ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
+        raise DatasetFormatError(f"{ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
     metrics = evaluate_onnx(encoder, raw[f"{ns.split}_gallery"], raw[f"{ns.split}_queries"], dataset_name=name,
                             batch_size=ns.batch_size)
     print(f"{name}/{ns.split}, text-to-image (%):")
-    print(format_metrics({f"{Path(ns.model).name} (ONNX {ns.onnx_variant})": metrics}))
-    out = Path(ns.output) if ns.output else Path(ns.model) / f"eval_{name}_{ns.split}_{ns.onnx_variant}.json"
+    print(format_metrics({f"{Path(ns.model).name} (ONNX {variant})": metrics}))
+    out = Path(ns.output) if ns.output else Path(ns.model) / f"eval_{name}_{ns.split}_{variant}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
 
 
 def _export_onnx(ns: argparse.Namespace) -> None:
     """ONNX graphs of a model, checked against it (on a dataset split when one is given); the results
-    go to export_report.json and, for a run folder, to its model card. A failed check exits 1."""
-    if ns.dataset is None and ns.root is not None:
-        raise SystemExit("error: --root needs --dataset (the split to check retrieval on)")
+    go to export_report.json and, for a run folder, to its model card. A failed check exits 1 (the
+    graphs and the report stay, for a look); bad input exits 2 and writes nothing."""
     model = _load_any(ns.model, ns.arch, None, ns.context_length, ns.irra_config)
     try:
         export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size)
@@ -292,18 +367,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="./data")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--arch", help="architecture of a bare state dict (see `kd-trainer archs`)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="evaluate at this size")
-    p.add_argument("--context-length", type=int)
+    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), help="evaluate at this size")
+    p.add_argument("--context-length", type=_context_length)
     p.add_argument("--irra-config", help="IRRA's configs.yaml (default: next to the checkpoint)")
     p.add_argument("--teacher", help="a teacher, in any of the model's formats: adds teacher and hybrid pairings")
     p.add_argument("--teacher-arch")
     p.add_argument("--teacher-config", help="the teacher's IRRA configs.yaml")
     p.add_argument("--pairings", nargs="+", choices=PAIRINGS,
                    help="what to evaluate (default: model; with --teacher, all four)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--output", help="metrics JSON (default: eval_<dataset>_<split>.json beside the model)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--output", type=_output_file,
+                   help="metrics JSON (default: eval_<dataset>_<split>.json beside the model; its folder is created)")
     p.add_argument("--onnx", action="store_true", help="MODEL is a folder written by export-onnx")
-    p.add_argument("--onnx-variant", choices=VARIANTS, default="fp32", help="which graphs of --onnx (default fp32)")
+    p.add_argument("--onnx-variant", choices=VARIANTS, help="which graphs of --onnx (default fp32)")
     p = sub.add_parser("demo", help="SynthPEDES demo: teacher, student without KD, student with KD")
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
@@ -322,10 +398,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="auto: fp32 on CPU, bf16 autocast on GPU (embeddings are stored in fp32 either way)")
     p = sub.add_parser("export-onnx", help="ONNX graphs of a model (+ INT8/FP16), checked against it on a split")
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder or any checkpoint `eval` reads")
-    p.add_argument("--out", required=True, help="folder for the graphs, preprocess.json and export_report.json")
+    p.add_argument("--out", required=True, type=_export_folder,
+                   help="folder for the graphs, preprocess.json and export_report.json (created; other files in "
+                        "it are left alone)")
     p.add_argument("--int8", action="store_true", help="also dynamically quantised INT8 graphs")
     p.add_argument("--fp16", action="store_true", help="also half-precision graphs (GPU/NPU runtimes)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"),
                    help="export at this input size (default: the model's; the check compares with the model's)")
     p.add_argument("--dataset", help="check retrieval on this dataset's split: fail on a drop beyond --tolerance")
     p.add_argument("--root", help="the dataset's root folder (default ./data)")
@@ -333,10 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tolerance", type=float, default=0.5, help="largest R@1 / mAP drop allowed, in points")
     p.add_argument("--atol", type=float, default=1e-4, help="largest fp32 embedding difference allowed")
     p.add_argument("--arch", help="architecture of a bare state dict (see `kd-trainer archs`)")
-    p.add_argument("--context-length", type=int)
+    p.add_argument("--context-length", type=_context_length)
     p.add_argument("--irra-config", "--teacher-config", dest="irra_config",
                    help="IRRA's configs.yaml of the checkpoint (default: next to it)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p = sub.add_parser("plan", help="print what each stage of a recipe will do (groups, LR and alpha per epoch, "
                                     "terms, precision, kept checkpoint), without training")
     p.add_argument("recipe")
@@ -382,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--onnx-variant", choices=VARIANTS, help="with --model: which graphs of an ONNX export")
     p.add_argument("--gallery", metavar="DIR", help="the gallery folder, if it moved since the index was built")
     ns = parser.parse_args(argv)
+    _check_arguments(ns, sub.choices[ns.command])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2
         _dispatch(ns)

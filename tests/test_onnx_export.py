@@ -13,8 +13,10 @@ the gallery); the PyTorch side uses torchvision's transform of the data pipeline
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from kd_trainer.models.export import CARD_END, CARD_START, export_open_clip, upd
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.onnx import OnnxDualEncoder, OnnxFolderError, at_image_size, export_onnx
+from kd_trainer.models.onnx import export as onnx_export
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
@@ -161,6 +164,9 @@ def test_export_writes_graphs_and_a_preprocess_spec_that_reproduce_the_model(exp
         assert np.allclose(np.linalg.norm(got_img, axis=1), 1, atol=1e-5), "outputs must be L2-normalised"
 
     report = json.loads((out / "export_report.json").read_text())
+    listed = {name for files in spec["variants"].values() for name in files.values()}
+    assert spec["sha256"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in listed}
+    assert report["sha256"] == spec["sha256"], "the report names the graphs it checked"
     assert report["passed"] and report["variants"]["fp32"]["max_abs_diff"]["image"] < 1e-4
     assert report["variants"]["fp32"]["max_abs_diff"]["text"] < 1e-4
     assert report["variants"]["int8"]["bytes"]["image"] < report["variants"]["fp32"]["bytes"]["image"]
@@ -241,6 +247,12 @@ def test_a_graph_that_disagrees_with_preprocess_json_is_refused(exported, wrong_
     mixed = tmp_path / "mixed"
     shutil.copytree(out, mixed)
     shutil.copy(wrong / "image_encoder.onnx", mixed / "image_encoder.onnx")  # a 16x32 graph, a 32x16 spec
+    # Assembled by hand with care: the checksum recomputed and the report of the old graphs removed, so
+    # only the shapes tell.
+    spec = json.loads((mixed / "preprocess.json").read_text())
+    spec["sha256"]["image_encoder.onnx"] = hashlib.sha256((mixed / "image_encoder.onnx").read_bytes()).hexdigest()
+    (mixed / "preprocess.json").write_text(json.dumps(spec))
+    (mixed / "export_report.json").unlink()
     with pytest.raises(OnnxFolderError, match=r"\(16, 32\).*\(32, 16\)"):
         OnnxDualEncoder(mixed)
     ran = _cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
@@ -278,3 +290,192 @@ def test_at_image_size_regrids_positions_and_leaves_the_model_alone():
     assert out.shape == (2, model.embed_dim)
     with pytest.raises(ValueError, match="smaller than the model's 8x8 patch"):
         at_image_size(model, (4, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole or refused: an export folder is never scored half-replaced, damaged or mixed
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _one_error_line(ran: Ran) -> str:
+    """The refusal: exit 2, and exactly one line on stderr that is not a log record or a warning."""
+    lines = [ln for ln in ran.stderr.splitlines()
+             if ln.strip() and not re.match(r"\d{4}-\d\d-\d\d ", ln) and not ln.startswith("warning:")]
+    assert ran.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), ran.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_export(tmp_path_factory) -> Path:
+    """An export (fp32, not verified) of another model of the same shape: graphs a mixed folder may hold."""
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("other") / "other_onnx"
+    export_onnx(create_model("micro").eval(), out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_re_export_killed_part_way_leaves_the_previous_export_whole(exported, data_root, tmp_path, monkeypatch):
+    (done, out) = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "student_onnx"
+    shutil.copytree(out, folder)
+    before = _files(folder)
+    real_trace, calls = onnx_export._trace, []
+
+    def dies_after_one_graph(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the process is stopped while the second graph is written
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "_trace", dies_after_one_graph)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(create_model("micro"), folder, int8=True)
+    assert len(calls) == 2 and calls[0].parent != folder, "the new graphs are written beside the folder"
+    assert _files(folder) == before, "the previous export must be left exactly as it was"
+    assert not list(tmp_path.glob(".student_onnx.partial-*")), "the unfinished export is removed"
+    ran = _cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
+               "--output", str(tmp_path / "eval.json"))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    report = json.loads((folder / "export_report.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text()) == pytest.approx(report["variants"]["fp32"]["metrics"])
+
+
+@pytest.mark.slow
+def test_a_folder_mixing_graphs_of_two_exports_is_refused(exported, other_export, data_root, tmp_path):
+    (done, out) = exported
+    assert done.returncode == 0, done.stderr[-3000:]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    # What an interrupted in-place re-export used to leave: one new graph beside the old ones, the old
+    # preprocess.json and the old report. Same shapes, so only the checksum tells.
+    shutil.copy(other_export / "image_encoder.onnx", mixed / "image_encoder.onnx")
+    ran = _cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
+    line = _one_error_line(ran)
+    assert "image_encoder.onnx" in line and "checksum" in line and "another export" in line, line
+    assert not list(mixed.glob("eval_*.json")), "nothing is scored"
+
+
+@pytest.mark.slow
+def test_damaged_unfinished_or_stale_folders_are_refused_naming_the_file(exported, wrong_size, data_root, tmp_path):
+    (done, out), (_, wrong) = exported, wrong_size
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        return folder
+
+    def eval_onnx(folder: Path, *more: str) -> str:
+        return _one_error_line(_cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
+                                    *more))
+
+    truncated = copy("truncated")
+    graph = truncated / "text_encoder.int8.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # a copy that stopped half-way
+    line = eval_onnx(truncated, "--onnx-variant", "int8")
+    assert str(graph) in line and "truncated" in line, line
+    # ... and one whose checksum was "fixed" by hand: ONNX Runtime's refusal, on one line naming the file.
+    spec = json.loads((truncated / "preprocess.json").read_text())
+    spec["sha256"][graph.name] = hashlib.sha256(graph.read_bytes()).hexdigest()
+    (truncated / "preprocess.json").write_text(json.dumps(spec))
+    (truncated / "export_report.json").unlink()
+    line = eval_onnx(truncated, "--onnx-variant", "int8")
+    assert str(graph) in line and "cannot be loaded by ONNX Runtime" in line, line
+
+    unfinished = copy("unfinished")  # killed while the new export was moved in: preprocess.json goes first
+    (unfinished / "preprocess.json").unlink()
+    assert "did not finish" in eval_onnx(unfinished)
+
+    stale = copy("stale")  # the graphs of one export, the report of another
+    shutil.copy(wrong / "export_report.json", stale / "export_report.json")
+    assert "export_report.json was not written for the graphs" in eval_onnx(stale)
+
+    old = copy("old")  # written before graphs had checksums
+    spec = json.loads((old / "preprocess.json").read_text())
+    spec["format"] = "kd_trainer-onnx/1"
+    del spec["sha256"]
+    (old / "preprocess.json").write_text(json.dumps(spec))
+    line = eval_onnx(old)
+    assert "earlier format 'kd_trainer-onnx/1'" in line and "run `kd-trainer export-onnx` again" in line, line
+
+
+@pytest.fixture(scope="module")
+def micro_folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("micro") / "micro"
+    export_open_clip(create_model("micro"), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def nan_folder(tmp_path_factory) -> Path:
+    """A saved model with one NaN and one inf weight (open_clip folders keep whatever they are given)."""
+    torch.manual_seed(0)
+    model = create_model("micro")
+    with torch.no_grad():
+        model.clip.visual.conv1.weight[0, 0, 0, 0] = float("nan")
+        model.clip.text_projection[0, 0] = float("inf")
+    folder = tmp_path_factory.mktemp("nan") / "nan_model"
+    export_open_clip(model, folder)
+    return folder
+
+
+def test_non_finite_weights_are_refused_before_eval_or_export_computes_anything(nan_folder, data_root, tmp_path):
+    ran = _cli("eval", str(nan_folder), "--dataset", DATASET, "--root", str(data_root))
+    line = _one_error_line(ran)
+    assert "visual.conv1.weight" in line and "text_projection" in line and "not evaluated" in line, line
+    assert "text-to-image" not in ran.stdout and not list(nan_folder.glob("eval_*.json"))
+
+    out = tmp_path / "exports" / "nan_onnx"
+    ran = _cli("export-onnx", str(nan_folder), "--out", str(out), "--dataset", DATASET, "--root", str(data_root))
+    line = _one_error_line(ran)
+    assert "visual.conv1.weight" in line and "text_projection" in line and "not exported" in line, line
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir()), \
+        "no graphs, no preprocess.json, no unfinished folder"
+
+
+def test_eval_creates_the_folder_of_its_output(micro_folder, data_root, tmp_path):
+    result = tmp_path / "new" / "deeper" / "metrics.json"
+    ran = _cli("eval", str(micro_folder), "--dataset", DATASET, "--root", str(data_root), "--output", str(result),
+               "--batch-size", "16")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert set(json.loads(result.read_text())) >= {"r1", "mAP"}
+
+
+@pytest.mark.parametrize("command, args, says", [
+    ("eval", ["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+    ("eval", ["--image-size", "0", "16"], "argument --image-size: expected a positive integer, got 0"),
+    ("eval", ["--context-length", "1"], "argument --context-length: expected at least 2"),
+    ("eval", ["--output", "{file}/metrics.json"], "is a file"),
+    ("eval", ["--output", "{dir}"], "is a folder"),
+    ("eval", ["--pairings", "teacher", "hybrid-image"], "the pairings ['hybrid-image', 'teacher'] need --teacher"),
+    ("eval", ["--teacher-arch", "micro"], "--teacher-arch describe a teacher: give it with --teacher"),
+    ("eval", ["--onnx", "--teacher", "{model}"], "--onnx evaluates the exported folder as it is: --teacher"),
+    ("eval", ["--onnx-variant", "int8"], "--onnx-variant needs --onnx"),
+    ("export-onnx", ["--out", "{tmp}/o", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+    ("export-onnx", ["--out", "{tmp}/o", "--image-size", "32", "0"], "argument --image-size: expected a positive"),
+    ("export-onnx", ["--out", "{tmp}/o", "--context-length", "1"], "argument --context-length: expected at least 2"),
+    ("export-onnx", ["--out", "{file}/o"], "is under"),
+    ("export-onnx", ["--out", "{file}"], "the output folder"),
+    ("export-onnx", ["--out", "{tmp}/o", "--root", "{tmp}"], "--root needs --dataset"),
+    ("export-onnx", ["--out", "{tmp}/o", "--tolerance", "-1"], "tolerance and atol must be >= 0"),
+])
+def test_bad_eval_and_export_arguments_are_usage_errors(command, args, says, micro_folder, data_root, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    fill = {"file": str(a_file), "dir": str(tmp_path), "tmp": str(tmp_path), "model": str(micro_folder)}
+    args = [a.format(**fill) for a in args]
+    where = ["--dataset", DATASET, "--root", str(data_root)] if command == "eval" else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ran = _cli(command, str(micro_folder), *where, *args)
+    assert ran.returncode == 2, (ran.returncode, ran.stderr[-2000:])
+    assert f"usage: kd-trainer {command}" in ran.stderr and f"kd-trainer {command}: error: " in ran.stderr
+    assert says in ran.stderr, ran.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing is written"
+    assert not list(micro_folder.glob("eval_*.json"))

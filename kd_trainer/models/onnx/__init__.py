@@ -14,8 +14,13 @@ The folder:
   weights quantised / stored in half precision, inputs and outputs unchanged.
 * ``preprocess.json``: everything a serving stack needs to make those inputs (squash resize to (H, W),
   bilinear with antialiasing as PIL does it, /255, mean/std; CLIP BPE with the start/end/pad ids and the
-  context length), read back here by :class:`OnnxDualEncoder`, which preprocesses only from it.
-* ``export_report.json``: what :func:`verify_onnx_export` measured.
+  context length), read back here by :class:`OnnxDualEncoder`, which preprocesses only from it; and the
+  SHA-256 of every graph, so a truncated, swapped or stale graph is refused, naming the file.
+* ``export_report.json``: what :func:`verify_onnx_export` measured, and the checksums of the graphs it
+  measured (a report of other graphs is refused).
+
+An export is written beside the folder and moved in when complete, so a failed or killed export never
+leaves new and old graphs mixed (:mod:`.folder` says how).
 
 Why the checks. An exported graph can be numerically faithful and still not be the model users trained:
 a wrong input size, a wrong tokenizer setting, or quantisation that moves close pairs past each other all
@@ -39,11 +44,15 @@ from kd_trainer.models.onnx.folder import (
     TEXT_ENCODER,
     VARIANTS,
     DeployDependencyError,
+    OnnxExportError,
     OnnxFolderError,
+    check_output_folder,
+    read_report,
 )
 from kd_trainer.models.onnx.runtime import OnnxDualEncoder
 from kd_trainer.models.onnx.verify import (
     ExportVerificationError,
+    check_limits,
     compare_embeddings,
     evaluate_onnx,
     format_export_report,
@@ -57,11 +66,15 @@ __all__ = [
     "REPORT_FILE",
     "VARIANTS",
     "DeployDependencyError",
+    "OnnxExportError",
     "OnnxFolderError",
     "ExportVerificationError",
     "OnnxExport",
     "OnnxDualEncoder",
     "at_image_size",
+    "check_limits",
+    "check_output_folder",
+    "read_report",
     "preprocess_spec",
     "export_onnx",
     "compare_embeddings",

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -26,6 +26,7 @@ from torch import nn
 from kd_trainer.data import CLIP_MEAN, CLIP_STD, tokenize
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from kd_trainer.models.factory import RetrievalModel
+from kd_trainer.models.finite import require_finite_weights
 from kd_trainer.models.loading import resize_visual_positions
 from kd_trainer.models.onnx.folder import (
     IMAGE_ENCODER,
@@ -37,8 +38,13 @@ from kd_trainer.models.onnx.folder import (
     TEXT_ENCODER,
     TEXT_INPUT,
     TEXT_OUTPUT,
+    OnnxExportError,
+    file_sha256,
     graph_file_name,
+    install_export,
+    new_stage,
     require_deploy,
+    write_json,
 )
 
 __all__ = [
@@ -81,13 +87,13 @@ def at_image_size(model: RetrievalModel, image_size: Sequence[int] | None) -> Re
     visual = model.clip.visual
     (kh, kw), (sh, sw) = visual.conv1.kernel_size, visual.conv1.stride
     if size[0] < kh or size[1] < kw:
-        raise ValueError(f"image size {size} (H, W) is smaller than the model's {kh}x{kw} patch")
+        raise OnnxExportError(f"image size {size} (H, W) is smaller than the model's {kh}x{kw} patch")
     grid = ((size[0] - kh) // sh + 1, (size[1] - kw) // sw + 1)
     out = copy.deepcopy(model)
     v = out.clip.visual
     pos = v.positional_embedding
     if pos.shape[0] != v.grid_size[0] * v.grid_size[1] + 1:
-        raise ValueError(f"the visual position embedding has {pos.shape[0]} rows, not 1 + the "
+        raise OnnxExportError(f"the visual position embedding has {pos.shape[0]} rows, not 1 + the "
                          f"{v.grid_size[0]}x{v.grid_size[1]} grid; cannot resize it to image size {size}")
     with torch.no_grad():
         v.positional_embedding = nn.Parameter(resize_visual_positions(pos.detach(), tuple(v.grid_size), grid))
@@ -240,15 +246,20 @@ def export_onnx(
     ``image_size`` ``(H, W)`` exports at another input size (see :func:`at_image_size`); by default the
     model's own. ``int8`` adds dynamically quantised graphs, ``fp16`` half-precision ones (for GPU and NPU
     runtimes; float32 inputs and outputs). The training-only projections are not exported.
-    Nothing is checked here beyond ONNX's own model checker: :func:`verify_onnx_export` does that.
+
+    A model with non-finite weights is refused before anything is traced or written. The folder changes
+    only when the export is complete (:func:`kd_trainer.models.onnx.folder.install_export`): an export
+    that fails or is killed leaves the previous one whole. Nothing is checked here beyond ONNX's own
+    model checker: :func:`verify_onnx_export` does that.
     """
     require_deploy()
+    require_finite_weights(model.clip, name="the model", refused="exported")
     was_training = model.training
     traced = at_image_size(model, image_size).eval()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    stage = new_stage(out)
     h, w = traced.image_size
-    files: dict[str, dict[str, Path]] = {"fp32": {"image": out / IMAGE_ENCODER, "text": out / TEXT_ENCODER}}
+    files: dict[str, dict[str, Path]] = {"fp32": {"image": stage / IMAGE_ENCODER, "text": stage / TEXT_ENCODER}}
     try:
         with _quiet_exporter_logs(), torch.no_grad():
             _trace(_ImageTower(traced), torch.zeros(2, 3, h, w), files["fp32"]["image"], IMAGE_INPUT, IMAGE_OUTPUT)
@@ -256,12 +267,16 @@ def export_onnx(
                    files["fp32"]["text"], TEXT_INPUT, TEXT_OUTPUT)
             for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
                 if wanted:
-                    files[variant] = {t: out / graph_file_name(t, variant) for t in ("image", "text")}
+                    files[variant] = {t: stage / graph_file_name(t, variant) for t in ("image", "text")}
                     for tower in ("image", "text"):
                         convert(files["fp32"][tower], files[variant][tower])
+        spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
+        spec["source"]["model_image_size"] = list(model.image_size)
+        spec["sha256"] = {p.name: file_sha256(p) for f in files.values() for p in f.values()}
+        write_json(stage / PREPROCESS_FILE, spec)
+        install_export(stage, out)
     finally:
         model.train(was_training)
-    spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
-    spec["source"]["model_image_size"] = list(model.image_size)
-    (out / PREPROCESS_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    return OnnxExport(folder=out, files=files, spec=spec)
+        shutil.rmtree(stage, ignore_errors=True)  # only left when the export failed
+    return OnnxExport(folder=out, files={v: {t: out / p.name for t, p in f.items()} for v, f in files.items()},
+                      spec=spec)

@@ -23,6 +23,7 @@ from kd_trainer.models.onnx.folder import (
     TEXT_INPUT,
     VARIANTS,
     OnnxFolderError,
+    check_graphs,
     read_spec,
     require_deploy,
 )
@@ -45,9 +46,11 @@ class OnnxDualEncoder:
     """One variant of an exported folder, with the interface evaluation uses (``encode_image`` /
     ``encode_text`` returning float32 tensors) and the preprocessing of ``preprocess.json``.
 
-    Loading checks that the graphs take what ``preprocess.json`` promises (image size, context length,
-    embedding width) and that its token ids are CLIP's, so a folder assembled by hand from mismatched
-    pieces fails here, naming both values, instead of returning embeddings of the wrong inputs.
+    Loading checks that the folder is whole (each graph matches the checksum ``preprocess.json`` records,
+    and ``export_report.json`` describes these graphs: :func:`~kd_trainer.models.onnx.folder.check_graphs`),
+    that the graphs take what ``preprocess.json`` promises (image size, context length, embedding width)
+    and that its token ids are CLIP's, so a folder assembled by hand from mismatched pieces fails here,
+    naming the file or both values, instead of returning embeddings of the wrong inputs.
     """
 
     def __init__(self, folder: str | os.PathLike, variant: str = "fp32", *,
@@ -81,12 +84,14 @@ class OnnxDualEncoder:
             # ONNX Runtime 1.32's CPU provider crashes (segfault) in an ORT_ENABLE_ALL-only graph
             # optimisation of these fp16 graphs; one level down runs them correctly.
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        self.paths = {tower: self.folder / written[variant][tower] for tower in ("image", "text")}
+        self.paths = check_graphs(self.folder, self.spec, written[variant])
         self.sessions = {}
         for tower, path in self.paths.items():
-            if not path.is_file():
-                raise OnnxFolderError(f"{str(path)!r} is listed in {PREPROCESS_FILE} but missing")
-            self.sessions[tower] = ort.InferenceSession(str(path), options, providers=providers)
+            try:
+                self.sessions[tower] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as e:  # onnxruntime's own errors (Fail, InvalidProtobuf, ...) share no base class
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise OnnxFolderError(f"{str(path)!r} cannot be loaded by ONNX Runtime: {first}") from e
         self._check_graphs()
 
     def _check_graphs(self) -> None:

@@ -7,7 +7,6 @@ and, given a dataset, every variant's retrieval metrics against the model's; wri
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -25,11 +24,21 @@ from kd_trainer.data import (
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics, rank_metrics
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.models.onnx.export import PROBE_CAPTIONS, arch_label, at_image_size
-from kd_trainer.models.onnx.folder import PREPROCESS_FILE, REPORT_FILE, VARIANTS, OnnxFolderError, read_spec
+from kd_trainer.models.finite import require_finite_weights
+from kd_trainer.models.onnx.folder import (
+    PREPROCESS_FILE,
+    REPORT_FILE,
+    VARIANTS,
+    OnnxExportError,
+    OnnxFolderError,
+    read_spec,
+    write_json,
+)
 from kd_trainer.models.onnx.runtime import OnnxDualEncoder
 
 __all__ = [
     "ExportVerificationError",
+    "check_limits",
     "compare_embeddings",
     "evaluate_onnx",
     "verify_onnx_export",
@@ -104,6 +113,13 @@ def _file_sizes(folder: Path, files: Mapping[str, str]) -> dict[str, int]:
     return {tower: (folder / name).stat().st_size for tower, name in files.items()}
 
 
+def check_limits(*, tolerance: float, atol: float) -> None:
+    """Raise :class:`OnnxExportError` for limits no export can meet: a negative (or NaN) tolerance or
+    atol would fail every export."""
+    if not (tolerance >= 0 and atol >= 0):
+        raise OnnxExportError(f"tolerance and atol must be >= 0, got {tolerance} and {atol}")
+
+
 def verify_onnx_export(
     folder: str | os.PathLike,
     model: RetrievalModel,
@@ -128,8 +144,8 @@ def verify_onnx_export(
     folder = Path(folder)
     if (dataset is None) != (root is None):
         raise ValueError("give both dataset and root to check retrieval, or neither")
-    if tolerance < 0 or atol < 0:
-        raise ValueError(f"tolerance and atol must be >= 0, got {tolerance} and {atol}")
+    check_limits(tolerance=tolerance, atol=atol)
+    require_finite_weights(model.clip, name="the model", refused="compared with its export")
     spec = read_spec(folder)
     name = canonical_dataset_name(dataset) if dataset is not None else None
     raw = load_pedes(name, root, splits=[split]) if name is not None else None
@@ -148,6 +164,7 @@ def verify_onnx_export(
         "tolerance": tolerance, "atol": atol,
         "dataset": {"name": name, "root": str(root), "split": split} if name else None,
         "reference": None, "variants": {}, "failures": [],
+        "sha256": spec["sha256"],  # what was verified: runtime.check_graphs refuses a report of other graphs
     }
     failures: list[str] = report["failures"]
     if raw is not None:
@@ -173,7 +190,7 @@ def verify_onnx_export(
                                     f"{report['reference'][k]:.2f} (drop {d:.2f} > tolerance {tolerance:g} points)")
         report["variants"][variant] = entry
     report["passed"] = not failures
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(folder / REPORT_FILE, report)
     if failures:
         size_note = ""
         if report["export_image_size"] != report["model"]["image_size"]:
