@@ -103,8 +103,9 @@ class DataConfig(_Strict):
         "val", description="Split evaluated during training; datasets without val (ICFG-PEDES) fall back to test.")
     test_split: Literal["val", "test"] | None = Field("test", description="Split evaluated after training; null skips.")
     skip_unreadable: bool = Field(
-        False, description="Drop unreadable images (missing, empty, not an image, truncated, corrupt) at load, "
-                           "counted by kind; decodes the train images to find them.")
+        False, description="Drop unreadable images (missing, empty, not an image, truncated, unsupported, corrupt) "
+                           "and captions that cannot be encoded at load, counted by kind; decodes the train images "
+                           "to find them.")
     verify_images: bool = Field(
         False, description="Decode every train image at load (in parallel), so an unreadable one stops the run "
                            "before training. Val/test images are always decoded. Implied by skip_unreadable.")
