@@ -49,14 +49,7 @@ from kd_trainer.models.onnx import (
 )
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
-from kd_trainer.search import (
-    SearchIndexError,
-    Searcher,
-    build_index,
-    load_encoder,
-    load_index,
-    write_search_page,
-)
+from kd_trainer.search import SearchIndexError, build_index, load_encoder, open_searcher, write_search_page
 from kd_trainer.report import (
     GalleryOptions,
     Latency,
@@ -331,11 +324,7 @@ def _index(ns: argparse.Namespace) -> None:
 def _search(ns: argparse.Namespace) -> None:
     """Rank an index's images for each query; a stale or foreign index is refused (exit 2)."""
     try:
-        index = load_index(ns.index)
-        index.check_gallery(ns.gallery)
-        model = ns.model or index.model["path"]
-        encoder = load_encoder(model, onnx_variant=index.model.get("variant") if ns.model is None else ns.onnx_variant)
-        searcher = Searcher(index, encoder, gallery=ns.gallery)
+        searcher = open_searcher(ns.index, model=ns.model, onnx_variant=ns.onnx_variant, gallery=ns.gallery)
         hits = searcher.search(ns.queries, top=ns.top)
     except (SearchIndexError, DeployDependencyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -345,8 +334,8 @@ def _search(ns: argparse.Namespace) -> None:
         for h in row:
             print(f"{h.rank:4d}  {h.score:.4f}  {h.file}")
     if ns.html:
-        page = write_search_page(ns.html, ns.queries, hits, index_path=str(index.path), model=str(model),
-                                 gallery=str(searcher.gallery))
+        page = write_search_page(ns.html, ns.queries, hits, index_path=str(searcher.index.path),
+                                 model=str(searcher.encoder.describe()["path"]), gallery=str(searcher.gallery))
         print(f"wrote {page}")
 
 
@@ -457,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=_positive_int, default=10, help="images per query (default 10)")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained page with the images")
     p.add_argument("--model", help="the model, if it moved since the index was built (it must be the same model)")
-    p.add_argument("--onnx-variant", choices=VARIANTS, help="with --model: which graphs of an ONNX export")
+    p.add_argument("--onnx-variant", choices=VARIANTS, help="with --model: which graphs of an ONNX export "
+                                                             "(default: the index's)")
     p.add_argument("--gallery", metavar="DIR", help="the gallery folder, if it moved since the index was built")
     ns = parser.parse_args(argv)
     _check_arguments(ns, sub.choices[ns.command])

@@ -247,6 +247,16 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, plain, gallery):
     assert done.returncode == 2 and "1 of 4 images" in done.stderr and "cut.png (truncated)" in done.stderr
     assert not (tmp_path / "b").exists()
     assert _cli("search", str(not_index), "x", "--top", "0").returncode == 2  # argparse: a positive integer
+    # An empty sentence; a model that is gone (the index names where it was and how to say where it is).
+    moved = tmp_path / "model_that_moves"
+    shutil.copytree(student, moved)
+    photos = _small_copy(gallery, tmp_path / "photos", n=2)
+    build_index(load_encoder(moved), photos, tmp_path / "p.index")
+    done = _cli("search", str(tmp_path / "p.index"), "  ")
+    assert done.returncode == 2 and "non-empty sentence" in done.stderr
+    shutil.rmtree(moved)
+    done = _cli("search", str(tmp_path / "p.index"), "a man")
+    assert done.returncode == 2 and "is not there any more" in done.stderr and "--model" in done.stderr
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from kd_trainer.search.index import (
 )
 from kd_trainer.search.errors import SearchIndexError, StaleIndexError
 from kd_trainer.search.page import write_search_page
-from kd_trainer.search.query import Hit, Searcher
+from kd_trainer.search.query import Hit, Searcher, open_searcher
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -37,6 +37,7 @@ __all__ = [
     "is_onnx_export",
     "load_encoder",
     "load_index",
+    "open_searcher",
     "scan_gallery",
     "write_search_page",
 ]
