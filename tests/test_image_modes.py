@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kd_trainer.data import DatasetFormatError, load_pedes, open_image
 from kd_trainer.data.images import find_unreadable
+from kd_trainer.data.shapes import ShapesDataset
 from kd_trainer.data.transforms import ToRGB
 
 
@@ -139,3 +141,16 @@ def test_an_unsupported_image_is_a_kind_that_skip_unreadable_drops(tmp_path, cap
         dsd = load_pedes("cuhk_pedes", tmp_path, skip_unreadable=True)
     assert dsd.load_report.skipped_by_kind() == {"unsupported": 1}
     assert dsd["train"].num_rows == 2 and "1 unsupported" in caplog.text
+
+
+def test_the_example_datasets_read_images_by_the_same_rule(tmp_path):
+    """SynthShapes items go through open_image: a 16-bit image is scaled, a damaged one is one line naming it."""
+    folder = tmp_path / "SynthShapes" / "test" / "red_circle"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(folder / "0000.png")
+    (folder / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    ds = ShapesDataset(tmp_path / "SynthShapes", "test", train=False)
+    x = ds[0]["pixel_values"]  # normalised with mean 0.5, std 0.25: 128/255 -> ~0.008
+    assert torch.allclose(x, torch.full_like(x, (128 / 255 - 0.5) / 0.25), atol=1e-6)  # convert("RGB"): 2.0, white
+    with pytest.raises(DatasetFormatError, match=rf"^SynthShapes: cannot decode image {folder / '0001.png'} \("):
+        ds[1]

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from kd_trainer.data.errors import DatasetFormatError
+from kd_trainer.data.images import open_image
 
 __all__ = ["SynthDetDataset", "collate_detection"]
 
@@ -48,11 +48,7 @@ class SynthDetDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         info = self.images[i]
         path = self.root / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                x = pil_to_tensor(im.convert("RGB")).float() / 255.0
-        except OSError as e:
-            raise DatasetFormatError(f"SynthDet: cannot read image {path}: {e}") from None
+        x = pil_to_tensor(open_image(path, "SynthDet")).float() / 255.0  # one rule for every image read
         objs = self.objects[info["id"]]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in objs], dtype=torch.float32).reshape(-1, 4)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+
+from kd_trainer.data.images import open_image
 
 
 class ShapesDataset(Dataset):
@@ -33,6 +34,5 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         path, label = self.items[i]
-        with Image.open(path) as im:
-            x = self.transform(im.convert("RGB"))
+        x = self.transform(open_image(path, "SynthShapes"))  # one rule for every image read
         return {"pixel_values": x, "labels": torch.tensor(label, dtype=torch.long)}
