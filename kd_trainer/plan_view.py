@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kd_trainer.distill.frozen_tower import format_frozen_tower, frozen_tower_plan, optimised_params
 from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
 from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.models.factory import create_model, get_architecture
@@ -49,7 +50,7 @@ def _run_epochs(recipe: Recipe) -> int | None:
 
 
 def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe, epochs: int) -> dict[str, Any]:
-    named = [(n, p) for n, p in student.named_parameters() if n in stage.params]
+    named = optimised_params(stage, student.named_parameters())
     if stage.optim is None:
         training = recipe.training
         return {"preset": "trainer", "optim": training.get("optim", "adamw_torch"),
@@ -104,6 +105,7 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
                        else t.config.weight.model_dump(), "kwargs": t.config.kwargs} for t in s.terms],
             "alpha_per_epoch": _per_epoch(s.alpha, epochs) if epochs else None,
             "optimiser": _stage_optimiser(s, student, recipe, epochs),
+            "frozen_tower": frozen_tower_plan(plan.stages, s.index, student),
             "eval_hybrids": s.eval_hybrids,
         })
     kept = "the last weights of the last stage"
@@ -152,6 +154,8 @@ def format_plan(report: dict[str, Any]) -> str:
                              f"lr {g['lr']:.3g}  weight decay {g['weight_decay']:g}")
             if o["lr_per_epoch"]:
                 lines.append("  base lr per epoch: " + " ".join(f"{v:.3g}" for v in o["lr_per_epoch"]))
+        if s["frozen_tower"]:
+            lines.append("  " + format_frozen_tower(s["frozen_tower"]))
         if s["alpha_per_epoch"]:
             lines.append("  alpha per epoch: " + " ".join(f"{v:g}" for v in s["alpha_per_epoch"]))
         if s["eval_hybrids"]:

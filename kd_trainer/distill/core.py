@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator, get_sc
 from kd_trainer.data.pipeline import set_augmentation_epoch
 from kd_trainer.distill.checkpoints import CheckpointSaveError, checkpoint_problem, disk_full, raise_if_not_resumable
 from kd_trainer.distill.epochs import DatasetEpochCallback
+from kd_trainer.distill.frozen_tower import FrozenGradients, decays_frozen, optimised_params
 from kd_trainer.distill.mimic import MimicEngine
 from kd_trainer.distill.optim import create_optimizer as original_optimizer
 from kd_trainer.distill.optim import create_scheduler as original_scheduler
@@ -162,17 +163,22 @@ class DistillationTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.plan.uses_stage_optimizer:
-            self.optimizer = StageOptimizer(self._stage_optimizer, stage=self.current_stage.index)
+            # optim.frozen_tower: optimise_by_decay keeps the frozen tensors' zeroed gradients (the original).
+            gradients = FrozenGradients(self.model, self.plan.stages) \
+                if any(decays_frozen(s) for s in self.plan.stages) else None
+            self.optimizer = StageOptimizer(self._stage_optimizer, stage=self.current_stage.index,
+                                            gradients=gradients)
         optimizer = super().create_optimizer(model) if self.optimizer is None else self.optimizer
         if self.mimic is not None:
             self.mimic.head.lock()  # an adapter created after this would never be optimised
         return optimizer
 
     def _stage_optimizer(self, index: int) -> torch.optim.Optimizer:
-        """A fresh optimizer (the recipe's type and hyper-parameters) over one stage's parameters."""
+        """A fresh optimizer (the recipe's type and hyper-parameters) over one stage's parameters
+        (every student tensor under ``optim.frozen_tower: optimise_by_decay``)."""
         stage = self.plan.stages[index]
         decay = set(self.get_decay_parameter_names(self.model))
-        named = [(n, p) for n, p in self.model.named_parameters() if n in stage.params]
+        named = optimised_params(stage, self.model.named_parameters())
         if stage.optim is not None:  # the seed code's Adam and parameter groups
             return original_optimizer(named, stage.optim)
         groups = [

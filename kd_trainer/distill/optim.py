@@ -87,17 +87,24 @@ def param_groups(
              "lr": lrs[k], "weight_decay": decays[k]} for k in KINDS if members[k]]
 
 
+def settings_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                    settings: OptimSettings) -> list[dict[str, Any]]:
+    """:func:`param_groups` with the numbers of an ``optim:`` block."""
+    return param_groups(named_params, lr=settings.lr, weight_decay=settings.weight_decay,
+                        bias_lr_factor=settings.bias_lr_factor, head_lr_factor=settings.head_lr_factor,
+                        head_keywords=settings.head_keywords, bias_weight_decay=settings.bias_weight_decay,
+                        heads_before_bias=settings.heads_before_bias)
+
+
 def create_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
                      settings: OptimSettings) -> torch.optim.Optimizer:
-    """The optimiser of an ``optim:`` block over ``named_params`` (pass only a stage's parameters).
+    """The optimiser of an ``optim:`` block over ``named_params`` (pass a stage's optimised tensors:
+    :func:`kd_trainer.distill.frozen_tower.optimised_params`).
 
     ``adam`` is ``torch.optim.Adam``, whose ``weight_decay`` adds ``wd * p`` to the gradient before
     the moments (coupled L2, the original); ``adamw`` is ``torch.optim.AdamW`` (decoupled decay).
     """
-    groups = param_groups(named_params, lr=settings.lr, weight_decay=settings.weight_decay,
-                          bias_lr_factor=settings.bias_lr_factor, head_lr_factor=settings.head_lr_factor,
-                          head_keywords=settings.head_keywords, bias_weight_decay=settings.bias_weight_decay,
-                          heads_before_bias=settings.heads_before_bias)
+    groups = settings_groups(named_params, settings)
     cls = torch.optim.Adam if settings.type == "adam" else torch.optim.AdamW
     return cls(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
 

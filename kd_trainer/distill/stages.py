@@ -20,8 +20,12 @@ its parameter set and buckets at construction. So:
   accelerate. It holds one inner optimizer, over exactly the current stage's trainable
   parameters, and replaces it with a fresh one when the next stage begins: the fresh optimizer
   (and fresh LR schedule, :class:`StageLRScheduler`) per stage that the original has, while frozen
-  parameters hold no optimizer state. Its ``state_dict`` carries the stage index, so the Trainer's
-  own checkpointing saves and restores the right inner optimizer.
+  parameters hold no optimizer state. Under ``optim.frozen_tower: optimise_by_decay`` (the
+  original's optimiser) it holds every student tensor instead, and a
+  :class:`~kd_trainer.distill.frozen_tower.FrozenGradients` gives the frozen ones their zero
+  gradients before each step (:mod:`kd_trainer.distill.frozen_tower`). Its ``state_dict`` carries
+  the stage index (and which tensors have had a gradient), so the Trainer's own checkpointing saves
+  and restores the right inner optimizer.
 * **:class:`StageSwitcher` is the callback** that switches stages at ``on_step_begin``, forces a
   log, an evaluation and a checkpoint at every stage end, and announces each stage. Stopping exactly at a
   boundary saves stage *k*'s optimizer; on resume the first step is stage *k+1*'s, so the switch
@@ -40,6 +44,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
+from kd_trainer.distill.frozen_tower import FrozenGradients
 from kd_trainer.distill.plan import RunPlan
 
 logger = logging.getLogger("kd_trainer")
@@ -51,13 +56,17 @@ class StageOptimizer(torch.optim.Optimizer):
     ``build(stage_index)`` returns a new optimizer over that stage's trainable parameters. Only
     the current stage's inner optimizer exists; the previous one (and its state) is dropped when
     the next stage begins. It is a ``torch.optim.Optimizer`` so that accelerate wraps it (mixed
-    precision scaling, device placement) as it would any other.
+    precision scaling, device placement) as it would any other. ``gradients`` (a
+    :class:`~kd_trainer.distill.frozen_tower.FrozenGradients`) sets the frozen tensors' gradients
+    right before every step, inside it, so no caller can step without it.
     """
 
-    def __init__(self, build: Callable[[int], torch.optim.Optimizer], stage: int = 0):  # noqa: D107
+    def __init__(self, build: Callable[[int], torch.optim.Optimizer], stage: int = 0,  # noqa: D107
+                 gradients: FrozenGradients | None = None):
         # Deliberately not calling Optimizer.__init__: the parameter groups are the inner's.
         self._build = build
         self.stage = stage
+        self.gradients = gradients
         self.inner = build(stage)
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
@@ -84,18 +93,30 @@ class StageOptimizer(torch.optim.Optimizer):
         return self.inner.defaults
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.gradients is not None:
+            self.gradients.before_step(self.stage)
         return self.inner.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"stage": self.stage, "inner": self.inner.state_dict()}
+        state = {"stage": self.stage, "inner": self.inner.state_dict()}
+        if self.gradients is not None:
+            state["gradients"] = self.gradients.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if "stage" not in state_dict or "inner" not in state_dict:
             raise ValueError("this optimizer state was not saved by a staged run (no 'stage'/'inner' keys); "
                              "resume it with the recipe it was trained with")
+        if (self.gradients is None) != ("gradients" not in state_dict):
+            saved = "exclude" if "gradients" not in state_dict else "optimise_by_decay"
+            raise ValueError(f"this checkpoint was trained with optim.frozen_tower: {saved} (checkpoints from before "
+                             f"the key existed: exclude), and the recipe now says otherwise; resume with "
+                             f"optim.frozen_tower={saved}")
+        if self.gradients is not None:
+            self.gradients.load_state_dict(state_dict["gradients"])
         self.begin_stage(int(state_dict["stage"]))
         self.inner.load_state_dict(state_dict["inner"])
 

@@ -19,8 +19,16 @@ What ``original`` means, setting by setting (:data:`ORIGINAL`):
   ``cross`` is tested *before* ``bias`` (so ``...cross...bias`` gets LR x 2), ``classifier`` and
   ``mlm_head`` *after* it (so their biases get LR x 5); every bias gets weight decay 0
   (``heads_before_bias`` lists the head keywords that a bias overrides).
-- Only parameters with ``requires_grad`` are optimised; no gradient clipping (set
-  ``training.max_grad_norm: 0``).
+- Every stage's optimiser holds every student tensor (``frozen_tower: optimise_by_decay``): the
+  original never sets ``requires_grad=False`` on the student, it only runs a stage's frozen tower
+  under ``torch.no_grad()``, and its PyTorch 1.11 ``zero_grad()`` zeroes gradients instead of
+  freeing them. So a tensor the stage does not train keeps a zero gradient once it has had one,
+  and the coupled decay (``g + wd * p``) still moves it: by about ``lr * wd * p / eps`` per step
+  (0.04 x lr x p), visible in fp32 tensors (LayerNorm gains, class and positional embeddings),
+  rounded away in fp16 ones. A tensor that never had a gradient (the text tower during an image
+  stage that comes first) stays untouched, as Adam skips it. ``frozen_tower: exclude`` gives each
+  stage's optimiser only the tensors it trains, so frozen ones stay exactly unchanged (what the
+  ``trainer`` preset always does). No gradient clipping (set ``training.max_grad_norm: 0``).
 - LR factor per epoch ``e`` (0-based) of a stage of ``N`` epochs: a linear warm-up from 0.1 over
   5 epochs, ``0.1 * (1 - e/5) + e/5``, then a cosine to 0, ``0.5 * (1 + cos(pi * (e - 5) / (N - 5)))``.
   The original steps its scheduler once, at the end of each epoch, so during epoch ``e`` the factor
@@ -57,6 +65,7 @@ class OptimSettings:
     warmup_factor: float
     schedule: Literal["cosine"]
     step_unit: Literal["epoch", "step"]
+    frozen_tower: Literal["optimise_by_decay", "exclude"]
 
 
 # The original's values (IRRA's defaults, as the seed commands ran them).
@@ -64,6 +73,7 @@ ORIGINAL = OptimSettings(
     type="adam", lr=1e-5, betas=(0.9, 0.999), eps=1e-3, weight_decay=4e-5, bias_weight_decay=0.0,
     bias_lr_factor=2.0, head_lr_factor=5.0, head_keywords=("cross", "classifier", "mlm_head"),
     heads_before_bias=("cross",), warmup_epochs=5, warmup_factor=0.1, schedule="cosine", step_unit="epoch",
+    frozen_tower="optimise_by_decay",
 )
 
 _NUMBERS = tuple(f.name for f in fields(OptimSettings))
@@ -101,10 +111,20 @@ class OptimConfig(BaseModel):
     step_unit: Literal["epoch", "step"] | None = Field(
         None, description="epoch: the factor changes only when an epoch starts (the original); step: the "
                           "same curve evaluated at the fractional epoch of every optimizer step.")
+    frozen_tower: Literal["optimise_by_decay", "exclude"] | None = Field(
+        None, description="What a stage's optimiser does with the student tensors the stage does not train. "
+                          "optimise_by_decay (the original): every student tensor is in every stage's optimiser; "
+                          "a frozen one runs without autograd and keeps a zero gradient once it has had one, so "
+                          "weight decay alone moves it (tensors that never had a gradient stay untouched). "
+                          "exclude: only the stage's trained tensors are optimised; frozen ones stay unchanged.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "OptimConfig":
         given = sorted(n for n in _NUMBERS if getattr(self, n) is not None)
+        if self.preset == "trainer" and self.frozen_tower is not None:
+            raise ValueError("optim.frozen_tower applies to preset 'original' only: preset 'trainer' (the Trainer's "
+                             "optimiser) always holds just the tensors a stage trains; drop the key or use preset "
+                             "'original'")
         if self.preset == "trainer" and given:
             raise ValueError(f"optim: preset 'trainer' takes its optimiser and schedule from the `training:` block "
                              f"(optim, learning_rate, weight_decay, adam_beta1/2, adam_epsilon, lr_scheduler_type); "
