@@ -475,3 +475,17 @@ def test_an_image_in_train_and_test_is_reported_at_load(tmp_path, caplog) -> Non
     assert "(images also listed in train (train/evaluation leakage): 1 in val, 1 in test)" in summarize(dsd)
     # Only the splits loaded are compared: evaluating test alone cannot see train.
     assert load_pedes("cuhk_pedes", tmp_path, splits=["test"]).load_report.leaked_images == {}
+
+
+def test_an_annotation_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    _write(tmp_path, _records(_base_rows()))
+    ann = tmp_path / "CUHK-PEDES" / "reid_raw.json"
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())  # as Windows editors save UTF-8
+    assert load_pedes("cuhk_pedes", tmp_path)["train"].num_rows == 16  # today: "is not valid JSON (... BOM ...)"
+
+
+def test_a_root_that_is_a_file_is_reported_as_a_file(tmp_path: Path) -> None:
+    _write(tmp_path, _records(_base_rows()))
+    root = tmp_path / "CUHK-PEDES" / "reid_raw.json"
+    with pytest.raises(DatasetFormatError, match=rf"; {root} is a file, not a folder\. Expected "):
+        load_pedes("cuhk_pedes", root)  # today: "... does not exist either"

@@ -164,7 +164,8 @@ def _find_dataset_files(spec: DatasetFormat, root: Path) -> tuple[Path, Path, Pa
     folder = root / spec.folder
     if not folder.is_dir():
         here = sorted(p.name for p in root.iterdir()) if root.is_dir() else None
-        seen = f"; {root} contains {here}" if here is not None else f"; {root} does not exist either"
+        seen = (f"; {root} contains {here}" if here is not None else
+                f"; {root} is a file, not a folder" if root.exists() else f"; {root} does not exist either")
         raise DatasetFormatError(
             f"{spec.display_name}: dataset folder {folder} not found{seen}. "
             f"Expected {spec.layout()}, with <root> = {root}"
@@ -187,7 +188,7 @@ def _find_dataset_files(spec: DatasetFormat, root: Path) -> tuple[Path, Path, Pa
 def _read_records(spec: DatasetFormat, ann: Path, imgs: Path) -> list[_Record]:
     name = spec.display_name
     try:
-        with open(ann, encoding="utf-8") as fh:
+        with open(ann, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is still UTF-8
             raw = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{name}: annotation file {ann} is not valid JSON ({e}); expected {spec.layout()}") from e
