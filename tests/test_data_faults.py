@@ -489,3 +489,15 @@ def test_a_root_that_is_a_file_is_reported_as_a_file(tmp_path: Path) -> None:
     root = tmp_path / "CUHK-PEDES" / "reid_raw.json"
     with pytest.raises(DatasetFormatError, match=rf"; {root} is a file, not a folder\. Expected "):
         load_pedes("cuhk_pedes", root)  # today: "... does not exist either"
+
+
+def test_a_copy_of_a_train_image_in_test_is_found_by_its_bytes_when_images_are_decoded(tmp_path, caplog) -> None:
+    rows = _base_rows()
+    imgs = _write(tmp_path, _records(rows))
+    (imgs / "test/3.png").write_bytes((imgs / "train/5.png").read_bytes())  # the same picture under a test name
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        assert load_pedes("cuhk_pedes", tmp_path).load_report.leaked_images == {}  # by path only: not decoded
+        dsd = load_pedes("cuhk_pedes", tmp_path, verify_images=True)
+    assert dsd.load_report.leaked_images == {"test": 1}
+    assert ("record 15 (split test) and record 5 (split train) hold the same bytes: 'test/3.png' and 'train/5.png'"
+            in caplog.text)

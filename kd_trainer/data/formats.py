@@ -30,7 +30,8 @@ naming the dataset, the file and the record, and saying what was expected:
   caption: warned about, naming the records (kept);
 - decoded images smaller than ``TINY_SIDE`` pixels on a side (placeholders): warned about (kept);
 - an image listed in train and in val/test (leakage, when both are loaded): warned about, naming
-  the records;
+  the records; found by path, and with ``verify_images``/``skip_unreadable`` also by file
+  contents (a copy under another name);
 - a repeated (image, caption) pair: warned about, refused or dropped (``duplicates``);
 - a split left with nothing to train or evaluate on: an error naming the split and why.
 
@@ -41,12 +42,14 @@ split's ``info.description``. Errors name the recipe keys (``data.skip_unreadabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -378,18 +381,43 @@ def _check_caption_text(spec: DatasetFormat, ann: Path, records: list[_Record], 
     return records, dropped, blanks
 
 
-def _check_leakage(spec: DatasetFormat, ann: Path, records: list[_Record]) -> dict[str, int]:
+def _file_digests(paths: Iterable[str]) -> dict[str, str]:
+    """``{path: blake2b of its bytes}``, read in parallel (the files were just decoded: they are in the page cache)."""
+    def digest(path: str) -> str:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+    paths = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        return dict(zip(paths, pool.map(digest, paths)))
+
+
+def _check_leakage(spec: DatasetFormat, ann: Path, records: list[_Record], *, by_content: bool) -> dict[str, int]:
     """Warn about images listed both in train and in an evaluation split (val/test): the model
     is then evaluated on images it trained on, and its R@K/mAP overstate it. ``{split: images}``
-    of each evaluation split that shares images with train; only the splits loaded are compared."""
+    of each evaluation split that shares images with train; only the splits loaded are compared.
+
+    Always by path; with ``by_content`` (every image was decoded at load, so reading the files again
+    is cheap) also by the bytes of the files, which finds a copy under another name. Only files of
+    a size that appears on both sides are read.
+    """
     train = {r.path: r for r in records if r.split == "train"}
-    shared = [(r, train[r.path]) for r in records if r.split != "train" and r.path in train]
+    shared = [(r, train[r.path], "both list") for r in records if r.split != "train" and r.path in train]
+    if by_content:
+        size = {r.path: os.path.getsize(r.path) for r in records}
+        evaluated = [r for r in records if r.split != "train" and r.path not in train]
+        both = {size[r.path] for r in evaluated} & {size[p] for p in train}
+        digests = _file_digests(r.path for r in records if size[r.path] in both)
+        by_digest = {digests[p]: t for p, t in train.items() if p in digests}
+        shared += [(r, by_digest[digests[r.path]], "hold the same bytes:") for r in evaluated
+                   if r.path in digests and digests[r.path] in by_digest]
     if not shared:
         return {}
-    counts = Counter(r.split for r, _ in shared)
+    counts = Counter(r.split for r, _, _ in shared)
     leaked = {s: counts[s] for s in SPLITS if counts[s]}
-    shown = "; ".join(f"record {r.index} (split {r.split}) and record {t.index} (split train) both list "
-                      f"{spec.image_key}={r.rel_path!r}" for r, t in shared[:5])
+    shown = "; ".join(f"record {r.index} (split {r.split}) and record {t.index} (split train) {how} "
+                      + (f"{spec.image_key}={r.rel_path!r}" if how == "both list" else f"{r.rel_path!r} and "
+                         f"{t.rel_path!r}") for r, t, how in shared[:5])
     more = f"; ... ({len(shared) - 5} more)" if len(shared) > 5 else ""
     logger.warning("%s: %d images in %s are both in train and in an evaluation split (%s): the model is evaluated on "
                    "images it trained on, so R@K/mAP on these splits overstate it. Give each image one split. "
@@ -652,7 +680,7 @@ def load_pedes(
                                            decode=lambda r: r.split != "train" or decode_train)
     empty_captions = _check_captions(spec, ann, records)  # lists empty in the file, before any caption is dropped
     records, unencodable, blank = _check_caption_text(spec, ann, records, skip=skip_unreadable)
-    leaked = _check_leakage(spec, ann, records)
+    leaked = _check_leakage(spec, ann, records, by_content=decode_train)
     records, repeats = _check_duplicates(spec, ann, records, duplicates)
     by_split = {s: [r for r in records if r.split == s] for s in wanted}
     skipped_kinds = {s: [skipped[r.path] for r in listed if r.split == s and r.path in skipped] for s in wanted}
