@@ -13,11 +13,13 @@ import json
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 
 from kd_trainer.distill.frozen_tower import format_frozen_tower, frozen_tower_plan, optimised_params
 from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
-from kd_trainer.distill.plan import RunPlan, Stage
-from kd_trainer.models.factory import create_model, get_architecture
+from kd_trainer.distill.plan import Stage
+from kd_trainer.distill.resolved import ResolvedRun, resolve_run
+from kd_trainer.models.factory import create_model
 from kd_trainer.models.inherit import plan_inheritance
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import Recipe
@@ -39,24 +41,25 @@ def _per_epoch(schedule: ScheduleLike | None, epochs: int) -> list[float] | None
     return [value_at(schedule, Clock(epoch=e, stage_epoch=e)) for e in range(epochs)]
 
 
-def _run_epochs(recipe: Recipe) -> int | None:
-    """A single-stage run's length in whole epochs (``training.num_train_epochs``, the Trainer's default 3),
-    or None when ``max_steps`` sets it or the count is fractional."""
-    training = recipe.training
-    if training.get("max_steps", -1) not in (-1, None):
+def _run_epochs(args: TrainingArguments) -> int | None:
+    """A single-stage run's length in whole epochs (``num_train_epochs``), or None when ``max_steps``
+    sets it or the count is fractional."""
+    if args.max_steps > 0:
         return None
-    epochs = float(training.get("num_train_epochs", 3))
+    epochs = float(args.num_train_epochs)
     return int(epochs) if epochs.is_integer() else None
 
 
-def _stage_optimiser(stage: Stage, student: torch.nn.Module, recipe: Recipe, epochs: int) -> dict[str, Any]:
+def _name(value: Any) -> str:
+    """An enum field of ``TrainingArguments`` (optim, lr_scheduler_type) as the string a recipe gives."""
+    return str(getattr(value, "value", value))
+
+
+def _stage_optimiser(stage: Stage, student: torch.nn.Module, args: TrainingArguments, epochs: int) -> dict[str, Any]:
     named = optimised_params(stage, student.named_parameters())
     if stage.optim is None:
-        training = recipe.training
-        return {"preset": "trainer", "optim": training.get("optim", "adamw_torch"),
-                "lr": stage.learning_rate or training.get("learning_rate", 5e-5),
-                "weight_decay": training.get("weight_decay", 0.0),
-                "schedule": training.get("lr_scheduler_type", "linear"), "tensors": len(named)}
+        return {"preset": "trainer", "optim": _name(args.optim), "lr": stage.learning_rate or args.learning_rate,
+                "weight_decay": args.weight_decay, "schedule": _name(args.lr_scheduler_type), "tensors": len(named)}
     o = stage.optim
     groups = param_groups(named, lr=o.lr, weight_decay=o.weight_decay, bias_lr_factor=o.bias_lr_factor,
                           head_lr_factor=o.head_lr_factor, head_keywords=o.head_keywords,
@@ -73,11 +76,9 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     """The plan of a recipe as plain data (what ``kd-trainer plan`` prints)."""
     if recipe.task != "retrieval":
         return _task_plan_report(recipe)
-    plan = RunPlan.from_recipe(recipe)
-    teacher_dim = None
-    if recipe.teacher is not None and plan.direct_compare:
-        teacher_dim = get_architecture(recipe.teacher.architecture())["embed_dim"]
-    student = _meta_model(recipe.student.architecture(), recipe, projection_dim=teacher_dim)
+    run = resolve_run(recipe)  # what the run would decide; the report reads it, never the raw recipe keys
+    plan, args = run.plan, run.args
+    student = _meta_model(recipe.student.architecture(), recipe, projection_dim=run.projection_dim)
     plan.bind(student)
     inheritance = None
     inherit = recipe.student.inherit
@@ -87,13 +88,12 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     elif inherit is not None:
         inheritance = f"from {inherit.source}, layers {inherit.layers} (the map is printed when the run loads it)"
     precision: dict[str, Any] = {"mode": recipe.precision or "fp32 weights",
-                                 "mixed": "bf16" if recipe.training.get("bf16") else
-                                 "fp16" if recipe.training.get("fp16") else None}
+                                 "mixed": "bf16" if args.bf16 else "fp16" if args.fp16 else None}
     if recipe.precision == "original":
         report = convert_to_original_fp16(student)
         precision["student_fp16_tensors"] = len(report.converted)
         precision["student_fp32_tensors"] = len(report.kept)
-    run_epochs = _run_epochs(recipe) if recipe.stages is None else None
+    run_epochs = _run_epochs(args) if recipe.stages is None else None
     stages = []
     for s in plan.stages:
         epochs = s.epochs or run_epochs or 0
@@ -104,7 +104,7 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
                        "weight": t.config.weight if isinstance(t.config.weight, (int, float))
                        else t.config.weight.model_dump(), "kwargs": t.config.kwargs} for t in s.terms],
             "alpha_per_epoch": _per_epoch(s.alpha, epochs) if epochs else None,
-            "optimiser": _stage_optimiser(s, student, recipe, epochs),
+            "optimiser": _stage_optimiser(s, student, args, epochs),
             "frozen_tower": frozen_tower_plan(plan.stages, s.index, student),
             "eval_hybrids": s.eval_hybrids,
         })
@@ -112,13 +112,12 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     if plan.select is not None:
         kept = (f"the epoch of the last stage with the best {plan.select.metric} on {plan.select.split}"
                 + (" (test-set selection, as the original)" if plan.select.split == "test" else ""))
-    k = int(recipe.training.get("gradient_accumulation_steps", 1))
-    run = {"accumulation": f"{recipe.contrastive_accumulation}, {k} micro-batch(es) per step",
+    summary = {"accumulation": f"{recipe.contrastive_accumulation}, {run.micro_batches} micro-batch(es) per step",
            "nonfinite_skips": recipe.nonfinite_skips,
            "data_checks": {"verify_images": recipe.data.verify_images, "skip_unreadable": recipe.data.skip_unreadable,
                            "duplicates": recipe.data.duplicates}}
-    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "run": run, "stages": stages,
-            "inheritance": inheritance, "checkpoint_kept": kept}
+    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "run": summary, "stages": stages,
+            "inheritance": inheritance, "checkpoint_kept": kept, "resolved": run.describe()}
 
 
 def format_plan(report: dict[str, Any]) -> str:
@@ -133,6 +132,16 @@ def format_plan(report: dict[str, Any]) -> str:
     r = report["run"]
     lines.append(f"accumulation: {r['accumulation']}; non-finite losses skipped before stopping: "
                  f"{r['nonfinite_skips']}; data checks: {r['data_checks']}")
+    d = report["resolved"]
+    t = d["teacher"]
+    lines.append(f"output folder: {d['output_dir']}; evaluated during training: {d['eval_split'] or 'nothing'}; "
+                 f"test split: {d['test_split'] or 'none'}; resume: {d['resume'] or 'no'}"
+                 + (f"; hub: {d['hub']['repo_id']}" + (" (pushed at the end)" if d["hub"]["push"] else "")
+                    if d["hub"] else ""))
+    lines.append(f"teacher: {'loaded' if t['load'] else 'not loaded'}"
+                 + (", beside the student in training" if t["in_training"] else ", for its weights only" if t["load"]
+                    else "") + (f", cache {t['cache']}" if t["cache"] else "")
+                 + (f"; student projection to width {d['projection_dim']}" if d["projection_dim"] else ""))
     if report["inheritance"]:
         lines.append("student inherited from its source:\n  " + report["inheritance"].replace("\n", "\n  "))
     for i, s in enumerate(report["stages"], 1):
@@ -160,6 +169,7 @@ def format_plan(report: dict[str, Any]) -> str:
             lines.append("  alpha per epoch: " + " ".join(f"{v:g}" for v in s["alpha_per_epoch"]))
         if s["eval_hybrids"]:
             lines.append(f"  hybrid evaluation: {', '.join(s['eval_hybrids'])}")
+        lines.append(f"  teacher source: {d['teacher_source'][s['name']]}")
     lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
     return "\n".join(lines)
 

@@ -21,11 +21,13 @@ from kd_trainer.data.pipeline import with_retrieval_transforms
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset, ReplayTransform, replay_seed
 from kd_trainer.distill.cache import CacheMismatchError, TeacherCache, build_teacher_cache, plan_teacher_source
 from kd_trainer.distill.epochs import DatasetEpochCallback
-from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
+from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.losses import Features, compute_term
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import TermConfig
 from kd_trainer.synthetic.pedes import make_synth_pedes
+
+from tiny import plan_of
 
 SIZE, CTX, K = (32, 16), 64, 2
 CFG = ReplayConfig(SIZE, augment=True, context_length=CTX, num_draws=K, seed=0)
@@ -201,7 +203,7 @@ def test_trainer_reaches_dataset_set_epoch(setup, tmp_path):
     reaches a non-persistent DataLoader worker, without any callback."""
     seen: list[tuple[float, list[int], list[int]]] = []
 
-    class Recording(DistillationTrainer):
+    class Recording(RetrievalTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             seen.append((self.state.epoch, inputs["draws"].tolist(), inputs["cache_text_row"].tolist()))
             return super().compute_loss(model, inputs, *args, **kwargs)
@@ -213,7 +215,8 @@ def test_trainer_reaches_dataset_set_epoch(setup, tmp_path):
                              disable_tqdm=True, logging_strategy="no",
                              remove_unused_columns=False)  # as run.py: keep the cache keys
     student = create_model("micro", image_size=SIZE, context_length=CTX)
-    Recording(model=student, args=args, terms=[TermConfig(name="itc")], train_dataset=ds).train()
+    Recording(model=student, args=args, plan=plan_of([TermConfig(name="itc")]),
+              train_dataset=ds).train()
     assert len(seen) == 6
     for step, (_, draws, rows) in enumerate(seen):
         epoch = step // 2

@@ -21,12 +21,12 @@ from kd_trainer.data.detection import SynthDetDataset, collate_detection
 from kd_trainer.det_metrics import coco_detection_metrics, to_coco_detections
 from kd_trainer.distill.detection import DetectionTrainer
 from kd_trainer.distill.mimic import ADAPTED_KEY, MimicEngine
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.models.detector import DETECTOR_CONFIG, load_detector
 from kd_trainer.models.loading import CheckpointError
 from kd_trainer.models.taps import Tap
 from kd_trainer.recipe import RecipeError, load_recipe
 from kd_trainer.recipe.mimic import MimicJob
-from kd_trainer.runner.arguments import training_arguments
 from kd_trainer.runner.detection import run_detection
 from kd_trainer.synthetic.detection import make_synth_det
 from kd_trainer.synthetic.shapes import COLOURS
@@ -216,7 +216,7 @@ def _common(tmp_path: Path, out: str) -> list[str]:
 
 def _run(recipe: Path, overrides: list[str]) -> dict[str, float]:
     r = load_recipe(recipe, overrides)
-    return run_detection(r, training_arguments(r))
+    return run_detection(r, resolve_run(r))
 
 
 def _logs(out: Path) -> list[dict]:

@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from kd_trainer.distill.core import COMPLETE_MARKER, NonFiniteLossError, last_complete_checkpoint
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.recipe import RecipeError, TermConfig, parse_recipe
-from kd_trainer.runner.arguments import training_arguments
 from kd_trainer.runner.errors import RunFault
 from kd_trainer.runner.export import export_student
 from kd_trainer.runner.lock import LOCK_FILE, output_lock
 from kd_trainer.runner.preflight import preflight
 
-from tiny import batch_items
+from tiny import batch_items, plan_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def _poison(model: torch.nn.Module) -> None:
 def test_nonfinite_loss_stops_naming_term_and_step(tiny_pair, tiny_args):
     student, _ = tiny_pair
     _poison(student)
-    trainer = RetrievalTrainer(model=student, args=tiny_args(), terms=[TermConfig(name="itc")],
+    trainer = RetrievalTrainer(model=student, args=tiny_args(), plan=plan_of([TermConfig(name="itc")]),
                                train_dataset=batch_items(8))
     with pytest.raises(NonFiniteLossError, match=r"step 0.*'itc'"):
         trainer.train()
@@ -48,7 +48,7 @@ def test_nonfinite_skips_leave_the_weights_alone_then_stop(tiny_pair, tiny_args)
     student, _ = tiny_pair
     _poison(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    trainer = RetrievalTrainer(model=student, args=tiny_args(max_steps=3), terms=[TermConfig(name="itc")],
+    trainer = RetrievalTrainer(model=student, args=tiny_args(max_steps=3), plan=plan_of([TermConfig(name="itc")]),
                                train_dataset=batch_items(8), max_nonfinite_skips=2)
     with pytest.raises(NonFiniteLossError, match="step 2"):
         trainer.train()
@@ -66,9 +66,10 @@ def test_nonfinite_weights_are_never_exported(tmp_path, tiny_pair, tiny_args):
     recipe = parse_recipe({"name": "x", "data": {"name": "synth_pedes"}, "student": {"arch": "micro"},
                            "loss": {"terms": [{"name": "itc"}]}, "training": {"output_dir": str(tmp_path / "o")}})
     trainer = RetrievalTrainer(model=student, args=tiny_args(output_dir=str(tmp_path / "o")),
-                               terms=[TermConfig(name="itc")], train_dataset=batch_items(8))
+                               plan=plan_of([TermConfig(name="itc")]),
+                               train_dataset=batch_items(8))
     with pytest.raises(RunFault, match="non-finite weights"):
-        export_student(trainer, recipe)
+        export_student(trainer, recipe, resolve_run(recipe).hub)
     assert not (tmp_path / "o" / "open_clip_model.safetensors").exists()
 
 
@@ -80,7 +81,7 @@ _KILLED_RUN = textwrap.dedent("""
     from transformers import TrainingArguments
     from kd_trainer.distill.retrieval import RetrievalTrainer
     from kd_trainer.recipe import TermConfig
-    from tiny import batch_items, micro_pair
+    from tiny import batch_items, micro_pair, plan_of
 
     class KilledDuringSave(RetrievalTrainer):
         def _save_optimizer_and_scheduler(self, output_dir):
@@ -92,7 +93,7 @@ _KILLED_RUN = textwrap.dedent("""
     args = TrainingArguments(output_dir={out!r}, per_device_train_batch_size=4, max_steps=6, learning_rate=0.1,
                              optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="steps",
                              save_steps=2, seed=0, remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-    KilledDuringSave(model=student, args=args, terms=[TermConfig(name="itc"), TermConfig(name="cross_kd")],
+    KilledDuringSave(model=student, args=args, plan=plan_of([TermConfig(name="itc"), TermConfig(name="cross_kd")]),
                      teacher=teacher, train_dataset=batch_items(8)).train()
 """)
 
@@ -106,8 +107,9 @@ def _trainer(out: Path, **kw):
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=0.1,
                              optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="steps",
                              save_steps=2, seed=0, remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-    return RetrievalTrainer(model=student, args=args, terms=[TermConfig(name="itc"), TermConfig(name="cross_kd")],
-                            teacher=teacher, train_dataset=batch_items(8), **kw)
+    terms = [TermConfig(name="itc"), TermConfig(name="cross_kd")]
+    return RetrievalTrainer(model=student, args=args, plan=plan_of(terms), teacher=teacher,
+                            train_dataset=batch_items(8), **kw)
 
 
 @pytest.mark.slow
@@ -168,7 +170,7 @@ def test_preflight_lists_every_problem_with_its_key(tmp_path, monkeypatch):
                      "push_to_hub": True, "hub_model_id": "me/student", "hub_token": "hf_x"},
     })
     with pytest.raises(RecipeError) as e:
-        preflight(recipe, training_arguments(recipe))
+        preflight(resolve_run(recipe))
     msg = str(e.value)
     assert "training.output_dir" in msg and "not writable" in msg
     assert "training.resume_from_checkpoint" in msg and "nowhere" in msg

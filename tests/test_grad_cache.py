@@ -27,7 +27,7 @@ from kd_trainer.models.towers import TOWER_PREFIXES
 from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
 from kd_trainer.recipe.mimic import MimicJob
 
-from tiny import batch_items, gloo_env, spawn_gloo
+from tiny import batch_items, gloo_env, plan_of, spawn_gloo
 
 K, B = 2, 4  # micro-batches per group, samples per micro-batch
 LR = 0.5
@@ -85,7 +85,8 @@ def train_exact(tmp_path, pair, *, terms=None, stages=None, steps=1, items=None,
     """Train ``pair``'s student with exact accumulation of K micro-batches of B; ``extra``: TrainingArguments."""
     student, teacher = pair
     trainer = ExactTrainer(model=student, args=arguments(tmp_path, "exact", batch=K * B, steps=steps, **extra),
-                           terms=terms, stages=stages, teacher=teacher, train_dataset=items or batch_items(K * B),
+                           plan=plan_of(terms, stages), teacher=teacher,
+                           train_dataset=items or batch_items(K * B),
                            exact_accumulation_steps=K, max_nonfinite_skips=skips)
     trainer.train()
     return trainer
@@ -191,7 +192,7 @@ def test_without_dropout_exact_matches_the_real_big_batch_and_plain_accumulation
     def plain(batch: int, accum: int) -> nn.Module:
         student, teacher = copy.deepcopy(start)
         RetrievalTrainer(model=student, args=arguments(tmp_path, f"b{batch}a{accum}", batch=batch, accum=accum),
-                         terms=terms, teacher=teacher, train_dataset=batch_items(K * B)).train()
+                         plan=plan_of(terms), teacher=teacher, train_dataset=batch_items(K * B)).train()
         return student
 
     big, accumulated = plain(K * B, 1), plain(B, K)
@@ -238,7 +239,7 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
     assert max_diff(first.model, straight.model) > 1e-3
     student, teacher = copy.deepcopy(start)
     resumed = ExactTrainer(model=student, args=arguments(tmp_path / "split", "exact", batch=K * B, steps=2),
-                           terms=terms, teacher=teacher, train_dataset=items, exact_accumulation_steps=K)
+                           plan=plan_of(terms), teacher=teacher, train_dataset=items, exact_accumulation_steps=K)
     resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "exact" / "checkpoint-1"))
     assert len(resumed.recorded) == 1  # only the second step ran
     assert max_diff(resumed.model, straight.model) < 1e-6
@@ -258,7 +259,7 @@ def test_a_non_finite_group_is_skipped_with_no_gradient(tmp_path):
 
 def test_what_exact_accumulation_refuses(tmp_path):
     student, teacher = make_pair()
-    common = dict(terms=[TermConfig(name="itc")], teacher=teacher, train_dataset=batch_items(K * B),
+    common = dict(plan=plan_of([TermConfig(name="itc")]), teacher=teacher, train_dataset=batch_items(K * B),
                   exact_accumulation_steps=K)
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         ExactTrainer(model=student, args=arguments(tmp_path, "a", batch=K * B, accum=2), **common)
@@ -314,7 +315,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     student, teacher = make_pair()
     args = arguments(Path(out), "run", batch=K * DDP_B)
-    trainer = ExactTrainer(model=student, args=args, terms=ALL_TERMS, teacher=teacher,
+    trainer = ExactTrainer(model=student, args=args, plan=plan_of(ALL_TERMS), teacher=teacher,
                            train_dataset=batch_items(world * K * DDP_B), exact_accumulation_steps=K)
     assert trainer.accelerator.num_processes == world
     trainer.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.models.factory import create_model
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, parse_recipe
@@ -22,7 +23,7 @@ def test_explicit_layers_copy_exactly_those_teacher_layers(tmp_path):
     recipe = _recipe(tmp_path, {"arch": "micro", "inherit": {"layers": {"vision": [2], "text": "uniform_last"}}})
     torch.manual_seed(0)
     teacher = build_model(recipe.teacher, recipe)
-    student = build_model(recipe.student, recipe, teacher=teacher)
+    student = build_model(recipe.student, recipe, teacher=teacher, output_dir=resolve_run(recipe).output_dir)
     t, s = teacher.clip.state_dict(), student.clip.state_dict()
     for k, v in s.items():
         if k.startswith("visual.transformer.resblocks.0."):

@@ -12,11 +12,11 @@ from transformers import TrainerCallback, TrainingArguments
 
 from kd_trainer.distill.stages import StageLRScheduler, StageOptimizer
 from kd_trainer.models.towers import TOWER_PREFIXES
-from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
+from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.models.factory import create_model
 from kd_trainer.recipe import StageConfig
 
-from tiny import batch_items
+from tiny import batch_items, plan_of
 
 IMAGE, TEXT = TOWER_PREFIXES["image"], TOWER_PREFIXES["text"]
 
@@ -79,7 +79,7 @@ def test_each_stage_trains_exactly_its_towers_with_a_fresh_optimizer(tmp_path):
     student, teacher = models()
     start = {n: p.detach().clone() for n, p in student.named_parameters()}
     rec = Recorder()
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path), stages=THREE, teacher=teacher,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=THREE), teacher=teacher,
                                   train_dataset=batch_items(8), callbacks=[rec])
     trainer.train()
     assert trainer.state.max_steps == 6 and [s.end_step for s in trainer.plan.stages] == [2, 4, 6]
@@ -114,7 +114,7 @@ def test_frozen_tower_runs_without_autograd(tmp_path):
     student.clip.transformer.register_forward_hook(hook)  # the text tower's trunk
     stages = [stage("text", "text", [{"name": "ss_itc", "temperature": 0.1}], steps=1),
               stage("image", "image", [{"name": "ss_itc", "temperature": 0.1}], steps=1)]
-    DistillationTrainer(model=student, args=args_for(tmp_path), stages=stages, teacher=teacher,
+    RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=stages), teacher=teacher,
                         train_dataset=batch_items(8)).train()
     assert seen == [True, False]
 
@@ -124,7 +124,7 @@ def test_named_module_stage_moves_only_those_parameters(tmp_path):
     start = {n: p.detach().clone() for n, p in student.named_parameters()}
     stages = [stage("last", ["clip.visual.transformer.resblocks.0.mlp", "clip.visual.proj"],
                     [{"name": "st_itc", "temperature": 0.1}], steps=2)]
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path, max_grad_norm=1e-3), stages=stages,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path, max_grad_norm=1e-3), plan=plan_of(stages=stages),
                                   teacher=teacher, train_dataset=batch_items(8))
     trainer.train()
     after = dict(student.named_parameters())
@@ -136,7 +136,7 @@ def test_unknown_trainable_name_lists_close_ones(tmp_path):
     student, teacher = models()
     stages = [stage("x", ["clip.visual.transformer.resblock.0"], [{"name": "st_itc"}], steps=1)]
     with pytest.raises(ValueError, match=r"matches no parameter.*clip\.visual\.transformer\.resblocks\.0"):
-        DistillationTrainer(model=student, args=args_for(tmp_path), stages=stages, teacher=teacher,
+        RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=stages), teacher=teacher,
                             train_dataset=batch_items(8))
 
 
@@ -151,7 +151,7 @@ def test_alpha_mix_and_schedules_are_logged_per_stage(tmp_path):
             {"name": "ss_itc", "temperature": 0.1, "weight": {"type": "linear", "start": 1.0, "end": 0.0,
                                                                "finish": 2}}]}}),
     ]
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path), stages=stages, teacher=teacher,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=stages), teacher=teacher,
                                   train_dataset=batch_items(8))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -170,7 +170,7 @@ def test_alpha_mix_and_schedules_are_logged_per_stage(tmp_path):
 
 def test_layout_is_saved_for_reports(tmp_path):
     student, teacher = models()
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path), stages=THREE, teacher=teacher,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=THREE), teacher=teacher,
                                   train_dataset=batch_items(8))
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -189,13 +189,13 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
     """Stops mid-stage (1, 3, 5) and exactly on stage boundaries (2, 4) resume to the same weights."""
     kw = dict(save_strategy="steps", save_steps=1, lr_scheduler_type="linear", warmup_steps=1)
     student, teacher = models()
-    full = DistillationTrainer(model=student, args=args_for(tmp_path / "full", **kw), stages=THREE,
+    full = RetrievalTrainer(model=student, args=args_for(tmp_path / "full", **kw), plan=plan_of(stages=THREE),
                                teacher=teacher, train_dataset=batch_items(8))
     full.train()
     want = _final_weights(full)
 
     student, teacher = models()
-    resumed = DistillationTrainer(model=student, args=args_for(tmp_path / "full", **kw), stages=THREE,
+    resumed = RetrievalTrainer(model=student, args=args_for(tmp_path / "full", **kw), plan=plan_of(stages=THREE),
                                   teacher=teacher, train_dataset=batch_items(8))
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{stop}"))
     got = _final_weights(resumed)
@@ -207,7 +207,7 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
 
 def test_staged_optimizer_refuses_a_plain_state(tmp_path):
     student, teacher = models()
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path), stages=THREE, teacher=teacher,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path), plan=plan_of(stages=THREE), teacher=teacher,
                                   train_dataset=batch_items(8))
     opt = trainer.create_optimizer()
     with pytest.raises(ValueError, match="not saved by a staged run"):
@@ -249,7 +249,7 @@ def test_staged_scheduler_restores_the_next_steps_lr_after_a_stage_switch():
 
 def test_no_logging_window_spans_two_stages(tmp_path):
     student, teacher = models()
-    trainer = DistillationTrainer(model=student, args=args_for(tmp_path, logging_steps=5), stages=THREE,
+    trainer = RetrievalTrainer(model=student, args=args_for(tmp_path, logging_steps=5), plan=plan_of(stages=THREE),
                                   teacher=teacher, train_dataset=batch_items(8))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -1,4 +1,4 @@
-"""DistillationTrainer: accumulation semantics, a frozen teacher kept out of checkpoints, term logging."""
+"""RetrievalTrainer: accumulation semantics, a frozen teacher kept out of checkpoints, term logging."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import safetensors.torch
 import torch
 from transformers import TrainingArguments
 
-from kd_trainer.distill.retrieval import RetrievalTrainer as DistillationTrainer
+from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.models.factory import create_model
 
-from tiny import batch_items
+from tiny import batch_items, plan_of
 from tiny import micro_pair as make_models
-from kd_trainer.recipe import TermConfig
+from kd_trainer.recipe import RecipeError, TermConfig, parse_recipe
 
 
 def train_once(tmp_path, terms, *, batch: int, accum: int, steps: int = 1, **extra):
@@ -25,7 +25,8 @@ def train_once(tmp_path, terms, *, batch: int, accum: int, steps: int = 1, **ext
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, remove_unused_columns=False, use_cpu=True, **extra,
     )
-    trainer = DistillationTrainer(model=student, args=args, terms=terms, teacher=teacher, train_dataset=batch_items())
+    trainer = RetrievalTrainer(model=student, args=args, plan=plan_of(terms), teacher=teacher,
+                               train_dataset=batch_items())
     trainer.train()
     return trainer, student, teacher
 
@@ -58,7 +59,8 @@ def test_teacher_is_frozen_and_never_saved(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3,
                              learning_rate=1e-2, report_to="none", save_strategy="steps", save_steps=3,
                              logging_steps=1, remove_unused_columns=False, use_cpu=True)
-    trainer = DistillationTrainer(model=student, args=args, terms=terms, teacher=teacher, train_dataset=batch_items())
+    trainer = RetrievalTrainer(model=student, args=args, plan=plan_of(terms), teacher=teacher,
+                               train_dataset=batch_items())
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
 
@@ -87,7 +89,8 @@ def test_teacher_runs_first_in_inference_mode_and_every_term_can_use_its_embeddi
                              learning_rate=1e-2, report_to="none", save_strategy="no", remove_unused_columns=False,
                              use_cpu=True)
     start = copy.deepcopy(student)
-    trainer = DistillationTrainer(model=student, args=args, terms=terms, teacher=teacher, train_dataset=batch_items())
+    trainer = RetrievalTrainer(model=student, args=args, plan=plan_of(terms), teacher=teacher,
+                               train_dataset=batch_items())
     trainer.train()
     assert calls == [("teacher", True, False), ("student", False, True)] * 2
     assert max_param_diff(student, start) > 0
@@ -107,17 +110,18 @@ def test_every_term_is_logged_unweighted_and_weighted(tmp_path):
 
 
 def test_kd_term_without_teacher_is_refused(tmp_path):
-    student, _ = make_models()
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="need a teacher"):
-        DistillationTrainer(model=student, args=args, terms=[TermConfig(name="motis")], train_dataset=batch_items())
+    """Refused where the recipe is read: the trainer only ever gets a plan resolved from a valid recipe."""
+    with pytest.raises(RecipeError, match=r"loss terms \['motis'\] read a teacher"):
+        parse_recipe({"name": "r", "data": {"name": "synth_pedes"}, "student": {"arch": "micro"},
+                      "loss": {"terms": [{"name": "motis"}]}, "training": {"output_dir": str(tmp_path)}})
 
 
 def test_unknown_term_lists_valid_names(tmp_path):
     student, _ = make_models()
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="did you mean 'cross_kd'"):  # refused where the recipe is read
-        DistillationTrainer(model=student, args=args, terms=[TermConfig(name="cros_kd")], train_dataset=batch_items())
+        RetrievalTrainer(model=student, args=args, plan=plan_of([TermConfig(name="cros_kd")]),
+                         train_dataset=batch_items())
 
 
 def test_projection_is_created_and_trained_when_widths_differ(tmp_path):
@@ -129,7 +133,7 @@ def test_projection_is_created_and_trained_when_widths_differ(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
                              optim="sgd", report_to="none", save_strategy="no", remove_unused_columns=False,
                              use_cpu=True)
-    trainer = DistillationTrainer(model=student, args=args, terms=[TermConfig(name="motis", side="image")],
+    trainer = RetrievalTrainer(model=student, args=args, plan=plan_of([TermConfig(name="motis", side="image")]),
                                   teacher=teacher, train_dataset=batch_items())
     trainer.train()
     assert not torch.equal(before, student.image_proj.weight)

@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kd_trainer.data import load_pedes, with_retrieval_transforms
+from kd_trainer.distill.plan import RunPlan
 from kd_trainer.models.factory import RetrievalModel, create_model
+from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
 
 
 def batch_items(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -55,6 +57,14 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     """Join the ``world``-process gloo group directly (no accelerate), one thread per process."""
     torch.set_num_threads(1)  # the processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def plan_of(terms: list[TermConfig] | None = None, stages: list[StageConfig] | None = None) -> RunPlan:
+    """The plan a retrieval recipe with these ``terms`` (one stage) or ``stages`` (with a teacher)
+    resolves to, for a trainer built without a recipe file. A new one each call: a trainer binds it."""
+    if stages is not None:
+        return RunPlan.from_configs(stages, has_teacher=True)
+    return RunPlan.single(LossConfig(terms=list(terms or [])))
 
 
 def spawn_gloo(worker: Callable[..., Any], world: int, *args: Any) -> None:

@@ -48,11 +48,19 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers import TrainingArguments
+
+from kd_trainer.recipe.mimic import check_exact_accumulation
 
 __all__ = ["ExactAccumulation", "RngState", "accumulate_exactly", "exact_group_arguments", "split_group"]
 
 Batch = Mapping[str, torch.Tensor]
 Embeddings = Mapping[str, torch.Tensor]
+
+
+def _default(field: str) -> Any:
+    """``TrainingArguments``' own default for ``field`` (read from it, never copied here)."""
+    return TrainingArguments.__dataclass_fields__[field].default
 
 
 def exact_group_arguments(training: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -63,8 +71,8 @@ def exact_group_arguments(training: Mapping[str, Any]) -> tuple[dict[str, Any], 
     splits each group into ``k`` micro-batches of ``b`` (:class:`ExactAccumulation`). The global
     batch, the steps per epoch and the LR schedule are those of plain accumulation.
     """
-    k = int(training.get("gradient_accumulation_steps", 1))
-    b = int(training.get("per_device_train_batch_size", 8))  # TrainingArguments' default
+    k = int(training.get("gradient_accumulation_steps", _default("gradient_accumulation_steps")))
+    b = int(training.get("per_device_train_batch_size", _default("per_device_train_batch_size")))
     return {**training, "per_device_train_batch_size": k * b, "gradient_accumulation_steps": 1}, k
 
 
@@ -265,11 +273,7 @@ class ExactAccumulation:
 
     def _check_exact_accumulation(self) -> None:
         k, args = self.exact_accumulation_steps, self.args
-        if self.mimic is not None:
-            raise ValueError("contrastive_accumulation: exact cannot be combined with mimic jobs: they compare "
-                             "intermediate features, which the gradient cache does not keep (only final "
-                             "embeddings). Use contrastive_accumulation: plain, or a per-device batch that fits "
-                             "without accumulation")
+        check_exact_accumulation(self.mimic.jobs if self.mimic is not None else [])
         if args.gradient_accumulation_steps != 1:
             raise ValueError(f"exact accumulation splits each DataLoader batch into {k} micro-batches itself, so "
                              f"gradient_accumulation_steps must be 1 (got {args.gradient_accumulation_steps}); "

@@ -10,7 +10,6 @@ prints it (:meth:`RunPlan.describe`).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from kd_trainer.distill.cache.policy import TeacherSourcePlan, plan_teacher_source
 from kd_trainer.losses import Features, TermSpec, get_term
 from kd_trainer.losses.registry import TEACHER_TOWERS
 from kd_trainer.models.towers import towers_of, trainable_names
@@ -55,20 +55,10 @@ class PlannedTerm:
 
 
 def plan_term(cfg: TermConfig) -> PlannedTerm:
-    """Look a recipe term up once and check its side, temperature and extra arguments."""
+    """Look a recipe term up once; its side, temperature and extra arguments are checked by the
+    registry's one rule (``TermSpec.check_use``, which the recipe already ran when it was read)."""
     spec = get_term(cfg.name)  # an UnknownTermError (a ValueError) names the closest terms
-    if cfg.side not in spec.sides:
-        raise ValueError(f"loss term {cfg.name!r} has no side {cfg.side!r}; allowed: {list(spec.sides)}")
-    tau = spec.default_temperature if cfg.temperature is None else float(cfg.temperature)
-    if not tau > 0:
-        raise ValueError(f"loss term {cfg.key!r}: temperature must be positive, got {cfg.temperature}")
-    params = inspect.signature(spec.fn).parameters.values()
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        allowed = {p.name for p in params} - {"features", "temperature", "side"}
-        if set(cfg.kwargs) - allowed:
-            raise ValueError(f"loss term {cfg.key!r} got unexpected arguments {sorted(set(cfg.kwargs) - allowed)}; "
-                             f"it accepts {sorted(allowed) or 'no extra arguments'}")
-    return PlannedTerm(cfg, spec, tau)
+    return PlannedTerm(cfg, spec, spec.check_use(cfg.side, cfg.kwargs, cfg.temperature))
 
 
 def plan_terms(configs: Sequence[TermConfig]) -> tuple[PlannedTerm, ...]:
@@ -96,6 +86,9 @@ class Stage:
     frozen_towers: tuple[str, ...] = ()
     # The seed code's optimiser and per-epoch schedule (`optim: {preset: original}`); None: the Trainer's.
     optim: OptimSettings | None = None
+    # Where the stage's teacher embeddings come from (RunPlan.place_teacher); None: the online
+    # teacher for the terms that read one (a plan built without a teacher cache or mimic jobs).
+    teacher_source: TeacherSourcePlan | None = None
 
     @property
     def num_steps(self) -> int:
@@ -200,6 +193,14 @@ class RunPlan:
         ``optim:`` preset (a single stage keeps the Trainer's otherwise)."""
         first = self.stages[0]
         return not self.is_single or first.learning_rate is not None or first.optim is not None
+
+    def place_teacher(self, *, cache: bool, live: bool) -> "RunPlan":
+        """Decide each stage's teacher source once: the cache for the terms it can serve when the
+        run opens one (``cache``), the online teacher otherwise, and always the online teacher
+        when mimic jobs read its layers (``live``). The runner logs each (``teacher_source.log()``)."""
+        for s in self.stages:
+            s.teacher_source = plan_teacher_source(s.terms, cache_available=cache, stage=s.name, mimic=live, log=None)
+        return self
 
     def bind(self, model: nn.Module, *, always: tuple[str, ...] = ()) -> "RunPlan":
         """Resolve each stage's trainable parameters and frozen towers on the student ``model``;

@@ -25,7 +25,6 @@ from datasets import Dataset
 from torch import nn
 
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.distill.cache import plan_teacher_source
 from kd_trainer.distill.core import DistillationTrainer
 from kd_trainer.distill.gather import gather_features
 from kd_trainer.distill.grad_cache import ExactAccumulation
@@ -37,7 +36,6 @@ from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
 from kd_trainer.models.precision import float32_embeddings
-from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
 
 
 @dataclass
@@ -52,21 +50,12 @@ class RetrievalSplit:
         return len(self.queries)
 
 
-def retrieval_plan(terms: Sequence[TermConfig] | LossConfig | None, stages: Sequence[StageConfig] | None, *,
-                   has_teacher: bool) -> RunPlan:
-    """The plan of a single-stage run (``terms``) or a sequential method (``stages``)."""
-    if (terms is None) == (stages is None):
-        raise ValueError("give exactly one of `terms` (a single-stage run) or `stages`")
-    if stages is not None:
-        return RunPlan.from_configs(stages, has_teacher=has_teacher)
-    return RunPlan.single(terms if isinstance(terms, LossConfig) else LossConfig(terms=list(terms or [])))
-
-
 class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
     """Trainer for a student :class:`RetrievalModel`, with an optional frozen teacher beside it.
 
-    Give ``plan`` (resolved by the run), or ``terms`` / ``stages`` to resolve it here. The
-    teacher is not a submodule of the student, so checkpoints never contain its weights.
+    It executes ``plan`` (the resolved run's: :func:`kd_trainer.distill.resolved.resolve_run`),
+    each stage's teacher source included, and decides nothing itself. The teacher is not a
+    submodule of the student, so checkpoints never contain its weights.
     ``exact_accumulation_steps=k`` computes every term over each DataLoader batch as one group
     of ``k`` micro-batches (:mod:`kd_trainer.distill.grad_cache`).
     """
@@ -78,9 +67,7 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
         model: RetrievalModel,
         args: Any = None,
         *,
-        plan: RunPlan | None = None,
-        terms: Sequence[TermConfig] | LossConfig | None = None,
-        stages: Sequence[StageConfig] | None = None,
+        plan: RunPlan,
         teacher: RetrievalModel | None = None,
         mimic: Sequence[Any] = (),
         mimic_teachers: dict[str, nn.Module] | None = None,
@@ -88,20 +75,13 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
-        plan = plan if plan is not None else retrieval_plan(terms, stages, has_teacher=teacher is not None)
-        if plan.teacher_terms and teacher is None:
-            raise ValueError(f"loss terms {plan.teacher_terms} need a teacher, but the recipe has no `teacher:`")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
-        # Embedding-level terms read the cache; a stage with a term that needs more than final
-        # embeddings runs the online teacher instead (plan_teacher_source logs which).
-        self.teacher_sources = {s.index: plan_teacher_source(s.terms, stage=s.name,
-                                                             cache_available=teacher_cache is not None)
-                                for s in plan.stages}
         # A mimic job on the main teacher reads its hooked layers: one live forward of both its
-        # towers (never the cache) then feeds the terms and the taps.
-        self._mimic_on_teacher = teacher is not None and any("teacher" in job.teachers for job in mimic)
-        self.live_teachers = frozenset({"teacher"}) if self._mimic_on_teacher else frozenset()
+        # towers (never the cache) then feeds the terms and the taps (the plan's teacher source says so).
+        if teacher is not None and any(s.teacher_source is not None and s.teacher_source.for_mimic
+                                       for s in plan.stages):
+            self.live_teachers = frozenset({"teacher"})
         teachers = {**({"teacher": teacher} if teacher is not None else {}), **(mimic_teachers or {})}
         super().__init__(model, args, plan=plan, teachers=teachers, mimic_jobs=mimic,
                          data_collator=data_collator or collate_retrieval, **kwargs)
@@ -112,16 +92,16 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
     # --- the task's hooks ------------------------------------------------------------------------
 
     def teacher_outputs(self, inputs: dict[str, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
-        towers = TEACHER_TOWERS if self._mimic_on_teacher else stage.teacher_towers
+        source = stage.teacher_source
+        for_mimic = source is not None and source.for_mimic
+        towers = TEACHER_TOWERS if for_mimic else stage.teacher_towers
         if not towers or self.teacher is None:
             return {}
-        if self.teacher_cache is not None and self.teacher_sources[stage.index].use_cache \
-                and not self._mimic_on_teacher:
+        if source is not None and source.use_cache:
             return self.teacher_cache.lookup(inputs, towers)
         self.teacher.eval()  # guard against a caller's .train() on everything
         # Embeddings reach the losses in fp32 whatever the weights' precision (precision: original).
-        return float32_embeddings(teacher_embeddings(self.teacher, inputs, towers,
-                                                     inference_mode=not self._mimic_on_teacher))
+        return float32_embeddings(teacher_embeddings(self.teacher, inputs, towers, inference_mode=not for_mimic))
 
     def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         device = next(teacher.parameters()).device

@@ -84,8 +84,21 @@ class TermSpec:
     def _check_side(self, side: str) -> None:
         if side not in self.sides:
             raise ValueError(
-                f"term {self.name!r} has no side {side!r}; allowed sides: {', '.join(self.sides)}"
+                f"loss term {self.name!r} has no side {side!r}; allowed sides: {', '.join(self.sides)}"
             )
+
+    def check_use(self, side: str, kwargs: Mapping[str, object], temperature: float | None = None) -> float:
+        """The one check of a use of this term (a recipe entry, a plan, a direct call): its side, its
+        temperature and its extra arguments. Returns the absolute temperature (the default for None)."""
+        self._check_side(side)
+        tau = self.default_temperature if temperature is None else float(temperature)
+        if not tau > 0:
+            raise ValueError(f"loss term {self.name!r}: temperature must be positive, got {temperature}")
+        allowed = _extra_parameters(self.fn)
+        if allowed is not None and set(kwargs) - allowed:
+            raise ValueError(f"loss term {self.name!r} got unexpected arguments {sorted(set(kwargs) - allowed)}; "
+                             f"it accepts {sorted(allowed) if allowed else 'no extra arguments'}")
+        return tau
 
     def towers(self, side: str) -> frozenset[str]:
         """The embeddings (of ``student_image``, ``student_text``, ``teacher_image``,
@@ -265,15 +278,6 @@ def compute_term(
     default. Extra keyword arguments go to the term (e.g. ``teacher_temperature`` of ``crd``).
     """
     spec = get_term(name)
-    spec.towers(side)  # validates the side
+    tau = spec.check_use(side, kwargs, temperature)
     _check_features(spec, side, features)
-    tau = spec.default_temperature if temperature is None else float(temperature)
-    if not tau > 0:
-        raise ValueError(f"term {name!r}: temperature must be positive, got {temperature}")
-    allowed = _extra_parameters(spec.fn)
-    if allowed is not None and set(kwargs) - allowed:
-        raise ValueError(
-            f"term {name!r} got unexpected arguments {sorted(set(kwargs) - allowed)}; "
-            f"it accepts {sorted(allowed) if allowed else 'no extra arguments'}"
-        )
     return spec.fn(features, temperature=tau, side=side, **kwargs)

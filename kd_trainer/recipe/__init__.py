@@ -1,6 +1,8 @@
-"""The recipe layer: the YAML schema of a run (:mod:`.schema`), its weight schedules
-(:mod:`.schedules`), parsed once and validated before anything is built."""
+"""The recipe layer: the YAML schema of a run (:mod:`.schema`), reading it with its overrides
+(:mod:`.loading`), its weight schedules (:mod:`.schedules`), parsed once and validated before
+anything is built."""
 
+from kd_trainer.recipe.loading import apply_overrides, dump_recipe, load_recipe, parse_recipe
 from kd_trainer.recipe.mimic import MimicConfig, MimicJob, parse_mimic_config
 from kd_trainer.recipe.optim import ORIGINAL, OptimConfig, OptimSettings
 from kd_trainer.recipe.schema import (
@@ -15,10 +17,6 @@ from kd_trainer.recipe.schema import (
     SynthConfig,
     TermConfig,
     Trainable,
-    apply_overrides,
-    dump_recipe,
-    load_recipe,
-    parse_recipe,
     validate_training_args,
 )
 

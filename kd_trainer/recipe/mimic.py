@@ -36,6 +36,7 @@ __all__ = [
     "MimicLossConfig",
     "MimicJob",
     "MimicConfig",
+    "check_exact_accumulation",
     "parse_mimic_config",
     "resolve_mimic_teachers",
 ]
@@ -169,6 +170,17 @@ class MimicConfig(BaseModel):
     def teacher_checkpoints(self) -> dict[str, str]:
         """UP's ``teacher_weight`` of each teacher that has one: the path of its checkpoint."""
         return {t: p for job in self.jobs for t, p in job.teacher_checkpoints.items()}
+
+
+def check_exact_accumulation(jobs: Sequence[MimicJob]) -> None:
+    """Exact accumulation (the gradient cache) keeps only each micro-batch's final embeddings, and
+    mimic jobs compare intermediate features: the two cannot be combined. The one place of this
+    rule; the recipe and the exact-accumulation trainer both call it."""
+    if jobs:
+        raise ValueError("contrastive_accumulation: exact cannot be combined with mimic jobs: they compare "
+                         "intermediate features, which the gradient cache does not keep (only final "
+                         "embeddings). Use contrastive_accumulation: plain, or a per-device batch that fits "
+                         "without accumulation")
 
 
 class _Checkpointed(Protocol):

@@ -4,9 +4,8 @@ A recipe holds the data, the student, the teacher (optional), the loss terms, an
 ``training:`` block that is passed as-is to ``transformers.TrainingArguments``.
 Every key is validated: an unknown key or a value of the wrong type is an error that
 names the key (``data.image_size``, ``training.learning_rate``), never a silent default.
-Any key can be overridden from the command line as ``key.sub=value`` (values are
-parsed as YAML, so ``training.num_train_epochs=3`` is an int and ``data.image_size=[64,32]``
-a list); list items are addressed by index, as in ``loss.terms.0.weight=0.5``.
+Reading a recipe file, its ``key.sub=value`` overrides and its error messages live in
+:mod:`kd_trainer.recipe.loading`.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from transformers import TrainingArguments
 
@@ -27,7 +24,7 @@ from kd_trainer.losses import get_term
 from kd_trainer.models.derive import DERIVE_KEYS, derive_architecture
 from kd_trainer.models.factory import list_architectures
 from kd_trainer.recipe.optim import OptimConfig
-from kd_trainer.recipe.mimic import MimicConfig, parse_mimic_config, resolve_mimic_teachers
+from kd_trainer.recipe.mimic import MimicConfig, check_exact_accumulation, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 from kd_trainer.synthetic.detection import check_synth_det_args
 from kd_trainer.synthetic.pedes import check_synth_pedes_args
@@ -212,9 +209,9 @@ class TermConfig(_Strict):
 
     @model_validator(mode="after")
     def _registered(self) -> "TermConfig":
-        spec = get_term(self.name)  # an unknown name lists the closest registered terms
-        if self.side not in spec.sides:
-            raise ValueError(f"loss term {self.name!r} has no side {self.side!r}; allowed: {list(spec.sides)}")
+        # An unknown name lists the closest registered terms; the side, temperature and extra
+        # arguments are the registry's rule, checked here when the recipe is read.
+        get_term(self.name).check_use(self.side, self.kwargs, self.temperature)
         return self
 
     @property
@@ -341,12 +338,12 @@ class Recipe(_Strict):
         if self.mimic is not None:  # jobs name defined teachers; UP's teacher_weight becomes their checkpoint
             resolve_mimic_teachers(self.mimic, {**(self.teachers or {}),
                                                 **({"teacher": self.teacher} if self.teacher is not None else {})})
+        self._check_task_data()
         if self.task == "retrieval":
             self._check_retrieval_names()
             self._check_optim_and_precision()
-            if self.contrastive_accumulation == "exact" and self.mimic is not None:
-                raise ValueError("contrastive_accumulation: exact cannot be combined with mimic jobs: they compare "
-                                 "intermediate features, which the gradient cache does not keep")
+            if self.contrastive_accumulation == "exact":
+                check_exact_accumulation(self.mimic.jobs if self.mimic is not None else [])
             if self.mimic is not None and not self.mimic.task_loss:
                 raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
                                  "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
@@ -369,6 +366,23 @@ class Recipe(_Strict):
                 raise ValueError(f"training.{fixed[0]} conflicts with `stages:`: each stage sets its own length "
                                  "(stages.N.epochs or stages.N.steps)")
         return self
+
+    def _check_task_data(self) -> None:
+        """The data set and teachers each task runs on: classification and detection their generated
+        sets (data.shapes, data.det), retrieval neither of those blocks."""
+        sets = {"classification": ("synth_shapes", "shapes"), "detection": ("synth_det", "det")}
+        if self.task == "retrieval":
+            other = [f"data.{block} (task: {task})" for task, (_, block) in sets.items()
+                     if getattr(self.data, block) is not None]
+            if other:
+                raise ValueError(f"{other[0]} does not belong in a task: retrieval recipe")
+            return
+        name, block = sets[self.task]
+        if self.data.name != name or getattr(self.data, block) is None:
+            raise ValueError(f"task: {self.task} runs on data.name: {name} with a data.{block} block")
+        if self.task == "detection" and self.teacher is not None:
+            raise ValueError("task: detection reads its teachers from `teachers:` (teacher0, teacher1, ... as the "
+                             "mimic jobs name them), not from `teacher:`")
 
     def stage_optim(self, stage: "StageConfig | None") -> OptimConfig | None:
         """A stage's effective ``optim:`` block: the recipe's, with the stage's written fields on top."""
@@ -489,115 +503,7 @@ def validate_training_args(training: dict[str, Any]) -> None:
                          "tokenised on the fly, so the raw columns must reach the transform")
 
 
-# --- loading and overrides --------------------------------------------------------------------
-
 def did_you_mean(key: str, valid: typing.Iterable[str]) -> str:
     """`` Did you mean a, b?`` with the closest valid names to ``key`` (empty when none is close)."""
     close = difflib.get_close_matches(key, list(valid), n=3)
     return f" Did you mean {', '.join(close)}?" if close else ""
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation may hold (``X | None``, ``list[X]``, ``dict[str, X]``)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the recipe schema allows at ``loc`` (the location of an unknown key, without the key)."""
-    models: list[type[BaseModel]] = [Recipe]
-    for part in loc:
-        if isinstance(part, int) or part not in {k for m in models for k in m.model_fields}:
-            continue  # a list index or a dict key (teachers.<name>): the same models hold below it
-        models = [sub for m in models if part in m.model_fields for sub in _models_in(m.model_fields[part].annotation)]
-    return sorted({k for m in models for k in m.model_fields})
-
-
-def _format_errors(e: ValidationError, source: str) -> str:
-    lines = [f"Invalid recipe {source}:"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _keys_at(tuple(err["loc"][:-1])))
-        elif "input" in err and err["type"] not in ("missing", "value_error"):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"  - {loc or '<root>'}: {msg}")
-    return "\n".join(lines)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} is not of the form key.sub=value")
-        path, _, text = item.partition("=")
-        keys = [k for k in path.strip().split(".") if k]
-        if not keys:
-            raise RecipeError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"override {item!r}: the value is not valid YAML "
-                              f"({getattr(e, 'problem', None) or e}); quote strings with ':' or '#' in them") from None
-        node: Any = raw
-        for i, k in enumerate(keys[:-1]):
-            where = ".".join(keys[: i + 1])
-            if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
-                    raise RecipeError(f"override {item!r}: {where!r} is not an index of a list of {len(node)}")
-                node = node[int(k)]
-            else:
-                if node.get(k) is None:
-                    node[k] = {}
-                node = node[k]
-                if not isinstance(node, (dict, list)):
-                    raise RecipeError(f"override {item!r}: {where!r} holds a value, not a mapping")
-        last = keys[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise RecipeError(f"override {item!r}: {last!r} is not an index of a list of {len(node)}")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return raw
-
-
-def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    if not isinstance(raw, dict):
-        raise RecipeError(f"Recipe {source} must be a YAML mapping at top level, got {type(raw).__name__}")
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(_format_errors(e, source)) from None
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file."""
-    path = Path(path)
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.y*ml"))
-        shown = f"; it holds {', '.join(inside[:5])}" + (" ..." if len(inside) > 5 else "") if inside else ""
-        raise RecipeError(f"Recipe {str(path)!r} is a folder, not a recipe file{shown}; expected the path of one "
-                          f"YAML recipe (see recipes/)")
-    if not path.is_file():
-        raise RecipeError(f"Recipe file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem} "
-                          "(YAML indents with spaces, never tabs)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"Recipe {str(path)!r} cannot be read: {e}") from None
-    if overrides:
-        apply_overrides(raw, overrides)
-    return parse_recipe(raw, str(path))
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (saved beside every run, so a run can be repeated)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kd_trainer.log_keys import parse_hybrid_key
-from kd_trainer.recipe.schema import RecipeError, parse_recipe
+from kd_trainer.recipe import RecipeError, parse_recipe
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key
 from kd_trainer.report.errors import ReportError, SkippedRunWarning
 from kd_trainer.report.folder import RECIPE_FILE, RESULTS_FILE, RUN_FILES, STAGES_FILE, is_number, read_json, read_yaml

@@ -4,9 +4,11 @@
     accelerate launch -m kd_trainer recipes/ours_3stage.yaml [key.sub=value ...]
     accelerate launch kd_trainer/run.py recipes/ours_3stage.yaml [key.sub=value ...]
 
-One module per task (:mod:`.retrieval`, :mod:`.classification`, :mod:`.detection`), and one per
-concern they share: :mod:`.arguments` (TrainingArguments), :mod:`.preflight`, :mod:`.lock`,
-:mod:`.fit`, :mod:`.export` (open_clip folder and push) and :mod:`.errors` (one-line errors).
+The recipe is first resolved into one object that holds every decision of the run
+(:mod:`kd_trainer.distill.resolved`); the task modules build data and models from it and hand it
+to the trainer. One module per task (:mod:`.retrieval`, :mod:`.classification`,
+:mod:`.detection`), and one per concern they share: :mod:`.preflight`, :mod:`.lock`, :mod:`.fit`,
+:mod:`.export` (open_clip folder and push) and :mod:`.errors` (one-line errors).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.recipe import Recipe, load_recipe
-from kd_trainer.runner.arguments import training_arguments
 from kd_trainer.runner.classification import run_classification
 from kd_trainer.runner.detection import run_detection
 from kd_trainer.runner.errors import one_line_errors
@@ -29,11 +31,12 @@ TASKS = {"retrieval": run_retrieval, "classification": run_classification, "dete
 
 
 def run(recipe: Recipe) -> dict[str, float]:
-    """Check what can be checked, hold the output folder, train and evaluate; the test metrics."""
-    args = training_arguments(recipe)
-    preflight(recipe, args)
-    with output_lock(args.output_dir):
-        return TASKS[recipe.task](recipe, args)
+    """Resolve the run (every decision, once), check what can be checked, hold the output folder,
+    train and evaluate; the test metrics."""
+    resolved = resolve_run(recipe)
+    preflight(resolved)
+    with output_lock(resolved.output_dir):
+        return TASKS[resolved.task](recipe, resolved)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from kd_trainer.data.detection import SynthDetDataset, collate_detection
 from kd_trainer.distill.detection import DetectionTrainer
+from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.models.detector import Detector, load_detector
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
 from kd_trainer.runner.fit import fit
@@ -41,15 +42,10 @@ def build_detector(cfg: ModelConfig, recipe: Recipe, role: str) -> Detector:
         raise RecipeError(f"{role}.arch: {e}") from None
 
 
-def run_detection(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
+def run_detection(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     """Train and evaluate a ``task: detection`` recipe; returns the test metrics
     (``test_AP`` = COCO AP@[.5:.95], ``test_AP50``, ``test_AP75`` in percent, ``test_samples``)."""
     set_seed(recipe.seed)
-    if recipe.data.name != "synth_det" or recipe.data.det is None:
-        raise RecipeError("task: detection runs on data.name: synth_det with a data.det block")
-    if recipe.teacher is not None:
-        raise RecipeError("task: detection reads its teachers from `teachers:` (teacher0, teacher1, ... as the "
-                          "mimic jobs name them), not from `teacher:`")
     folder = Path(recipe.data.root) / "SynthDet"
     with PartialState().main_process_first():  # one process writes, the others wait and reuse
         make_synth_det(folder, **recipe.data.det.model_dump())
@@ -59,15 +55,15 @@ def run_detection(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
     student = build_detector(recipe.student, recipe, "student")
     mimic = recipe.mimic
     try:  # the mimic jobs' taps run once here, on a real batch: bad names, keys or widths surface now
-        trainer = DetectionTrainer(model=student, args=args, teachers=teachers,
+        trainer = DetectionTrainer(model=student, args=run.args, teachers=teachers,
                                    mimic_jobs=mimic.jobs if mimic else (), task_loss=mimic.task_loss if mimic else True,
-                                   max_nonfinite_skips=recipe.nonfinite_skips, data_collator=collate_detection,
+                                   max_nonfinite_skips=run.nonfinite_skips, data_collator=collate_detection,
                                    train_dataset=train, eval_dataset=test)
     except ValueError as e:
         if type(e) is not ValueError:
             raise
         raise RecipeError(str(e)) from None  # one line from the command line, like every recipe error
-    fit(trainer, recipe)
+    fit(trainer, recipe, run)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)
     return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from kd_trainer.distill.resolved import HubTarget
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
 from kd_trainer.recipe import Recipe
 from kd_trainer.runner.errors import RunFault
@@ -17,16 +18,16 @@ __all__ = ["export_student"]
 logger = logging.getLogger("kd_trainer")
 
 
-def export_student(trainer: Trainer, recipe: Recipe) -> list[Path]:
+def export_student(trainer: Trainer, recipe: Recipe, hub: HubTarget | None) -> list[Path]:
     """Write the student into ``output_dir`` in open_clip's Hub layout (config, safetensors, model
-    card) and push that folder when the recipe's ``training.push_to_hub`` asks for it."""
+    card) and push that folder when the run's ``hub`` target says so (``training.push_to_hub``)."""
     out = trainer.args.output_dir
     teacher = None
     if recipe.teacher is not None:
         teacher = recipe.teacher.arch if isinstance(recipe.teacher.arch, str) else "custom architecture"
         if recipe.teacher.checkpoint:
             teacher += f" ({recipe.teacher.checkpoint})"
-    repo_id = recipe.training.get("hub_model_id")
+    repo_id = hub.repo_id if hub is not None else None
     model = trainer.accelerator.unwrap_model(trainer.model)
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -34,11 +35,9 @@ def export_student(trainer: Trainer, recipe: Recipe) -> list[Path]:
                        f"nothing was exported or pushed from {out}")
     card = ModelCardInfo.from_run_dir(out, teacher=teacher, repo_id=repo_id)
     files = export_open_clip(model, out, card=card)
-    if recipe.training.get("push_to_hub"):
+    if hub is not None and hub.push:
         try:
-            url = push_export_to_hub(out, repo_id, token=recipe.training.get("hub_token"),
-                                     private=recipe.training.get("hub_private_repo"),
-                                     revision=recipe.training.get("hub_revision"))
+            url = push_export_to_hub(out, repo_id, token=hub.token, private=hub.private, revision=hub.revision)
         except Exception as e:  # network, token, permissions: the exported folder is complete either way
             raise RunFault(f"the run finished and {out} holds the exported student, but pushing it to "
                            f"{repo_id!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "

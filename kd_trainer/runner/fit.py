@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.recipe import Recipe
 from kd_trainer.runner.resume import record_recipe, resume_changes
 
@@ -31,13 +32,13 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def fit(trainer: Trainer, recipe: Recipe) -> None:
+def fit(trainer: Trainer, recipe: Recipe, run: ResolvedRun) -> None:
     """Record the resolved recipe and where the run runs, train (resuming when the recipe says so),
     and save the final model and the whole log history (trainer_state.json) in output_dir."""
     out = trainer.args.output_dir
     # Checked on every process, so each refuses alike: a damaged or foreign checkpoint, a recipe
     # that changed what the run trains (runner/resume.py).
-    checkpoint = trainer.resume_checkpoint(recipe.training.get("resume_from_checkpoint") or None)
+    checkpoint = trainer.resume_checkpoint(run.resume)
     changes = resume_changes(recipe, out, checkpoint) if checkpoint is not None else {}
     if trainer.is_world_process_zero():
         os.makedirs(out, exist_ok=True)

@@ -19,19 +19,18 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset
 from kd_trainer.distill.cache import TeacherCache
-from kd_trainer.distill.plan import RunPlan
+from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
 from kd_trainer.models.factory import RetrievalModel, create_model
 from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.loading import load_weights, model_from_checkpoint
 from kd_trainer.models.precision import convert_to_original_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
-from kd_trainer.runner.arguments import exact_steps
 from kd_trainer.runner.export import export_student
 from kd_trainer.runner.fit import fit
 from kd_trainer.synthetic.pedes import make_synth_pedes
@@ -102,9 +101,11 @@ def open_teacher_cache(recipe: Recipe, teacher: RetrievalModel,
 
 
 def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None,
-                teacher: RetrievalModel | None = None) -> RetrievalModel:
+                teacher: RetrievalModel | None = None, output_dir: str | None = None) -> RetrievalModel:
     """A model of the recipe's image size and caption length, with its weights: loaded from its
-    checkpoint, or inherited from a source (the recipe's ``teacher``, or any checkpoint)."""
+    checkpoint, or inherited from a source (the recipe's ``teacher``, or any checkpoint). An
+    inherited model's map of where each tensor came from is written into ``output_dir`` (the
+    run's folder) when one is given."""
     size, length = tuple(recipe.data.image_size), recipe.data.context_length
     # A random initialisation depends on the seed and the architecture only, not on which models
     # were built before: a student distilled from a teacher starts where the same student trained
@@ -126,28 +127,24 @@ def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None 
             raise RecipeError("student.inherit.source: teacher, but the recipe has no `teacher:`")
         report = inherit_weights(model, source, layers=cfg.inherit.layers,
                                  source_name=None if cfg.inherit.source == "teacher" else cfg.inherit.source)
-        if PartialState().is_main_process:
-            out = Path(recipe.training.get("output_dir") or Path("runs") / recipe.name)
+        if output_dir is not None and PartialState().is_main_process:
+            out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / INHERITANCE_FILE).write_text(str(report) + "\n")
     return model
 
 
-def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
+def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
     set_seed(recipe.seed)
-    plan = RunPlan.from_recipe(recipe)
-    jobs = recipe.mimic.jobs if recipe.mimic is not None else []
+    for stage in run.plan.stages:
+        stage.teacher_source.log()
     data = prepare_data(recipe)
 
-    mimic_on_teacher = any("teacher" in job.teachers for job in jobs)
-    inherits = recipe.student.inherit is not None and recipe.student.inherit.source == "teacher"
-    teacher = None
-    if recipe.teacher is not None and (plan.wants_teacher or mimic_on_teacher or inherits):
-        teacher = build_model(recipe.teacher, recipe)
-    student = build_model(recipe.student, recipe, teacher=teacher,
-                          projection_dim=teacher.embed_dim if teacher is not None and plan.direct_compare else None)
-    if not (plan.wants_teacher or mimic_on_teacher):
+    teacher = build_model(recipe.teacher, recipe) if run.teacher.load else None
+    student = build_model(recipe.student, recipe, teacher=teacher, projection_dim=run.projection_dim,
+                          output_dir=run.output_dir)
+    if not run.teacher.in_training:
         teacher = None  # it only gave the student its weights
 
     if recipe.precision == "original":  # the seed code's fp16 weights, for both models
@@ -156,36 +153,35 @@ def run_retrieval(recipe: Recipe, args: TrainingArguments) -> dict[str, float]:
                 logger.info("precision original, %s: %s", role, convert_to_original_fp16(model).summary())
 
     cache, train_dataset = None, data.splits["train"]
-    if teacher is not None and recipe.teacher.cache is not None:
+    if run.teacher.cache is not None:
         cache, train_dataset = open_teacher_cache(recipe, teacher, data.raw_train)
 
-    during = recipe.split_evaluated_during_training
     trainer = RetrievalTrainer(
         model=student,
-        args=args,
-        plan=plan,
+        args=run.args,
+        plan=run.plan,
         teacher=teacher,
-        mimic=jobs,
+        mimic=recipe.mimic.jobs if recipe.mimic is not None else [],
         mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
         teacher_cache=cache,
-        max_nonfinite_skips=recipe.nonfinite_skips,
-        exact_accumulation_steps=exact_steps(recipe),
+        max_nonfinite_skips=run.nonfinite_skips,
+        exact_accumulation_steps=run.accumulation_steps,
         train_dataset=train_dataset,
-        eval_dataset=data.split(during) if during else None,
+        eval_dataset=data.split(run.eval_split) if run.eval_split else None,
     )
     if recipe.precision == "original" and trainer.accelerator.mixed_precision != "no":
         raise RecipeError(f"precision: original trains fp16 weights itself, but the launch asks for "
                           f"{trainer.accelerator.mixed_precision} mixed precision (accelerate config); launch "
                           "with --mixed_precision no")
-    fit(trainer, recipe)
+    fit(trainer, recipe, run)
 
     metrics: dict[str, float] = {}
-    if recipe.data.test_split is not None:
-        metrics = trainer.evaluate(data.split(recipe.data.test_split), metric_key_prefix="test")
+    if run.test_split is not None:
+        metrics = trainer.evaluate(data.split(run.test_split), metric_key_prefix="test")
         trainer.save_metrics("test", {**metrics, **({"selected": trainer.selected} if trainer.selected else {})})
         if trainer.is_world_process_zero():
             logger.info("test metrics: %s", json.dumps(metrics))
     if trainer.is_world_process_zero():
-        export_student(trainer, recipe)
+        export_student(trainer, recipe, run.hub)
     trainer.accelerator.wait_for_everyone()
     return metrics

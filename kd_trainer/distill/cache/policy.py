@@ -42,7 +42,9 @@ class TeacherSourcePlan:
 
     ``use_cache``: ``TeacherCache.lookup`` replaces the teacher forward. When any teacher term
     needs the online teacher, the whole stage uses it (its forward yields the final embeddings
-    anyway, and from the replayed images they equal the cached ones).
+    anyway, and from the replayed images they equal the cached ones). ``for_mimic``: mimic jobs
+    read the teacher's hooked layers, so it runs both towers live (under ``no_grad``, so the
+    hooked features stay ordinary tensors) in every stage.
     """
 
     cached_terms: tuple[str, ...]
@@ -50,6 +52,12 @@ class TeacherSourcePlan:
     use_cache: bool
     needs_teacher_model: bool
     message: str
+    for_mimic: bool = False
+    fallback: bool = False  # a cache is there but this stage cannot use it (said as a warning)
+
+    def log(self, log: logging.Logger = logger) -> None:
+        """One line saying where the stage's teacher embeddings come from."""
+        (log.warning if self.fallback else log.info)("teacher source: %s", self.message)
 
 
 def _label_spec_side(term: Any) -> tuple[str, TermSpec, str]:
@@ -65,19 +73,25 @@ def _label_spec_side(term: Any) -> tuple[str, TermSpec, str]:
     return label, spec if spec is not None else get_term(name), side
 
 
-def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: str = "",
+def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: str = "", mimic: bool = False,
                         log: logging.Logger | None = logger) -> TeacherSourcePlan:
     """Decide cache vs online teacher for one stage's terms, and log one line saying which.
 
     ``terms``: the stage's planned terms (anything with ``.config`` and ``.spec``, as
     :class:`kd_trainer.distill.plan.PlannedTerm`), ``TermConfig``s, or ``(name, side)`` pairs.
+    ``mimic``: mimic jobs read the teacher's layers, so it runs live whatever the terms read.
     """
     teacher_terms = [_label_spec_side(t) for t in terms]
     teacher_terms = [t for t in teacher_terms if t[1].towers(t[2]) & TEACHER_TOWERS]
-    cached = tuple(label for label, spec, s in teacher_terms if cache_available and term_uses_cache(spec, s))
+    cached = tuple(label for label, spec, s in teacher_terms
+                   if cache_available and not mimic and term_uses_cache(spec, s))
     online = tuple(label for label, _, _ in teacher_terms if label not in cached)
     where = f"stage {stage!r}: " if stage else ""
-    if not teacher_terms:
+    if mimic:
+        plan = TeacherSourcePlan((), online, False, True,
+                                 f"{where}mimic jobs read the teacher's layers: online teacher (both towers)"
+                                 + (", cache unused" if cache_available else ""), for_mimic=True)
+    elif not teacher_terms:
         plan = TeacherSourcePlan((), (), False, False, f"{where}no term reads the teacher")
     elif not online:
         plan = TeacherSourcePlan(cached, (), True, False,
@@ -88,7 +102,7 @@ def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: s
         plan = TeacherSourcePlan((), online + cached, False, True,
                                  f"{where}terms {list(online)} read teacher outputs the cache does not hold "
                                  f"(only final embeddings are cached): falling back to the online teacher for "
-                                 f"this stage, cache unused")
+                                 f"this stage, cache unused", fallback=True)
     if log is not None:
-        (log.warning if plan.online_terms and cache_available else log.info)("teacher source: %s", plan.message)
+        plan.log(log)
     return plan

@@ -1,0 +1,127 @@
+"""Reading a recipe: a YAML file, its ``key.sub=value`` command-line overrides, the validation
+errors as one message that names every bad key (with the closest valid keys), and the resolved
+recipe written back as YAML beside a run.
+
+Any key can be overridden from the command line as ``key.sub=value`` (values are parsed as
+YAML, so ``training.num_train_epochs=3`` is an int and ``data.image_size=[64,32]`` a list); list
+items are addressed by index, as in ``loss.terms.0.weight=0.5``.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kd_trainer.recipe.schema import Recipe, RecipeError, did_you_mean
+
+__all__ = ["apply_overrides", "dump_recipe", "load_recipe", "parse_recipe"]
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the recipe schema allows at ``loc`` (the location of an unknown key, without the key)."""
+    models: list[type[BaseModel]] = [Recipe]
+    for part in loc:
+        if isinstance(part, int) or part not in {k for m in models for k in m.model_fields}:
+            continue  # a list index or a dict key (teachers.<name>): the same models hold below it
+        models = [sub for m in models if part in m.model_fields for sub in _models_in(m.model_fields[part].annotation)]
+    return sorted({k for m in models for k in m.model_fields})
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"Invalid recipe {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _keys_at(tuple(err["loc"][:-1])))
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"  - {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key.sub=value")
+        path, _, text = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); quote strings with ':' or '#' in them") from None
+        node: Any = raw
+        for i, k in enumerate(keys[:-1]):
+            where = ".".join(keys[: i + 1])
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise RecipeError(f"override {item!r}: {where!r} is not an index of a list of {len(node)}")
+                node = node[int(k)]
+            else:
+                if node.get(k) is None:
+                    node[k] = {}
+                node = node[k]
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"override {item!r}: {where!r} holds a value, not a mapping")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override {item!r}: {last!r} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Recipe {source} must be a YAML mapping at top level, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        shown = f"; it holds {', '.join(inside[:5])}" + (" ..." if len(inside) > 5 else "") if inside else ""
+        raise RecipeError(f"Recipe {str(path)!r} is a folder, not a recipe file{shown}; expected the path of one "
+                          f"YAML recipe (see recipes/)")
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem} "
+                          "(YAML indents with spaces, never tabs)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"Recipe {str(path)!r} cannot be read: {e}") from None
+    if overrides:
+        apply_overrides(raw, overrides)
+    return parse_recipe(raw, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (saved beside every run, so a run can be repeated)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
