@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from kd_trainer.distill.frozen_tower import format_frozen_tower, frozen_tower_plan, optimised_params
 from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
 from kd_trainer.distill.plan import Stage
-from kd_trainer.distill.resolved import ResolvedRun, resolve_run
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.inherit import plan_inheritance
 from kd_trainer.models.precision import convert_to_original_fp16
