@@ -4,11 +4,13 @@ and no traceback. Real caches built by `kd-trainer cache-teacher` from a tiny re
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
@@ -138,3 +140,38 @@ def test_the_command_line_says_it_in_one_line_and_exits_2(built, tmp_path, capsy
     assert e.value.code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: the cache at {damaged} is damaged (image_embeds_k001.safetensors is truncated")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(built, tmp_path, capsys):
+    recipe, _, _ = built
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["cache-teacher", str(recipe), "--out", str(blocker / "cache")])  # today: a FileExistsError traceback
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the teacher cache cannot be written to {blocker / 'cache'} (")
+
+
+def test_a_full_disk_while_writing_leaves_no_usable_cache_and_says_so(built, tmp_path, monkeypatch, capsys):
+    recipe, _, _ = built
+    real = safetensors.torch.save_file
+    calls = []
+
+    def fills_up(tensors, filename, *a, **kw):  # the second table written finds the disk full
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
+    out = tmp_path / "cache"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["cache-teacher", str(recipe), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"error: the cache at {out} is damaged (writing it failed: No space left on device): rebuild" in err
+    assert not (out / "cache_meta.json").exists()

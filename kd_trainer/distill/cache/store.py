@@ -36,6 +36,7 @@ from torch import nn
 
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, TrainRows
 from kd_trainer.distill.cache.fingerprint import FINGERPRINT_PARTS, explain_change, fingerprints
+from kd_trainer.recipe import RecipeError
 
 __all__ = ["CACHE_META", "CacheDamagedError", "CacheMismatchError", "TeacherCache", "reset_cache_dir", "write_cache"]
 
@@ -87,17 +88,30 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
 def reset_cache_dir(out: Path) -> None:
     """Create ``out`` and mark it unfinished (no meta file, no image shards of an older build):
     from here until :func:`write_cache` ends, nothing can open it as a cache."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CACHE_META).unlink(missing_ok=True)
-    for stale in out.glob(IMAGE_SHARD_GLOB):
-        stale.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CACHE_META).unlink(missing_ok=True)
+        for stale in out.glob(IMAGE_SHARD_GLOB):
+            stale.unlink()
+    except OSError as e:  # a file where the folder should be, no permission: the path given is wrong
+        raise RecipeError(f"the teacher cache cannot be written to {out} ({e.strerror or e}); give "
+                          f"`kd-trainer cache-teacher --out` (or teacher.cache) a folder you can write") from None
 
 
 def write_cache(out: Path, text: torch.Tensor, images: torch.Tensor, rows: TrainRows,
                 built_for: dict[str, dict[str, Any]], config: ReplayConfig, build: dict[str, Any]) -> None:
     """Write the tables (``text`` N x D, ``images`` K x M x D) and the index, then the meta file
     (with ``built_for``, the :func:`~.fingerprint.fingerprints` of the build) last and
-    atomically, so a crash leaves no ``cache_meta.json``."""
+    atomically, so a crash leaves no ``cache_meta.json``; a write that fails (a full disk) is a
+    :class:`CacheDamagedError` saying so, and leaves no meta file either."""
+    try:
+        _write_tables(out, text, images, rows, built_for, config, build)
+    except (OSError, SafetensorError) as e:
+        raise CacheDamagedError(out, f"writing it failed: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _write_tables(out: Path, text: torch.Tensor, images: torch.Tensor, rows: TrainRows,
+                  built_for: dict[str, dict[str, Any]], config: ReplayConfig, build: dict[str, Any]) -> None:
     safetensors.torch.save_file({"text_embeds": text.contiguous()}, str(out / TEXT_FILE))
     shards = []
     for k in range(images.shape[0]):
