@@ -4,8 +4,7 @@ teacher at half depth), five ways to start and train it, several seeds each.
     python bench/inherit_evidence.py --seeds 1 2            # every variant, seeds 1 and 2
     python bench/inherit_evidence.py --variants first first_nokd --seeds 1 2 3
 
-Needs the demo teacher (runs/demo/teacher: `make demo`, or `python -m kd_trainer
-recipes/demo/teacher.yaml`). Each run lands in runs/inherit/<variant>-s<seed>; a finished run is
+Needs the demo teacher (runs/demo/teacher: `make demo`, or `kd-trainer demo --teacher-only`). Each run lands in runs/inherit/<variant>-s<seed>; a finished run is
 read back, not retrained. Prints, per variant, the test metrics as mean ± sample std over the
 seeds, and R@1 on the val split after 25% of the training steps (from the run's log history).
 """

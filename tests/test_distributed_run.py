@@ -25,7 +25,7 @@ def test_two_cpu_processes_run_the_demo_student_recipe(tmp_path):
              "training.logging_steps=1", "training.per_device_train_batch_size=16", "training.disable_tqdm=true"]
     teacher = tmp_path / "teacher"
     subprocess.run([sys.executable, "-m", "kd_trainer", "recipes/demo/teacher.yaml", *small,
-                    f"training.output_dir={teacher}", "data.test_split=null", "training.eval_strategy=no",
+                    "student.checkpoint=null", f"training.output_dir={teacher}", "data.test_split=null", "training.eval_strategy=no",
                     "training.save_strategy=no", "training.load_best_model_at_end=false"],
                    cwd=REPO, env=env, check=True, capture_output=True)
     out = tmp_path / "student"

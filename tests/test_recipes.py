@@ -126,7 +126,8 @@ def synth_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     common = [f"data.root={tmp / 'data'}", *SMALL]
     _run(ROOT / "recipes" / "demo" / "teacher.yaml",
-         [*common, "training.num_train_epochs=1", f"training.output_dir={tmp / 'teacher'}", "data.test_split=null",
+         [*common, "training.num_train_epochs=1", "student.checkpoint=null",  # from scratch, not pre-trained
+          f"training.output_dir={tmp / 'teacher'}", "data.test_split=null",
           "training.eval_strategy=no", "training.save_strategy=no", "training.load_best_model_at_end=false"])
     results = {}
     for name in METHODS:
