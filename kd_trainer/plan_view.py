@@ -76,7 +76,8 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
     """The plan of a recipe as plain data (what ``kd-trainer plan`` prints)."""
     if recipe.task != "retrieval":
         return _task_plan_report(recipe)
-    run = resolve_run(recipe)  # what the run would decide; the report reads it, never the raw recipe keys
+    # What the run would decide; the report reads it, never the raw recipe keys.
+    run = resolve_run(recipe, describe_only=True)
     plan, args = run.plan, run.args
     student = _meta_model(recipe.student.architecture(), recipe, projection_dim=run.projection_dim)
     plan.bind(student)
@@ -185,8 +186,8 @@ def _task_plan_report(recipe: Recipe) -> dict[str, Any]:
     """The plan of a classification or detection recipe: its models, its mimic jobs and its one
     stage (the Trainer's own optimiser and schedule over ``training:``). Builds no model and reads
     no data; a tap name that does not exist is found when the run builds the models."""
-    training, mimic = recipe.training, recipe.mimic
-    steps = training.get("max_steps", -1)
+    run, mimic = resolve_run(recipe, describe_only=True), recipe.mimic
+    args = run.args  # TrainingArguments with their own defaults, never copies of them
     jobs = [{"name": j.name, "student": list(j.student), "teachers": {t: list(taps) for t, taps in j.teachers.items()},
              "loss": j.loss.type, "loss_kwargs": j.loss.kwargs, "weight": j.loss_weight,
              "warm_up_iters": j.warm_up_iters, "reduce": j.reduce, "adapter": j.adapter}
@@ -198,12 +199,10 @@ def _task_plan_report(recipe: Recipe) -> dict[str, Any]:
                      for name, cfg in (recipe.teachers or {}).items()},
         "task_loss": mimic.task_loss if mimic is not None else True,
         "mimic_jobs": jobs,
-        "length": f"{steps} steps" if steps not in (-1, None) else f"{training.get('num_train_epochs', 3)} epochs",
-        "optimiser": {"optim": training.get("optim", "adamw_torch"), "lr": training.get("learning_rate", 5e-5),
-                      "weight_decay": training.get("weight_decay", 0.0),
-                      "schedule": training.get("lr_scheduler_type", "linear")},
-        "run": {"accumulation": f"{int(training.get('gradient_accumulation_steps', 1))} micro-batch(es) per step",
-                "nonfinite_skips": recipe.nonfinite_skips},
+        "length": f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
+        "optimiser": {"optim": _name(args.optim), "lr": args.learning_rate, "weight_decay": args.weight_decay,
+                      "schedule": _name(args.lr_scheduler_type)},
+        "run": {"accumulation": f"{run.micro_batches} micro-batch(es) per step", "nonfinite_skips": run.nonfinite_skips},
         "checkpoint_kept": "the last weights",
     }
 

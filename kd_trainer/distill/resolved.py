@@ -94,8 +94,12 @@ class ResolvedRun:
         }
 
 
-def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, int]:
-    """The recipe's ``training:`` block as ``TrainingArguments``, and k (see :func:`exact_group_arguments`)."""
+def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[TrainingArguments, int]:
+    """The recipe's ``training:`` block as ``TrainingArguments``, and k (see :func:`exact_group_arguments`).
+
+    ``describe_only``: for ``kd-trainer plan``, which describes a run on any machine: the arguments
+    are built as for the CPU, so that a recipe asking for bf16 on GPUs is not refused by a laptop
+    (the device is checked when the run starts)."""
     defaults: dict[str, Any] = {
         "output_dir": str(Path("runs") / recipe.name),
         "seed": recipe.seed,
@@ -107,6 +111,8 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, int]:
         training, k = exact_group_arguments(training)
     args = {**defaults, **training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in the recipe)
+    if describe_only:
+        args["use_cpu"] = True
     if isinstance(args.get("resume_from_checkpoint"), bool):  # `true`: fit() passes it to train()
         args.pop("resume_from_checkpoint")
     # The Trainer's own push would upload checkpoints in our training layout and swap nothing for
@@ -115,9 +121,10 @@ def training_arguments(recipe: Recipe) -> tuple[TrainingArguments, int]:
     return TrainingArguments(**args), k
 
 
-def resolve_run(recipe: Recipe) -> ResolvedRun:
-    """Decide everything the recipe leaves to the run, once."""
-    args, k = training_arguments(recipe)
+def resolve_run(recipe: Recipe, *, describe_only: bool = False) -> ResolvedRun:
+    """Decide everything the recipe leaves to the run, once (``describe_only``: for ``kd-trainer
+    plan``, on a machine that need not be the run's; see :func:`training_arguments`)."""
+    args, k = training_arguments(recipe, describe_only=describe_only)
     training = recipe.training  # read here, once; the run reads `args` and this object after
     hub = None
     if training.get("hub_model_id"):
