@@ -138,25 +138,32 @@ def _row_selection(cells: dict[str, SeedGroup]) -> str:
     return "; ".join(f"{dataset_display_name(d)}: {t}" for d, t in texts.items())
 
 
+def _pairs(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[str, str], SeedGroup], metric: str
+           ) -> Iterable[tuple[str, tuple[str, MetricStats], tuple[str, MetricStats]]]:
+    """Every pair of rows that both hold ``metric`` on one dataset: (dataset, (row, stats), (row, stats))."""
+    for d in cols:
+        have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(metric)) is not None]
+        for i, a in enumerate(have):
+            for b in have[i + 1:]:
+                yield d, a, b
+
+
 def _spread_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tuple[str, str], SeedGroup],
                   mset: MetricSet) -> tuple[set[tuple[str, str]], list[str]]:
     """Pairs of rows whose headline means (R@1, AP) on one dataset differ by less than their seed spread."""
     flagged: set[tuple[str, str]] = set()
     notes: list[str] = []
     name = mset.names[mset.headline]
-    for d in cols:
-        have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(mset.headline)) is not None]
-        for i, (ra, sa) in enumerate(have):
-            for rb, sb in have[i + 1:]:
-                if sa.std is None and sb.std is None:
-                    continue  # no spread known: nothing to compare the difference with
-                spread = (sa.std or 0.0) + (sb.std or 0.0)
-                diff = abs(sa.mean - sb.mean)
-                if diff < spread:
-                    flagged |= {(ra, d), (rb, d)}
-                    notes.append(f"- {dataset_display_name(d)}: {ra} ({stats_text(sa, sa.n)}, n={sa.n}) and {rb} "
-                                 f"({stats_text(sb, sb.n)}, n={sb.n}): {name} means differ by {diff:.2f}, "
-                                 f"less than their seed spread {spread:.2f}")
+    for d, (ra, sa), (rb, sb) in _pairs(rows, cols, cells, mset.headline):
+        if sa.std is None and sb.std is None:
+            continue  # no spread known: nothing to compare the difference with
+        spread = (sa.std or 0.0) + (sb.std or 0.0)
+        diff = abs(sa.mean - sb.mean)
+        if diff < spread:
+            flagged |= {(ra, d), (rb, d)}
+            notes.append(f"- {dataset_display_name(d)}: {ra} ({stats_text(sa, sa.n)}, n={sa.n}) and {rb} "
+                         f"({stats_text(sb, sb.n)}, n={sb.n}): {name} means differ by {diff:.2f}, "
+                         f"less than their seed spread {spread:.2f}")
     if notes:
         notes.insert(0, f"{SPREAD_MARK} {name} means closer than their seed spread (the sum of the two sample "
                         "standard deviations; a single run adds none), so the seeds run so far cannot rank them:")
@@ -169,18 +176,14 @@ def _separation_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tupl
     spread (the sum of the two sample standard deviations): the pairs the seeds run so far can rank."""
     notes: list[str] = []
     for metric in mset.ranked or (mset.headline,):
-        name = mset.names[metric]
-        for d in cols:
-            have = [(r, s) for r in rows if (r, d) in cells and (s := cells[(r, d)].stats(metric)) is not None]
-            for i, (ra, sa) in enumerate(have):
-                for rb, sb in have[i + 1:]:
-                    if sa.std is None or sb.std is None:
-                        continue  # one run has no spread: its seeds cannot rank it yet
-                    spread, diff = sa.std + sb.std, sa.mean - sb.mean
-                    if abs(diff) > spread:
-                        (hi, lo) = (ra, rb) if diff > 0 else (rb, ra)
-                        notes.append(f"- {dataset_display_name(d)}, {name}: {hi} above {lo} by {abs(diff):.2f}, "
-                                     f"more than their seed spread {spread:.2f}")
+        for d, (ra, sa), (rb, sb) in _pairs(rows, cols, cells, metric):
+            if sa.std is None or sb.std is None:
+                continue  # one run has no spread: its seeds cannot rank it yet
+            spread, diff = sa.std + sb.std, sa.mean - sb.mean
+            if abs(diff) > spread:
+                hi, lo = (ra, rb) if diff > 0 else (rb, ra)
+                notes.append(f"- {dataset_display_name(d)}, {mset.names[metric]}: {hi} above {lo} by "
+                             f"{abs(diff):.2f}, more than their seed spread {spread:.2f}")
     if notes:
         notes.insert(0, "Pairs that separate: means further apart than their seed spread (the sum of the two "
                         "sample standard deviations), both over several seeds:")
