@@ -24,7 +24,7 @@ class ClassificationTrainer(DistillationTrainer):
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         return model(pixel_values=inputs["pixel_values"])
 
-    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
+    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher_embeds: dict[str, torch.Tensor],
                     stage: Stage) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(outputs["logits"], inputs["labels"])} if self.task_loss else {}
 

@@ -131,9 +131,10 @@ class DistillationTrainer(Trainer):
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         raise NotImplementedError
 
-    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
+    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher_embeds: dict[str, torch.Tensor],
                     stage: Stage) -> dict[str, torch.Tensor]:
-        """Unweighted loss values by term key; the plan weighs them (keys outside it weigh 1)."""
+        """Unweighted loss values by term key; the plan weighs them (keys outside it weigh 1).
+        ``teacher_embeds``: what :meth:`teacher_outputs` returned (teacher embeddings by name)."""
         raise NotImplementedError
 
     def evaluate_split(self, split: Any, prefix: str) -> dict[str, float]:
@@ -272,14 +273,14 @@ class DistillationTrainer(Trainer):
         with self._taps() as tapped:
             # Teachers before the student: their activations are freed before the student's are
             # made and kept for backward (bench/bench_kd.py measures this order as the cheaper one).
-            teacher = self.teacher_outputs(inputs, stage)
+            teacher_embeds = self.teacher_outputs(inputs, stage)
             if tapped is not None:
                 self.mimic.run_teachers(forward=lambda name, t: None if name in self.live_teachers
                                         else self.teacher_tap_forward(name, t, inputs))
             outputs = self.student_outputs(model, inputs, stage)
             if tapped is not None:
                 mimic = self.mimic.losses(tapped.student, tapped.teachers, step=self.state.global_step)
-        values = self.term_values(inputs, outputs, teacher, stage)
+        values = self.term_values(inputs, outputs, teacher_embeds, stage)
         total = self._weighted_total(values, mimic, stage, record=model.training)
         if model.training and not torch.isfinite(total.detach()):
             total = self._non_finite(total, {**values, **mimic})

@@ -46,7 +46,7 @@ class DetectionTrainer(DistillationTrainer):
         targets = inputs["targets"] if model.training else None
         return model(pixel_values=inputs["pixel_values"], targets=targets)
 
-    def term_values(self, inputs: dict[str, Any], outputs: Any, teacher: dict[str, torch.Tensor],
+    def term_values(self, inputs: dict[str, Any], outputs: Any, teacher_embeds: dict[str, torch.Tensor],
                     stage: Stage) -> dict[str, torch.Tensor]:
         """Every entry of the detector's loss dict, by its name without ``loss_`` (the core adds it
         back when logging); none when the recipe trains on the mimic jobs alone."""

@@ -308,8 +308,8 @@ class ExactAccumulation:
         stage = self.current_stage
         values: dict[str, torch.Tensor] = {}
 
-        def loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-            values.update(self.term_values(inputs, student, teacher, stage))
+        def loss(student: dict[str, torch.Tensor], teacher_embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+            values.update(self.term_values(inputs, student, teacher_embeds, stage))
             return self._weighted_total(values, {}, stage, record=True)
 
         frozen_inputs = {self.tower_inputs[t] for t in stage.frozen_towers if t in self.tower_inputs}

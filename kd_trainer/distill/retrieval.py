@@ -115,16 +115,16 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
                                         input_ids=inputs["input_ids"] if "student_text" in towers else None,
                                         no_grad=stage.frozen_towers))
 
-    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher: dict[str, torch.Tensor],
+    def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher_embeds: dict[str, torch.Tensor],
                     stage: Stage) -> dict[str, torch.Tensor]:
         pids = inputs.get("pids")
         plain = Features(student_image=outputs.get("image_embeds"), student_text=outputs.get("text_embeds"),
-                         pids=pids, **teacher)
+                         pids=pids, **teacher_embeds)
         # Terms that compare student and teacher directly read the projected student embeddings
         # when the widths differ (the projection trains with the student).
         projected = Features(student_image=outputs.get("image_embeds_proj", outputs.get("image_embeds")),
                              student_text=outputs.get("text_embeds_proj", outputs.get("text_embeds")),
-                             pids=pids, **teacher)
+                             pids=pids, **teacher_embeds)
         # Every term sees the global batch (every process's samples) and computes only this
         # process's rows of it; the gather's backward sums the gradient over processes, so N
         # processes optimise what one process on the concatenated batch does (distill/gather.py).
