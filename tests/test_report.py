@@ -1,6 +1,6 @@
 """kd_trainer.report: the results table, loss-curve data and plots, write_report and `kd-trainer report`.
 
-Every run folder here is written to disk by hand in the exact layout kd_trainer.run leaves
+Every run folder here is written to disk by hand in the exact layout kd_trainer.runner leaves
 (recipe.yaml, test_results.json, trainer_state.json, stages.json), with numbers chosen so a
 wrong cell, a swapped column or a misplaced boundary fails a test.
 """

@@ -2,7 +2,7 @@
 ones, the old test_map* names read as test_AP*, one table per task in a mixed folder, and the
 detector's loss log drawn like any other.
 
-Run folders are written by hand in the layout kd_trainer.run_detection leaves (recipe.yaml with
+Run folders are written by hand in the layout kd_trainer.runner.detection leaves (recipe.yaml with
 ``task: detection``, test_results.json with ``test_AP``..., trainer_state.json, stages.json), with
 the builders of tests/test_report.py; every expected cell is computed here from the numbers written.
 """
