@@ -69,7 +69,7 @@ def _accepted(key: str, accepted: list[str]) -> bool:
 
 def _saved_recipe(out: Path, checkpoint: Path) -> tuple[Path, str] | None:
     """The ``recipe.yaml`` of the run that wrote ``checkpoint`` (beside it), else of ``out``."""
-    for folder in dict.fromkeys((checkpoint.parent, out)):
+    for folder in dict.fromkeys((checkpoint.resolve().parent, out.resolve())):
         path = folder / RECIPE_FILE
         if path.is_file():
             return path, path.read_text()
@@ -101,6 +101,9 @@ def resume_changes(recipe: Recipe, out: str, checkpoint: str) -> dict[str, dict[
     path, text = saved
     changes = changed_keys(_as_saved(text, path), recipe.model_dump(mode="json"))
     refused = [k for k in changes if not _accepted(k, recipe.resume_changes)]
+    unused = [a for a in recipe.resume_changes if a != "*" and not any(_accepted(k, [a]) for k in changes)]
+    if unused:
+        logger.warning("resume_changes names %s, which did not change since %s", unused, path)
     if refused:
         listed = ", ".join(f"{k} ({changes[k]['was']!r} -> {changes[k]['now']!r})" for k in refused)
         raise RecipeError(
@@ -121,7 +124,7 @@ def record_recipe(recipe: Recipe, out: str, checkpoint: str | None, changes: dic
         (folder / RECIPE_FILE).write_text(dump_recipe(recipe))
         return
     saved = _saved_recipe(folder, Path(checkpoint))
-    if not (folder / RECIPE_FILE).is_file() or (saved is not None and saved[0].parent != folder):
+    if not (folder / RECIPE_FILE).is_file() or (saved is not None and saved[0].parent != folder.resolve()):
         # Resumed into another folder: it records the recipe the checkpoint's run started with.
         (folder / RECIPE_FILE).write_text(saved[1] if saved is not None else dump_recipe(recipe))
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
