@@ -293,6 +293,7 @@ def test_onnx_int8_index_and_search_agree_with_pytorch_on_top1(tmp_path, index, 
     assert done.returncode == 2 and "another model" in done.stderr
 
 
+@pytest.mark.slow  # two Chromium runs: 12 s on a quiet machine
 def test_the_search_page_shows_every_image_in_a_browser(tmp_path, plain_index, raw):
     index = plain_index
     captions = list(raw["test_queries"]["caption"])[:3]
