@@ -273,7 +273,7 @@ def test_what_exact_accumulation_refuses(tmp_path):
     job = MimicJob(loss={"type": "l2"}, teachers={"teacher": ["clip.visual.transformer.resblocks.0"]},
                    student=["clip.visual.transformer.resblocks.0"])
     with pytest.raises(ValueError, match="mimic jobs"):
-        ExactTrainer(model=student, args=arguments(tmp_path, "d", batch=K * B), mimic=[job], **common)
+        ExactTrainer(model=student, args=arguments(tmp_path, "d", batch=K * B), mimic_jobs=[job], **common)
 
 
 def test_recipe_translation_keeps_the_global_batch():

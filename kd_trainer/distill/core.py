@@ -269,7 +269,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
         stage = self.current_stage
-        mimic: dict[str, torch.Tensor] = {}
+        mimic_losses: dict[str, torch.Tensor] = {}
         with self._taps() as tapped:
             # Teachers before the student: their activations are freed before the student's are
             # made and kept for backward (bench/bench_kd.py measures this order as the cheaper one).
@@ -279,11 +279,11 @@ class DistillationTrainer(Trainer):
                                         else self.teacher_tap_forward(name, t, inputs))
             outputs = self.student_outputs(model, inputs, stage)
             if tapped is not None:
-                mimic = self.mimic.losses(tapped.student, tapped.teachers, step=self.state.global_step)
+                mimic_losses = self.mimic.losses(tapped.student, tapped.teachers, step=self.state.global_step)
         values = self.term_values(inputs, outputs, teacher_embeds, stage)
-        total = self._weighted_total(values, mimic, stage, record=model.training)
+        total = self._weighted_total(values, mimic_losses, stage, record=model.training)
         if model.training and not torch.isfinite(total.detach()):
-            total = self._non_finite(total, {**values, **mimic})
+            total = self._non_finite(total, {**values, **mimic_losses})
         return (total, outputs) if return_outputs else total
 
     def _non_finite(self, total: torch.Tensor, values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -306,11 +306,11 @@ class DistillationTrainer(Trainer):
             f"The run stopped; {kept}. Lower the learning rate, check the terms' temperatures, or let the recipe "
             "skip up to N such micro-batches (nonfinite_skips: N)")
 
-    def _weighted_total(self, values: dict[str, torch.Tensor], mimic: dict[str, torch.Tensor], stage: Stage,
+    def _weighted_total(self, values: dict[str, torch.Tensor], mimic_losses: dict[str, torch.Tensor], stage: Stage,
                         *, record: bool) -> torch.Tensor:
         coefs, alpha = stage.coefficients(self.plan.clock(self.state.global_step))
         weighted = {key: coefs.get(key, 1.0) * v for key, v in values.items()}
-        parts = list(weighted.values()) + ([mimic[MIMIC_TOTAL_KEY]] if mimic else [])
+        parts = list(weighted.values()) + ([mimic_losses[MIMIC_TOTAL_KEY]] if mimic_losses else [])
         if not parts:
             raise ValueError(f"stage {stage.name!r} has no loss: no term, no task loss and no mimic job")
         total = parts[0]
@@ -322,7 +322,7 @@ class DistillationTrainer(Trainer):
             logged.update({term_key(k, weighted=True, stage=name): v for k, v in weighted.items()})
             if alpha is not None:
                 logged[stage_key("alpha", name)] = torch.tensor(alpha, device=total.device)
-            self._logged.add({**logged, **mimic})
+            self._logged.add({**logged, **mimic_losses})
         return total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

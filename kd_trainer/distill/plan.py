@@ -199,7 +199,8 @@ class RunPlan:
         run opens one (``cache``), the online teacher otherwise, and always the online teacher
         when mimic jobs read its layers (``live``). The runner logs each (``teacher_source.log()``)."""
         for s in self.stages:
-            s.teacher_source = plan_teacher_source(s.terms, cache_available=cache, stage=s.name, mimic=live, log=None)
+            s.teacher_source = plan_teacher_source(s.terms, cache_available=cache, stage=s.name, for_mimic=live,
+                                                   log=None)
         return self
 
     def bind(self, model: nn.Module, *, always: tuple[str, ...] = ()) -> "RunPlan":

@@ -69,7 +69,7 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
         *,
         plan: RunPlan,
         teacher: RetrievalModel | None = None,
-        mimic: Sequence[Any] = (),
+        mimic_jobs: Sequence[Any] = (),
         mimic_teachers: dict[str, nn.Module] | None = None,
         teacher_cache: Any = None,
         data_collator: Any = None,
@@ -83,7 +83,7 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
                                        for s in plan.stages):
             self.live_teachers = frozenset({"teacher"})
         teachers = {**({"teacher": teacher} if teacher is not None else {}), **(mimic_teachers or {})}
-        super().__init__(model, args, plan=plan, teachers=teachers, mimic_jobs=mimic,
+        super().__init__(model, args, plan=plan, teachers=teachers, mimic_jobs=mimic_jobs,
                          data_collator=data_collator or collate_retrieval, **kwargs)
         self.teacher = self.teachers.get("teacher")
         if self.teacher_cache is not None:

@@ -161,7 +161,7 @@ def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
         args=run.args,
         plan=run.plan,
         teacher=teacher,
-        mimic=recipe.mimic.jobs if recipe.mimic is not None else [],
+        mimic_jobs=recipe.mimic.jobs if recipe.mimic is not None else [],
         mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
         teacher_cache=cache,
         max_nonfinite_skips=run.nonfinite_skips,

@@ -73,21 +73,21 @@ def _label_spec_side(term: Any) -> tuple[str, TermSpec, str]:
     return label, spec if spec is not None else get_term(name), side
 
 
-def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: str = "", mimic: bool = False,
+def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: str = "", for_mimic: bool = False,
                         log: logging.Logger | None = logger) -> TeacherSourcePlan:
     """Decide cache vs online teacher for one stage's terms, and log one line saying which.
 
     ``terms``: the stage's planned terms (anything with ``.config`` and ``.spec``, as
     :class:`kd_trainer.distill.plan.PlannedTerm`), ``TermConfig``s, or ``(name, side)`` pairs.
-    ``mimic``: mimic jobs read the teacher's layers, so it runs live whatever the terms read.
+    ``for_mimic``: mimic jobs read the teacher's layers, so it runs live whatever the terms read.
     """
     teacher_terms = [_label_spec_side(t) for t in terms]
     teacher_terms = [t for t in teacher_terms if t[1].towers(t[2]) & TEACHER_TOWERS]
     cached = tuple(label for label, spec, s in teacher_terms
-                   if cache_available and not mimic and term_uses_cache(spec, s))
+                   if cache_available and not for_mimic and term_uses_cache(spec, s))
     online = tuple(label for label, _, _ in teacher_terms if label not in cached)
     where = f"stage {stage!r}: " if stage else ""
-    if mimic:
+    if for_mimic:
         plan = TeacherSourcePlan((), online, False, True,
                                  f"{where}mimic jobs read the teacher's layers: online teacher (both towers)"
                                  + (", cache unused" if cache_available else ""), for_mimic=True)
