@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from transformers import Trainer
 
 from kd_trainer.distill.resolved import HubTarget
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
+from kd_trainer.models.finite import non_finite_tensors
 from kd_trainer.recipe import Recipe
 from kd_trainer.runner.errors import RunFault
 
@@ -29,7 +29,7 @@ def export_student(trainer: Trainer, recipe: Recipe, hub: HubTarget | None) -> l
             teacher += f" ({recipe.teacher.checkpoint})"
     repo_id = hub.repo_id if hub is not None else None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite_tensors(model)  # the one rule eval and export-onnx apply too
     if bad:
         raise RunFault(f"the trained student has non-finite weights ({len(bad)} tensors, e.g. {bad[:3]}); "
                        f"nothing was exported or pushed from {out}")
