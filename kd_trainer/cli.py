@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.demo import SEEDS as DEMO_SEEDS
 from kd_trainer.demo import run_demo, train_teacher
 from kd_trainer.distill.cache import build_teacher_cache
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics
@@ -373,8 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default="./data")
     p.add_argument("--runs", default="./runs/demo")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every recipe of the demo")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="train both students at this many seeds (42, 1, 2, ...) and add their mean ± std")
+    p.add_argument("--seeds", type=int, default=1, choices=range(1, len(DEMO_SEEDS) + 1), metavar="N",
+                   help=f"train both students at N seeds (1 to {len(DEMO_SEEDS)}: 42, 1, 2, ...) and add their "
+                        "mean ± std")
     p.add_argument("--teacher-only", action="store_true",
                    help="only pre-train and fine-tune the teacher (what make compare needs), unless already done")
     p = sub.add_parser("cache-teacher", help="embed the training set with the recipe's teacher once (K draws)")
@@ -452,8 +455,12 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     _check_arguments(ns, sub.choices[ns.command])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2
-        _dispatch(ns)
+    try:
+        with one_line_errors():  # a bad recipe, dataset or checkpoint, or a known fault: one line, exit 2
+            _dispatch(ns)
+    except BrokenPipeError:  # `kd-trainer plan ... | head`: the reader left; no traceback for that
+        sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit: let it flush nothing
+        sys.exit(141)  # as a shell reports a process ended by SIGPIPE
 
 
 def _dispatch(ns: argparse.Namespace) -> None:
