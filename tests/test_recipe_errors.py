@@ -59,6 +59,7 @@ def test_a_missing_recipe_file_is_one_line(tmp_path, capsys):
     (["data.synth={num_identities: 0}"], "data.synth: Value error, num_identities must be >= 1, got 0"),
     (["data.synth={images_per_identity: [3, 2]}"], "images_per_identity must be (min, max) with 1 <= min <= max"),
     (["data.synth={split_identities: [0.5, 0.5, 0.5]}"], "split_identities must be three non-negative fractions"),
+    (["data.synth={disjoint_from: [0, 0]}"], "disjoint_from must be (num_identities >= 1, seed)"),
     (["data.shapes={num_classes: 1}"], "data.shapes: Value error, num_classes must be between 2 and 20, got 1"),
     (["data.shapes={train_per_class: 0}"], "SynthShapes needs train_per_class and test_per_class >= 1"),
     (["data.det={image_size: 16}"], "data.det: Value error, SynthDet image_size must be at least 32 pixels"),
@@ -81,6 +82,13 @@ def test_data_range_errors_are_refused_when_the_recipe_is_read(tmp_path, capsys,
 def test_unknown_keys_everywhere_get_the_closest_valid_name(tmp_path, capsys, override, expected):
     err = _run(tmp_path, capsys, yaml.safe_dump(BASE), override)
     assert expected in err
+
+
+def test_a_recipe_path_that_is_no_regular_file_is_not_called_missing(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["/dev/null"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a regular file" in err and "does not exist" not in err
 
 
 def test_a_far_off_unknown_key_gets_no_guess(tmp_path, capsys):

@@ -105,8 +105,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         shown = f"; it holds {', '.join(inside[:5])}" + (" ..." if len(inside) > 5 else "") if inside else ""
         raise RecipeError(f"Recipe {str(path)!r} is a folder, not a recipe file{shown}; expected the path of one "
                           f"YAML recipe (see recipes/)")
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"Recipe file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise RecipeError(f"Recipe {str(path)!r} is not a regular file (a device, socket or pipe); expected the "
+                          f"path of one YAML recipe (see recipes/)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

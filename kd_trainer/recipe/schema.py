@@ -55,7 +55,8 @@ class SynthConfig(_Strict):
     @model_validator(mode="after")
     def _generable(self) -> "SynthConfig":
         # The generator's own rule, checked when the recipe is read rather than when the data is made.
-        check_synth_pedes_args(self.num_identities, self.images_per_identity, self.image_size, self.split_identities)
+        check_synth_pedes_args(self.num_identities, self.images_per_identity, self.image_size, self.split_identities,
+                               self.disjoint_from)
         return self
 
 

@@ -603,10 +603,13 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, i
 
 
 def check_synth_pedes_args(num_identities: int, images_per_identity: tuple[int, int], image_size: tuple[int, int],
-                           split_identities: tuple[float, float, float]) -> None:
+                           split_identities: tuple[float, float, float],
+                           disjoint_from: tuple[int, int] | None = None) -> None:
     """Refuse arguments :func:`make_synth_pedes` cannot generate from (the recipe's ``data.synth`` calls it too)."""
     if num_identities < 1:
         raise ValueError(f"num_identities must be >= 1, got {num_identities}")
+    if disjoint_from is not None and int(disjoint_from[0]) < 1:
+        raise ValueError(f"disjoint_from must be (num_identities >= 1, seed) of the set to leave out, got {disjoint_from}")
     lo, hi = images_per_identity
     if not 1 <= lo <= hi:
         raise ValueError(f"images_per_identity must be (min, max) with 1 <= min <= max, got {images_per_identity}")
@@ -660,7 +663,7 @@ def make_synth_pedes(out_dir: str | os.PathLike, *, num_identities: int = 400,
     images_per_identity = (int(images_per_identity[0]), int(images_per_identity[1]))
     image_size = (int(image_size[0]), int(image_size[1]))
     split_identities = tuple(float(x) for x in split_identities)  # type: ignore[assignment]
-    check_synth_pedes_args(num_identities, images_per_identity, image_size, split_identities)
+    check_synth_pedes_args(num_identities, images_per_identity, image_size, split_identities, disjoint_from)
     out = pathlib.Path(out_dir)
     # Lists, as JSON stores them, so a round-tripped meta compares equal to a fresh one.
     meta = {"num_identities": int(num_identities), "images_per_identity": list(images_per_identity),
