@@ -12,21 +12,17 @@ the gallery); the PyTorch side uses torchvision's transform of the data pipeline
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kd_trainer.cli import main
 from kd_trainer.data import CLIP_MEAN, CLIP_STD, load_pedes, tokenize, with_retrieval_transforms
 from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from kd_trainer.models.export import CARD_END, CARD_START, export_open_clip, update_model_card
@@ -35,6 +31,7 @@ from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.onnx import OnnxDualEncoder, OnnxFolderError, at_image_size, export_onnx
 from kd_trainer.models.onnx import export as onnx_export
 from kd_trainer.synthetic.pedes import make_synth_pedes
+from tiny import run_cli
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
 
@@ -42,25 +39,6 @@ DATASET = "synth_pedes"
 WRONG_SIZE = (16, 32)  # micro is 32x16 (H, W): the swapped size is a plausible mistake
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def _cli(*args: str) -> Ran:
-    """``kd-trainer ARGS``, in this process (its exit code is what SystemExit carries)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            if isinstance(e.code, str):  # what the interpreter would print before exiting 1
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else 1
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +81,7 @@ def student(tmp_path_factory, data_root) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, student, data_root) -> tuple[Ran, Path]:
     out = tmp_path_factory.mktemp("onnx") / "student_onnx"
-    done = _cli("export-onnx", str(student), "--out", str(out), "--int8", "--dataset", DATASET,
+    done = run_cli("export-onnx", str(student), "--out", str(out), "--int8", "--dataset", DATASET,
                 "--root", str(data_root))
     return done, out
 
@@ -111,7 +89,7 @@ def exported(tmp_path_factory, student, data_root) -> tuple[Ran, Path]:
 @pytest.fixture(scope="module")
 def wrong_size(tmp_path_factory, student, data_root) -> tuple[Ran, Path]:
     out = tmp_path_factory.mktemp("onnx_wrong") / "student_onnx"
-    done = _cli("export-onnx", str(student), "--out", str(out), "--image-size", *map(str, WRONG_SIZE),
+    done = run_cli("export-onnx", str(student), "--out", str(out), "--image-size", *map(str, WRONG_SIZE),
                 "--dataset", DATASET, "--root", str(data_root))
     return done, out
 
@@ -232,7 +210,7 @@ def test_eval_onnx_evaluates_an_exported_folder(exported, data_root, tmp_path):
     done, out = exported
     assert done.returncode == 0, done.stderr[-3000:]
     result = tmp_path / "eval.json"
-    ran = _cli("eval", "--onnx", str(out), "--onnx-variant", "int8", "--dataset", DATASET, "--root", str(data_root),
+    ran = run_cli("eval", "--onnx", str(out), "--onnx-variant", "int8", "--dataset", DATASET, "--root", str(data_root),
                "--output", str(result))
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads((out / "export_report.json").read_text())
@@ -255,7 +233,7 @@ def test_a_graph_that_disagrees_with_preprocess_json_is_refused(exported, wrong_
     (mixed / "export_report.json").unlink()
     with pytest.raises(OnnxFolderError, match=r"\(16, 32\).*\(32, 16\)"):
         OnnxDualEncoder(mixed)
-    ran = _cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
+    ran = run_cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
     assert ran.returncode == 2 and "exported at another image size" in ran.stderr, ran.stderr[-3000:]
 
 
@@ -264,7 +242,7 @@ def test_missing_deploy_extra_is_named(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     export_open_clip(create_model("micro"), folder)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: `import onnxruntime` fails
-    ran = _cli("export-onnx", str(folder), "--out", str(tmp_path / "o"))
+    ran = run_cli("export-onnx", str(folder), "--out", str(tmp_path / "o"))
     assert ran.returncode == 2
     assert "onnxruntime" in ran.stderr and "pip install 'kd_trainer[deploy]'" in ran.stderr
     assert not (tmp_path / "o" / "image_encoder.onnx").exists()
@@ -339,7 +317,7 @@ def test_a_re_export_killed_part_way_leaves_the_previous_export_whole(exported, 
     assert len(calls) == 2 and calls[0].parent != folder, "the new graphs are written beside the folder"
     assert _files(folder) == before, "the previous export must be left exactly as it was"
     assert not list(tmp_path.glob(".student_onnx.partial-*")), "the unfinished export is removed"
-    ran = _cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
+    ran = run_cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
                "--output", str(tmp_path / "eval.json"))
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads((folder / "export_report.json").read_text())
@@ -355,7 +333,7 @@ def test_a_folder_mixing_graphs_of_two_exports_is_refused(exported, other_export
     # What an interrupted in-place re-export used to leave: one new graph beside the old ones, the old
     # preprocess.json and the old report. Same shapes, so only the checksum tells.
     shutil.copy(other_export / "image_encoder.onnx", mixed / "image_encoder.onnx")
-    ran = _cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
+    ran = run_cli("eval", "--onnx", str(mixed), "--dataset", DATASET, "--root", str(data_root))
     line = _one_error_line(ran)
     assert "image_encoder.onnx" in line and "checksum" in line and "another export" in line, line
     assert not list(mixed.glob("eval_*.json")), "nothing is scored"
@@ -372,7 +350,7 @@ def test_damaged_unfinished_or_stale_folders_are_refused_naming_the_file(exporte
         return folder
 
     def eval_onnx(folder: Path, *more: str) -> str:
-        return _one_error_line(_cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
+        return _one_error_line(run_cli("eval", "--onnx", str(folder), "--dataset", DATASET, "--root", str(data_root),
                                     *more))
 
     truncated = copy("truncated")
@@ -427,13 +405,13 @@ def nan_folder(tmp_path_factory) -> Path:
 
 
 def test_non_finite_weights_are_refused_before_eval_or_export_computes_anything(nan_folder, data_root, tmp_path):
-    ran = _cli("eval", str(nan_folder), "--dataset", DATASET, "--root", str(data_root))
+    ran = run_cli("eval", str(nan_folder), "--dataset", DATASET, "--root", str(data_root))
     line = _one_error_line(ran)
     assert "visual.conv1.weight" in line and "text_projection" in line and "not evaluated" in line, line
     assert "text-to-image" not in ran.stdout and not list(nan_folder.glob("eval_*.json"))
 
     out = tmp_path / "exports" / "nan_onnx"
-    ran = _cli("export-onnx", str(nan_folder), "--out", str(out), "--dataset", DATASET, "--root", str(data_root))
+    ran = run_cli("export-onnx", str(nan_folder), "--out", str(out), "--dataset", DATASET, "--root", str(data_root))
     line = _one_error_line(ran)
     assert "visual.conv1.weight" in line and "text_projection" in line and "not exported" in line, line
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir()), \
@@ -442,7 +420,7 @@ def test_non_finite_weights_are_refused_before_eval_or_export_computes_anything(
 
 def test_eval_creates_the_folder_of_its_output(micro_folder, data_root, tmp_path):
     result = tmp_path / "new" / "deeper" / "metrics.json"
-    ran = _cli("eval", str(micro_folder), "--dataset", DATASET, "--root", str(data_root), "--output", str(result),
+    ran = run_cli("eval", str(micro_folder), "--dataset", DATASET, "--root", str(data_root), "--output", str(result),
                "--batch-size", "16")
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert set(json.loads(result.read_text())) >= {"r1", "mAP"}
@@ -473,7 +451,7 @@ def test_bad_eval_and_export_arguments_are_usage_errors(command, args, says, mic
     args = [a.format(**fill) for a in args]
     where = ["--dataset", DATASET, "--root", str(data_root)] if command == "eval" else []
     before = sorted(p.name for p in tmp_path.iterdir())
-    ran = _cli(command, str(micro_folder), *where, *args)
+    ran = run_cli(command, str(micro_folder), *where, *args)
     assert ran.returncode == 2, (ran.returncode, ran.stderr[-2000:])
     assert f"usage: kd-trainer {command}" in ran.stderr and f"kd-trainer {command}: error: " in ran.stderr
     assert says in ran.stderr, ran.stderr[-2000:]

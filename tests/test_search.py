@@ -9,20 +9,15 @@ evaluation's: the split embedded the way ``kd-trainer eval`` embeds it (the data
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from browser import open_page
-from kd_trainer.cli import main
 from kd_trainer.data import collate_retrieval, load_pedes, with_retrieval_transforms
 from kd_trainer.evaluation import embed_dataset, rank_metrics, top_k
 from kd_trainer.models.export import export_open_clip
@@ -31,30 +26,11 @@ from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.onnx import export_onnx
 from kd_trainer.search import build_index, load_encoder, load_index
 from kd_trainer.synthetic.pedes import make_synth_pedes
-from tiny import fitted_micro
+from tiny import fitted_micro, run_cli
 
 DATASET = "synth_pedes"
 
 
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def _cli(*args: str) -> Ran:
-    """``kd-trainer ARGS`` in this process (its exit code is what SystemExit carries)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else 1
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def _ranked(stdout: str) -> list[list[tuple[str, float]]]:
@@ -116,7 +92,7 @@ def plain(tmp_path_factory) -> Path:
 
 
 def _index(model: Path, gallery: Path, out: Path, *extra: str) -> Path:
-    done = _cli("index", str(model), "--gallery", str(gallery), "--out", str(out), "--batch-size", "16", *extra)
+    done = run_cli("index", str(model), "--gallery", str(gallery), "--out", str(out), "--batch-size", "16", *extra)
     assert done.returncode == 0, done.stderr
     assert f"indexed {len(os.listdir(gallery))} images" in done.stdout
     return out
@@ -149,7 +125,7 @@ def _evaluation_top10(model_dir: Path, raw) -> tuple[list[list[str]], dict[str, 
 @pytest.mark.slow
 def test_search_returns_the_evaluations_top10_for_every_test_caption(index, student, gallery, raw):
     captions = list(raw["test_queries"]["caption"])
-    done = _cli("search", str(index), *captions, "--top", "10")
+    done = run_cli("search", str(index), *captions, "--top", "10")
     assert done.returncode == 0, done.stderr
     found = _ranked(done.stdout)
     assert len(found) == len(captions) and all(len(row) == 10 for row in found)
@@ -189,7 +165,7 @@ def test_a_stale_index_is_refused_with_one_line(tmp_path, plain, gallery, change
     photos = _small_copy(gallery, tmp_path / "photos")
     out = tmp_path / "photos.index"
     build_index(load_encoder(plain), photos, out)
-    assert _cli("search", str(out), "a man in a blue shirt", "--top", "3").returncode == 0
+    assert run_cli("search", str(out), "a man in a blue shirt", "--top", "3").returncode == 0
     first = sorted(os.listdir(photos))[0]
     if change == "added":
         shutil.copy2(gallery / sorted(os.listdir(gallery))[-1], photos / "new.png")
@@ -198,7 +174,7 @@ def test_a_stale_index_is_refused_with_one_line(tmp_path, plain, gallery, change
     else:
         with open(photos / first, "ab") as f:
             f.write(b"\0")
-    done = _cli("search", str(out), "a man in a blue shirt", "--top", "3")
+    done = run_cli("search", str(out), "a man in a blue shirt", "--top", "3")
     assert done.returncode == 2 and done.stdout == ""
     line = done.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
@@ -214,12 +190,12 @@ def test_a_foreign_index_is_refused_and_the_same_model_moved_is_not(tmp_path, pl
     torch.manual_seed(123)
     other = tmp_path / "other_model"
     export_open_clip(create_model("micro").eval(), other)
-    done = _cli("search", str(out), "a woman with a red bag", "--model", str(other))
+    done = run_cli("search", str(out), "a woman with a red bag", "--model", str(other))
     assert done.returncode == 2 and "was built with another model" in done.stderr
     assert str(other.resolve()) in done.stderr and len(done.stderr.strip().splitlines()) == 1
     moved = tmp_path / "moved_student"
     shutil.copytree(student, moved)
-    done = _cli("search", str(out), "a woman with a red bag", "--model", str(moved), "--top", "2")
+    done = run_cli("search", str(out), "a woman with a red bag", "--model", str(moved), "--top", "2")
     assert done.returncode == 0, done.stderr
     assert len(_ranked(done.stdout)[0]) == 2
 
@@ -238,24 +214,24 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, plain, gallery):
                                       "--onnx-variant", "int8"), "applies to an ONNX export"),
     }
     for what, (args, says) in cases.items():
-        done = _cli(*args)
+        done = run_cli(*args)
         assert done.returncode == 2, what
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, (what, done.stderr)
     broken = _small_copy(gallery, tmp_path / "broken", n=3)
     (broken / "cut.png").write_bytes((broken / sorted(os.listdir(broken))[0]).read_bytes()[:60])
-    done = _cli("index", str(student), "--gallery", str(broken), "--out", str(tmp_path / "b"))
+    done = run_cli("index", str(student), "--gallery", str(broken), "--out", str(tmp_path / "b"))
     assert done.returncode == 2 and "1 of 4 images" in done.stderr and "cut.png (truncated)" in done.stderr
     assert not (tmp_path / "b").exists()
-    assert _cli("search", str(not_index), "x", "--top", "0").returncode == 2  # argparse: a positive integer
+    assert run_cli("search", str(not_index), "x", "--top", "0").returncode == 2  # argparse: a positive integer
     # An empty sentence; a model that is gone (the index names where it was and how to say where it is).
     moved = tmp_path / "model_that_moves"
     shutil.copytree(student, moved)
     photos = _small_copy(gallery, tmp_path / "photos", n=2)
     build_index(load_encoder(moved), photos, tmp_path / "p.index")
-    done = _cli("search", str(tmp_path / "p.index"), "  ")
+    done = run_cli("search", str(tmp_path / "p.index"), "  ")
     assert done.returncode == 2 and "non-empty sentence" in done.stderr
     shutil.rmtree(moved)
-    done = _cli("search", str(tmp_path / "p.index"), "a man")
+    done = run_cli("search", str(tmp_path / "p.index"), "a man")
     assert done.returncode == 2 and "is not there any more" in done.stderr and "--model" in done.stderr
 
 
@@ -276,7 +252,7 @@ def test_onnx_int8_index_and_search_agree_with_pytorch_on_top1(tmp_path, index, 
 
     def top1(model: Path, folder: Path, *extra: str) -> list[str]:
         out = _index(model, folder, tmp_path / f"{folder.name}.{model.name}.index", *extra)
-        done = _cli("search", str(out), *captions, "--top", "1")
+        done = run_cli("search", str(out), *captions, "--top", "1")
         assert done.returncode == 0, done.stderr
         return [Path(row[0][0]).name for row in _ranked(done.stdout)]
 
@@ -289,7 +265,7 @@ def test_onnx_int8_index_and_search_agree_with_pytorch_on_top1(tmp_path, index, 
     meta = json.loads((tmp_path / f"one_each.onnx.index" / "index.json").read_text())
     assert meta["model"]["kind"] == "onnx" and meta["model"]["variant"] == "int8"
     # An INT8 index is another model's: the PyTorch model may not search it.
-    done = _cli("search", str(tmp_path / "one_each.onnx.index"), captions[0], "--model", str(student))
+    done = run_cli("search", str(tmp_path / "one_each.onnx.index"), captions[0], "--model", str(student))
     assert done.returncode == 2 and "another model" in done.stderr
 
 
@@ -298,7 +274,7 @@ def test_the_search_page_shows_every_image_in_a_browser(tmp_path, plain_index, r
     index = plain_index
     captions = list(raw["test_queries"]["caption"])[:3]
     page = tmp_path / "page" / "search.html"
-    done = _cli("search", str(index), *captions, "--top", "5", "--html", str(page))
+    done = run_cli("search", str(index), *captions, "--top", "5", "--html", str(page))
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # self-contained

@@ -6,14 +6,19 @@ them too; ``conftest.py`` exposes the same things as fixtures.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kd_trainer.cli import main as cli_main
 from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.distill.plan import RunPlan
 from kd_trainer.models.factory import RetrievalModel, create_model
@@ -98,3 +103,26 @@ def fitted_micro(root: str | os.PathLike, dataset: str = "synth_pedes", split: s
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@dataclass
+class Ran:
+    """What one ``kd-trainer`` command printed, and its exit code."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Ran:
+    """``kd-trainer ARGS``, in this process (its exit code is what SystemExit carries)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main(list(args))
+        except SystemExit as e:
+            if isinstance(e.code, str):  # what the interpreter would print before exiting 1
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else 1
+    return Ran(code, out.getvalue(), err.getvalue())
