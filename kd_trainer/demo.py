@@ -36,8 +36,7 @@ from kd_trainer.synthetic.pedes import GENERATOR_VERSION
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 METRICS = ("r1", "r5", "r10", "mAP", "mINP")
 SEEDS = (42, 1, 2, 3, 4, 5, 6, 7)
-# The same student, initialisation and steps; one also distils.
-# (row label, recipe, learns from the teacher)
+# (row label, recipe, learns from the teacher): the same student, initialisation and steps; one distils
 STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "student_kd.yaml", True))
 PROVENANCE = "demo_provenance.json"  # what a demo run was made from, checked before it is read back
 
@@ -62,7 +61,7 @@ def _stale(out: Path, recipe_text: str, provenance: dict[str, object]) -> str | 
         return (f"it was trained on SynthPEDES of generator version {made.get('generator_version')}, "
                 f"this toolkit draws version {provenance['generator_version']}")
     if made.get("teacher") != provenance.get("teacher"):
-        return "it was distilled from (or inherited) another teacher than the one in this demo"
+        return "it learnt from another teacher than the one in this demo"
     return None
 
 
