@@ -1,6 +1,6 @@
 """The faithful recipes reproduce the original run (issue 12), checked against the facts written out here.
 
-The facts, from the original code (``design/methods.md``, "How the original run trains", and issue 12),
+The facts, from the original code (``docs/methods.md``, "The original run, for reference", and issue 12),
 are restated below as an independent table: nothing is read from ``kd_trainer.recipe.optim`` or
 ``kd_trainer.distill.optim``. Each seed recipe's ``plan_report`` (what ``kd-trainer plan`` prints)
 is checked against them: parameter groups with LR and weight decay, the LR and alpha at every one of

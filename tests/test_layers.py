@@ -1,6 +1,6 @@
 """The house imports only downward, has no import cycle, and imports at module top.
 
-Layers (design/architecture.md), lowest first:
+Layers (docs/architecture.md), lowest first:
 
 1. ``losses``, ``data``, ``synthetic``, ``evaluation``, ``log_keys``: pure functions, loaders and the
    generators of the synthetic sets;

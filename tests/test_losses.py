@@ -1,4 +1,4 @@
-"""Loss terms against independent computations (losses.md).
+"""Loss terms against independent computations (docs/losses.md).
 
 Two kinds of check for every term: a reference written in plain Python (lists, loops,
 ``math.exp`` / ``math.log``, nothing shared with the implementation), and, for several terms,

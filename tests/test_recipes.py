@@ -1,4 +1,4 @@
-"""The method recipes: their stage semantics (methods.md), their SynthPEDES twins, and full runs."""
+"""The method recipes: their stage semantics (docs/methods.md), their SynthPEDES twins, and full runs."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from kd_trainer.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["finetune_itc", "cross_kd", "clip_kd", "motis_2stage", "conaclip_2stage", "ours_3stage", "ours_from_motis"]
 
-# methods.md, stage by stage: (stage name, what trains, the terms by logged key).
+# docs/methods.md, stage by stage: (stage name, what trains, the terms by logged key).
 EXPECTED = {
     "finetune_itc": [(None, "all", {"itc"})],
     "cross_kd": [(None, "all", {"cross_kd", "itc"})],
-    # The original's CLIP-KD path: task sdm, no alpha mix (methods.md).
+    # The original's CLIP-KD path: task sdm, no alpha mix (docs/methods.md).
     "clip_kd": [(None, "all", {"sdm", "fd", "icl", "crd"})],
     "motis_2stage": [
         ("image", "image", {"motis[image]", "st_itc"}),
