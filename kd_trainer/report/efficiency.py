@@ -1,11 +1,12 @@
-"""What a retrieval model costs at inference: parameters per tower, FLOPs per image and per caption,
-CPU latency at batch 1, and the machine the latency was measured on.
+"""What a model costs at inference: parameters per tower, FLOPs per image (and per caption), CPU
+latency at batch 1, and the machine the latency was measured on.
 
-    eff = model_efficiency(model, latency=Latency(warmup=2, iters=10))
+    eff = model_efficiency(model, latency=Latency(warmup=2, iters=10))   # a retrieval dual encoder
     eff.params        # {"image": 20320, "text": 1598560}
     eff.flops         # {"image": 331904, "text": 2653312}   (FLOPs = 2 x multiply-adds)
     eff.latency_ms    # {"image": 0.41, "text": 0.93}, or None when not measured
     machine()         # "x86_64 Linux-6.1 ..., AMD EPYC 7B13, 2 torch threads"
+    image_model_efficiency(classifier, (32, 32))   # one tower: {"image": ...} in each field
 
 * **Parameters** are those of the deployable dual encoder (``model.clip``), split by the tower
   prefixes of :data:`kd_trainer.models.towers.TOWER_PREFIXES`; ``logit_scale`` is in neither, and
@@ -22,26 +23,38 @@ CPU latency at batch 1, and the machine the latency was measured on.
   (the fast path a deployment takes), after ``warmup`` calls, with the process's torch thread count.
   Only numbers measured in one process, one after another, are comparable: a report measures every
   row itself, and names the machine.
+
+A classifier or a detector (:func:`image_model_efficiency`) has one tower, the image model, called
+as ``model(pixel_values)`` on one image at the run's input size; its parameters are all of the
+loaded model's (the mimic adapters a distilled student trains beside it are not loaded). A
+detector's cost depends on how many proposals its RPN keeps: NMS keeps a number that changes with
+the image and the weights, so the count and the timing are made with NMS keeping every proposal up
+to the test-time cap (``rpn_post_nms_top_n_test``), the most work one image can take; the
+proposals used are recorded (``Efficiency.proposals``). RoIAlign, NMS and box decoding do no matrix
+products and are not counted.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from kd_trainer.models.detector import Detector
 from kd_trainer.models.towers import TOWER_PREFIXES
 
 __all__ = ["TOWERS", "Latency", "Efficiency", "tower_parameters", "count_flops", "model_efficiency", "measure_ms",
-           "machine", "efficiency_key"]
+           "machine", "efficiency_key", "image_model_efficiency", "image_model_key"]
 
 TOWERS = ("image", "text")
 DEPLOYED = "clip."  # the dual encoder inside a RetrievalModel; what an export ships
@@ -61,13 +74,20 @@ class Latency:
 
 @dataclass(frozen=True)
 class Efficiency:
-    """One model's inference cost (per image = image tower, per caption = text tower)."""
+    """One model's inference cost (per image = image tower, per caption = text tower).
 
-    params: dict[str, int]  # {"image": n, "text": n}
+    A dual encoder has the towers ``image`` and ``text``; a classifier or detector ``image`` alone."""
+
+    params: dict[str, int]  # {"image": n, "text": n}, or {"image": n}
     flops: dict[str, int]  # one image / one caption, batch 1
     image_size: tuple[int, int]  # (H, W) the FLOPs and latency were measured at
-    context_length: int  # tokens per caption
+    context_length: int | None = None  # tokens per caption; None: no text tower
     latency_ms: dict[str, float] | None = None  # median ms at batch 1; None: not measured
+    proposals: int | None = None  # a detector: the proposals per image its box head ran on
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return tuple(self.params)
 
     @property
     def gflops(self) -> dict[str, float]:
@@ -129,39 +149,98 @@ def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return image, caption
 
 
+Calls = Callable[[Any], dict[str, tuple[Callable[..., Any], torch.Tensor]]]
+
+
+def _flops_and_ms(model: Any, calls: Calls, latency: Latency | None) -> tuple[dict[str, int], dict[str, float] | None]:
+    """FLOPs and (when ``latency`` is given) CPU latency of each tower of ``model``; ``calls(m)`` gives
+    ``{tower: (function, one input)}`` for ``m``, ``model`` or its CPU copy. Latency is measured on the
+    CPU: a model elsewhere is measured on a CPU copy, so the numbers of every row mean the same thing."""
+    was_training = model.training
+    model.eval()
+    try:
+        flops = {t: count_flops(fn, x) for t, (fn, x) in calls(model).items()}
+        ms = None
+        if latency is not None:
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            cpu = model if on_cpu else _cpu_copy(model)
+            ms = {t: measure_ms(fn, x, latency=latency) for t, (fn, x) in calls(cpu).items()}
+    finally:
+        model.train(was_training)
+    return flops, ms
+
+
 def model_efficiency(model: Any, *, latency: Latency | None = None) -> Efficiency:
     """Parameters, FLOPs and (when ``latency`` is given) CPU latency of a retrieval model.
 
     ``model`` is a :class:`~kd_trainer.models.factory.RetrievalModel` (``encode_image``,
-    ``encode_text``, ``image_size``, ``context_length``). Latency is measured on the CPU: a model
-    elsewhere is measured on a CPU copy, so the numbers of every row mean the same thing.
+    ``encode_text``, ``image_size``, ``context_length``), measured on the CPU (see :func:`_flops_and_ms`).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        image, caption = _inputs(model)
-        flops = {"image": count_flops(model.encode_image, image), "text": count_flops(model.encode_text, caption)}
-        ms = None
-        if latency is not None:
-            cpu = model if image.device.type == "cpu" else _cpu_copy(model)
-            image, caption = _inputs(cpu)
-            ms = {"image": measure_ms(cpu.encode_image, image, latency=latency),
-                  "text": measure_ms(cpu.encode_text, caption, latency=latency)}
-    finally:
-        model.train(was_training)
+    def calls(m: Any) -> dict[str, tuple[Callable[..., Any], torch.Tensor]]:
+        image, caption = _inputs(m)
+        return {"image": (m.encode_image, image), "text": (m.encode_text, caption)}
+
+    flops, ms = _flops_and_ms(model, calls, latency)
     return Efficiency(params=tower_parameters(model), flops=flops, image_size=tuple(model.image_size),
                       context_length=int(model.context_length), latency_ms=ms)
+
+
+@contextmanager
+def _every_proposal(model: torch.nn.Module, seen: list[int]) -> Iterator[None]:
+    """A :class:`Detector` keeps every proposal up to its test-time cap (NMS at IoU 1.0 drops none:
+    it drops a box whose IoU with a kept one is above the threshold); ``seen`` gets the count the
+    RPN hands the box head on each call. Anything else runs as it is."""
+    if not isinstance(model, Detector):
+        yield
+        return
+    rpn = model.rpn
+    saved = rpn.nms_thresh
+    hook = rpn.register_forward_hook(lambda _m, _i, out: seen.append(len(out[0][0])))
+    rpn.nms_thresh = 1.0
+    try:
+        yield
+    finally:
+        rpn.nms_thresh = saved
+        hook.remove()
+
+
+def image_model_efficiency(model: torch.nn.Module, image_size: tuple[int, int] | list[int], *,
+                           latency: Latency | None = None) -> Efficiency:
+    """Parameters, FLOPs and (when ``latency`` is given) CPU latency of a one-tower image model (a
+    :class:`~kd_trainer.models.classifier.Classifier`, a :class:`Detector`), called as
+    ``model(pixel_values)`` on one ``image_size`` (H, W) image; a detector at its proposal cap
+    (module docstring)."""
+    size = (int(image_size[0]), int(image_size[1]))
+
+    def calls(m: torch.nn.Module) -> dict[str, tuple[Callable[..., Any], torch.Tensor]]:
+        return {"image": (m, torch.zeros(1, 3, *size, device=next(m.parameters()).device))}
+
+    seen: list[int] = []
+    with _every_proposal(model, seen):
+        flops, ms = _flops_and_ms(model, calls, latency)
+    return Efficiency(params={"image": sum(p.numel() for p in model.parameters())}, flops=flops, image_size=size,
+                      latency_ms=ms, proposals=seen[0] if seen else None)
 
 
 def _cpu_copy(model: Any) -> Any:
     return copy.deepcopy(model).to("cpu").eval()
 
 
+def _shapes(model: torch.nn.Module, prefix: str = "") -> tuple:
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith(prefix))
+
+
 def efficiency_key(model: Any) -> tuple:
     """What the cost depends on: the parameter shapes and the input size. Runs sharing it (seeds of
     one configuration) are measured once, so a table row does not differ by timing noise alone."""
-    shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith(DEPLOYED))
-    return shapes, tuple(model.image_size), int(model.context_length)
+    return _shapes(model, DEPLOYED), tuple(model.image_size), int(model.context_length)
+
+
+def image_model_key(model: torch.nn.Module, image_size: tuple[int, int] | list[int]) -> tuple:
+    """:func:`efficiency_key` of a one-tower image model: its parameter shapes, the input size and its
+    config (``to_config()``: a detector's proposal counts are in it, not in any shape)."""
+    config = model.to_config() if callable(getattr(model, "to_config", None)) else None
+    return _shapes(model), tuple(int(x) for x in image_size), json.dumps(config, sort_keys=True)
 
 
 def _cpu_model_name() -> str:

@@ -191,6 +191,7 @@ def _separation_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tupl
 
 
 COST_COLUMNS = ("Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)")
+IMAGE_COST_COLUMNS = ("Params M", "GFLOPs per image", "CPU ms b1 per image")  # a classifier, a detector
 
 
 def _sig(x: float) -> str:
@@ -201,28 +202,51 @@ def _sig(x: float) -> str:
 
 
 def efficiency_cells(e: Efficiency) -> list[str]:
-    """The cost cells of one model: parameters (millions), GFLOPs and CPU ms, image / text each."""
-    cells = [f"{e.params['image'] / 1e6:.2f} / {e.params['text'] / 1e6:.2f}",
-             f"{_sig(e.gflops['image'])} / {_sig(e.gflops['text'])}"]
+    """The cost cells of one model: parameters (millions), GFLOPs and CPU ms, one value per tower
+    (``image / text`` for a dual encoder, one for a classifier or detector)."""
+    cells = [" / ".join(f"{e.params[t] / 1e6:.2f}" for t in e.towers),
+             " / ".join(_sig(e.gflops[t]) for t in e.towers)]
     if e.latency_ms is not None:
-        cells.append(f"{e.latency_ms['image']:.2f} / {e.latency_ms['text']:.2f}")
+        cells.append(" / ".join(f"{e.latency_ms[t]:.2f}" for t in e.towers))
     return cells
 
 
+def _size(e: Efficiency) -> str:
+    text = f"{e.image_size[0]}x{e.image_size[1]} images"
+    return text if e.context_length is None else f"{text}, {e.context_length}-token captions"
+
+
 def efficiency_columns(measured: Iterable[Efficiency], machine: str | None) -> tuple[list[str], str]:
-    """The cost column headings and the note that says how they were measured."""
+    """The cost column headings and the note that says how they were measured. The models of one
+    table have the same towers (a table is one task's)."""
     measured = list(measured)
+    towers = {e.towers for e in measured}
+    if len(towers) != 1:
+        raise ValueError(f"one table's cost columns need models with the same towers, got {sorted(towers)}")
+    dual = next(iter(towers)) == ("image", "text")
     timed = all(e.latency_ms is not None for e in measured)
-    sizes = ", ".join(sorted({f"{e.image_size[0]}x{e.image_size[1]} images, {e.context_length}-token captions"
-                              for e in measured}))
-    note = (f"Cost: Params M = millions of parameters of each tower of the deployed dual encoder (the text tower's "
-            "include its token-embedding table, a lookup that costs no FLOPs); GFLOPs = "
-            f"one image / one caption at the run's input size ({sizes}), counted by "
-            "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add)")
+    sizes = ", ".join(sorted({_size(e) for e in measured}))
+    counter = "counted by torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add"
+    if dual:
+        note = (f"Cost: Params M = millions of parameters of each tower of the deployed dual encoder (the text "
+                "tower's include its token-embedding table, a lookup that costs no FLOPs); GFLOPs = one image / "
+                f"one caption at the run's input size ({sizes}), {counter})")
+    else:
+        note = ("Cost: Params M = millions of parameters of the model (a distilled student's mimic adapters, used "
+                "only in training, left out; batch-norm statistics are buffers, not parameters); GFLOPs = one "
+                f"image at the run's input size ({sizes}), {counter}: convolutions and matrix products)")
+        proposals = sorted({e.proposals for e in measured if e.proposals is not None})
+        if proposals:
+            note += (f"; a detector's box head is counted and timed on {' or '.join(map(str, proposals))} "
+                     "proposals per image, its test-time cap with NMS keeping every proposal: NMS keeps fewer on "
+                     "most images, so this is the most one image costs (RoIAlign, NMS and box decoding do no "
+                     "matrix products and are not counted)")
     if timed:
-        note += ("; CPU ms b1 = median latency of one image / one caption (batch 1), every row measured one "
+        what = "one image / one caption" if dual else "one image"
+        note += (f"; CPU ms b1 = median latency of {what} (batch 1), every row measured one "
                  f"after another in one process on {machine or 'this machine'}")
-    return list(COST_COLUMNS[:3 if timed else 2]), note + f"; {MISSING} = no model weights in the run folder."
+    columns = COST_COLUMNS if dual else IMAGE_COST_COLUMNS
+    return list(columns[:3 if timed else 2]), note + f"; {MISSING} = no model weights in the run folder."
 
 
 def _md(text: str) -> str:

@@ -86,8 +86,9 @@ def write_report(
     """Write ``results.md`` (a table per task, skipped runs, one section per run), ``<run name>_losses.png``
     and, with ``html``, ``index.html`` (:mod:`kd_trainer.report.html_page`).
 
-    ``cost`` adds each retrieval model's parameters and FLOPs to the tables, and its CPU latency when
-    ``latency`` is given (:mod:`kd_trainer.report.efficiency`; runs without weights get ``–``).
+    ``cost`` adds each model's parameters and FLOPs to the tables (per tower for retrieval, per image
+    for a detector or classifier), and its CPU latency when ``latency`` is given
+    (:mod:`kd_trainer.report.efficiency`; runs without weights get ``–``).
     ``galleries`` (with ``html``) ranks each retrieval run's test split with its model for the
     page's galleries (:mod:`kd_trainer.report.galleries`); None leaves them out.
 
