@@ -23,11 +23,11 @@ recipe, generator version or teacher is trained again, with a line that says whi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from pathlib import Path
 
+from kd_trainer.data.digest import file_digest
 from kd_trainer.evaluation import format_metrics
 from kd_trainer.recipe import dump_recipe, load_recipe
 from kd_trainer.runner import run
@@ -39,14 +39,6 @@ SEEDS = (42, 1, 2, 3, 4, 5, 6, 7)
 # (row label, recipe, learns from the teacher): the same student, initialisation and steps; one distils
 STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "student_kd.yaml", True))
 PROVENANCE = "demo_provenance.json"  # what a demo run was made from, checked before it is read back
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stale(out: Path, recipe_text: str, provenance: dict[str, object]) -> str | None:
@@ -65,12 +57,20 @@ def _stale(out: Path, recipe_text: str, provenance: dict[str, object]) -> str | 
     return None
 
 
+def made_from(teacher: Path | None) -> dict[str, object]:
+    """What a demo run is made from (its ``demo_provenance.json``): the generator version of its
+    data and, for a student that learns from a teacher, the digest of the teacher's weights (a
+    student is only as current as the teacher it learnt from)."""
+    provenance: dict[str, object] = {"generator_version": GENERATOR_VERSION}
+    if teacher is not None:
+        provenance["teacher"] = file_digest(teacher / "model.safetensors")
+    return provenance
+
+
 def _test_metrics(recipe_file: str, out: Path, overrides: list[str],
                   teacher: Path | None = None) -> dict[str, float]:
     recipe = load_recipe(RECIPE_DIR / recipe_file, [f"training.output_dir={out}", *overrides])
-    provenance: dict[str, object] = {"generator_version": GENERATOR_VERSION}
-    if teacher is not None:  # a student is only as current as the teacher it learnt from
-        provenance["teacher"] = _digest(teacher / "model.safetensors")
+    provenance = made_from(teacher)
     why = _stale(out, dump_recipe(recipe), provenance)
     if why is None:
         print(f"{out}: already trained with this recipe; its test results are read back", flush=True)

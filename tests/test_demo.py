@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, run_demo, spread_table
+from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, made_from, run_demo, spread_table
 from kd_trainer.recipe import load_recipe
 from kd_trainer.runner.retrieval import build_model
 from kd_trainer.synthetic.pedes import GENERATOR_VERSION
@@ -57,6 +58,15 @@ def test_a_finished_run_is_read_back_only_when_recipe_generator_and_teacher_matc
     _finished(tmp_path / "old", "r", {**made, "generator_version": GENERATOR_VERSION - 1})
     assert f"generator version {GENERATOR_VERSION - 1}" in _stale(tmp_path / "old", "r", made)
     assert "another teacher" in _stale(tmp_path / "same", "r", {**made, "teacher": "def"})
+
+
+def test_provenance_records_the_blake2b_digest_of_the_teachers_weights(tmp_path):
+    """The format of demo_provenance.json, unchanged: runs/ made before keep being read back."""
+    weights = bytes(range(256)) * 5000  # 1.28 MB: more than one read chunk
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    assert made_from(tmp_path) == {"generator_version": GENERATOR_VERSION,
+                                   "teacher": hashlib.blake2b(weights, digest_size=16).hexdigest()}
+    assert made_from(None) == {"generator_version": GENERATOR_VERSION}
 
 
 def test_spread_table_gives_mean_and_sample_std():

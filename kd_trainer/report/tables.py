@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key, dataset_rank
 from kd_trainer.report.discovery import RunSummary, Selection, display_folder
@@ -281,35 +281,9 @@ class TableCells:
         return "\n\n".join(["\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])]), *self.notes])
 
 
-def results_table(
-    runs: Sequence[RunSummary],
-    *,
-    task: str | None = None,
-    with_minp: bool = False,
-    order: Sequence[str] | None = None,
-    datasets: Sequence[str] | None = None,
-    duplicates: Duplicates = "error",
-    seeds: Seeds = "mean",
-    efficiency: Mapping[Path, Efficiency] | None = None,
-    machine: str | None = None,
-) -> str:
-    """A Markdown table like the published comparison: methods x datasets, ``R@1 / R@5 / R@10 / mAP``
-    for retrieval runs, ``AP / AP50 / AP75`` for detection runs.
-
-    ``task`` picks the runs of one task; without it the runs must all be of one task (a mix is a
-    :class:`ReportError`: see :func:`results_tables`). Rows are method labels in the order first
-    seen, or ``order`` first (labels given there without a run get an all-``–`` row, so a fixed
-    layout stays fixed) followed by the others. Columns are the datasets present, in the order of
-    ``kd_trainer.data.formats.DATASETS`` (or ``datasets`` first). ``with_minp`` appends the task's
-    optional metrics (mINP for retrieval; detection has none) to each cell; ``–`` marks a method
-    without a run on a dataset. Runs that are seeds of one configuration share a cell
-    (``seeds="mean"``) or get a row each (``seeds="split"``); see the module docstring for
-    ``duplicates``, the spread marks and the checkpoint column. Notes, when any, follow the table
-    after a blank line. ``efficiency`` (run folder -> :class:`Efficiency`) adds the inference-cost
-    columns (:func:`efficiency_columns`), ``machine`` naming where latency was measured.
-    """
-    return table_cells(runs, task=task, with_minp=with_minp, order=order, datasets=datasets, duplicates=duplicates,
-                       seeds=seeds, efficiency=efficiency, machine=machine).markdown()
+def results_table(runs: Sequence[RunSummary], **options: Any) -> str:
+    """The Markdown table of :func:`table_cells` (same arguments), its notes under it."""
+    return table_cells(runs, **options).markdown()
 
 
 def table_cells(
@@ -324,7 +298,22 @@ def table_cells(
     efficiency: Mapping[Path, Efficiency] | None = None,
     machine: str | None = None,
 ) -> TableCells:
-    """The cells and notes of :func:`results_table` (same arguments)."""
+    """The cells of a results table like the published comparison: methods x datasets,
+    ``R@1 / R@5 / R@10 / mAP`` for retrieval runs, ``AP / AP50 / AP75`` for detection runs
+    (:meth:`TableCells.markdown` writes it; :func:`results_table` returns that text).
+
+    ``task`` picks the runs of one task; without it the runs must all be of one task (a mix is a
+    :class:`ReportError`: see :func:`results_tables`). Rows are method labels in the order first
+    seen, or ``order`` first (labels given there without a run get an all-``–`` row, so a fixed
+    layout stays fixed) followed by the others. Columns are the datasets present, in the order of
+    ``kd_trainer.data.formats.DATASETS`` (or ``datasets`` first). ``with_minp`` appends the task's
+    optional metrics (mINP for retrieval; detection has none) to each cell; ``–`` marks a method
+    without a run on a dataset. Runs that are seeds of one configuration share a cell
+    (``seeds="mean"``) or get a row each (``seeds="split"``); see the module docstring for
+    ``duplicates``, the spread marks and the checkpoint column. Notes, when any, follow the table
+    after a blank line. ``efficiency`` (run folder -> :class:`Efficiency`) adds the inference-cost
+    columns (:func:`efficiency_columns`), ``machine`` naming where latency was measured.
+    """
     runs = list(runs)
     if not runs:
         raise ReportError("no finished runs to tabulate")
@@ -410,41 +399,21 @@ def _efficiency_row(per_dataset: Mapping[str, list[Efficiency | None]], width: i
             for j in range(width)]
 
 
-def results_tables(
-    runs: Sequence[RunSummary],
-    *,
-    with_minp: bool = False,
-    order: Sequence[str] | None = None,
-    datasets: Sequence[str] | None = None,
-    duplicates: Duplicates = "error",
-    seeds: Seeds = "mean",
-    efficiency: Mapping[Path, Efficiency] | None = None,
-    machine: str | None = None,
-) -> dict[str, str]:
-    """``{task: table}``, one :func:`results_table` per task the runs record, in the order of
-    ``report.metrics.METRIC_SETS`` (retrieval, detection, classification).
+def results_tables(runs: Sequence[RunSummary], **options: Any) -> dict[str, str]:
+    """``{task: Markdown table}`` of :func:`results_table_cells` (same arguments)."""
+    return {task: cells.markdown() for task, cells in results_table_cells(runs, **options).items()}
+
+
+def results_table_cells(runs: Sequence[RunSummary], *, order: Sequence[str] | None = None,
+                        datasets: Sequence[str] | None = None, **options: Any) -> dict[str, TableCells]:
+    """``{task: table}``, one :func:`table_cells` per task the runs record, in the order of
+    ``report.metrics.METRIC_SETS`` (retrieval, detection, classification); ``options`` are the other
+    keywords of :func:`table_cells` but ``task``.
 
     ``order`` and ``datasets`` apply to every table, except that a label or dataset whose runs are
     all in another task's table is not added to this one as an empty row or column (a label
     without a run anywhere still gets its all-``–`` row, in each table).
     """
-    return {task: cells.markdown() for task, cells in results_table_cells(
-        runs, with_minp=with_minp, order=order, datasets=datasets, duplicates=duplicates, seeds=seeds,
-        efficiency=efficiency, machine=machine).items()}
-
-
-def results_table_cells(
-    runs: Sequence[RunSummary],
-    *,
-    with_minp: bool = False,
-    order: Sequence[str] | None = None,
-    datasets: Sequence[str] | None = None,
-    duplicates: Duplicates = "error",
-    seeds: Seeds = "mean",
-    efficiency: Mapping[Path, Efficiency] | None = None,
-    machine: str | None = None,
-) -> dict[str, TableCells]:
-    """The cells of :func:`results_tables` (same arguments), for a writer of another format."""
     by_task = runs_by_task(list(runs))
     if not by_task:
         raise ReportError("no finished runs to tabulate")
@@ -453,9 +422,7 @@ def results_table_cells(
         elsewhere = [r for t, rs in by_task.items() if t != task for r in rs]
         foreign_labels = {r.label for r in elsewhere} - {r.label for r in mine}
         foreign_datasets = {r.dataset for r in elsewhere} - {r.dataset for r in mine}
-        out[task] = table_cells(
-            mine, task=task, with_minp=with_minp, duplicates=duplicates, seeds=seeds, efficiency=efficiency,
-            machine=machine,
-            order=[o for o in order or [] if o not in foreign_labels],
-            datasets=[d for d in datasets or [] if dataset_key(d) not in foreign_datasets])
+        out[task] = table_cells(mine, task=task, order=[o for o in order or [] if o not in foreign_labels],
+                                datasets=[d for d in datasets or [] if dataset_key(d) not in foreign_datasets],
+                                **options)
     return out
