@@ -49,7 +49,7 @@ from bench_kd import CAPTIONS, KD_TERMS, SIZE, amp, device_name, loss_of, sync
 from kd_trainer.data.tokenizer import tokenize
 from kd_trainer.distill.grad_cache import accumulate_exactly, split_group
 from kd_trainer.distill.retrieval import teacher_embeddings
-from kd_trainer.losses.registry import TEACHER_TOWERS
+from kd_trainer.losses.registry import TEACHER_EMBEDDINGS
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.precision import float32_embeddings
 
@@ -129,7 +129,7 @@ def make_step(mode: str, k: int, b: int,
     ctx = lambda: amp(dev, args.precision)  # noqa: E731
 
     def teach(mb: dict) -> dict:  # the trainer's own teacher call (inference mode)
-        return teacher_embeddings(teacher, mb, TEACHER_TOWERS)
+        return teacher_embeddings(teacher, mb, TEACHER_EMBEDDINGS)
 
     def embed(mb: dict) -> dict:  # the retrieval trainer's student_outputs
         return float32_embeddings(student(pixel_values=mb["pixel_values"], input_ids=mb["input_ids"]))

@@ -51,7 +51,7 @@ from kd_trainer.distill.cache import TeacherCache
 from kd_trainer.distill.retrieval import teacher_embeddings
 from kd_trainer.evaluation import rank_metrics
 from kd_trainer.losses import Features, compute_term
-from kd_trainer.losses.registry import TEACHER_TOWERS
+from kd_trainer.losses.registry import TEACHER_EMBEDDINGS
 from kd_trainer.models.factory import RetrievalModel, create_model
 
 SIZE = (384, 128)
@@ -226,7 +226,7 @@ def bench_training(args: argparse.Namespace) -> tuple[dict[str, float], Retrieva
     cache = make_cache(teacher, batch, args.cache_images, 8, dev, gen)
 
     def online(b: dict) -> dict:  # the trainer's own teacher call
-        return teacher_embeddings(teacher, b, TEACHER_TOWERS)
+        return teacher_embeddings(teacher, b, TEACHER_EMBEDDINGS)
 
     def teacher_only() -> None:
         with ctx():

@@ -116,7 +116,7 @@ def reference_step(model: nn.Module, teacher: nn.Module, rng: torch.Tensor | lis
     (without autograd), then the trained towers, image before text.
     """
     rngs = rng if isinstance(rng, list) else [rng]
-    towers = {t.removeprefix("student_") for c in terms for t in get_term(c.name).towers(c.side)}
+    towers = {t.removeprefix("student_") for c in terms for t in get_term(c.name).embeddings(c.side)}
     frozen = [t for t in ("image", "text") if t in towers and trains not in ("all", t)]
     trained = [t for t in ("image", "text") if t in towers and t not in frozen]
     out: dict[str, list[torch.Tensor]] = {}

@@ -17,21 +17,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kd_trainer.losses import TERMS, Features, LocalRows, compute_term
 
-TOWERS = ("student_image", "student_text", "teacher_image", "teacher_text")
+EMBEDDINGS = ("student_image", "student_text", "teacher_image", "teacher_text")
 BATCH_DEPENDENT = sorted(n for n, s in TERMS.items() if s.batch_dependent)
 CASES = [(n, side) for n in sorted(TERMS) for side in TERMS[n].sides]
 
 
 def features(b: int = 7, d: int = 5, seed: int = 0, rows: LocalRows | None = None) -> Features:
     g = torch.Generator().manual_seed(seed)
-    towers = {t: (torch.randn(b, d, generator=g, dtype=torch.float64) * 3).requires_grad_() for t in TOWERS}
-    return Features(**towers, pids=torch.tensor([i // 2 for i in range(b)]), rows=rows)
+    embeddings = {t: (torch.randn(b, d, generator=g, dtype=torch.float64) * 3).requires_grad_() for t in EMBEDDINGS}
+    return Features(**embeddings, pids=torch.tensor([i // 2 for i in range(b)]), rows=rows)
 
 
 def value_and_grads(name: str, side: str, f: Features) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The term and its gradient with respect to every input tower (teachers get none: zeros)."""
+    """The term and its gradient with respect to every input embedding (teachers get none: zeros)."""
     value = compute_term(name, f, temperature=0.3, side=side)
-    inputs = [getattr(f, t) for t in TOWERS]
+    inputs = [getattr(f, t) for t in EMBEDDINGS]
     grads = torch.autograd.grad(value, inputs, allow_unused=True)
     return value.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 

@@ -2,7 +2,7 @@
 
 Two kinds of check for every term: a reference written in plain Python (lists, loops,
 ``math.exp`` / ``math.log``, nothing shared with the implementation), and, for several terms,
-2x2 cases worked out by hand. Then the structural promises the trainer relies on: which towers
+2x2 cases worked out by hand. Then the structural promises the trainer relies on: which embeddings
 a term reads and trains, its errors, and its invariances.
 """
 
@@ -26,7 +26,7 @@ from kd_trainer.losses import (
     register_term,
 )
 
-TOWERS = ("student_image", "student_text", "teacher_image", "teacher_text")
+EMBEDDINGS = ("student_image", "student_text", "teacher_image", "teacher_text")
 STUDENT = {"student_image", "student_text"}
 E = math.e
 
@@ -175,16 +175,16 @@ ALL_CASES = [(name, side) for name in sorted(TERMS) for side in TERMS[name].side
 
 def random_features(b: int = 5, d: int = 4, *, seed: int = 0, dtype=torch.float64, pids=None, grad=False) -> Features:
     g = torch.Generator().manual_seed(seed)
-    towers = {t: torch.randn(b, d, generator=g, dtype=dtype) * 3 for t in TOWERS}
+    embeddings = {t: torch.randn(b, d, generator=g, dtype=dtype) * 3 for t in EMBEDDINGS}
     if grad:
-        towers = {t: x.requires_grad_() for t, x in towers.items()}
+        embeddings = {t: x.requires_grad_() for t, x in embeddings.items()}
     if pids is None:
         pids = torch.tensor([i // 2 for i in range(b)])  # pairs share an identity
-    return Features(**towers, pids=pids)
+    return Features(**embeddings, pids=pids)
 
 
 def reference_value(name: str, f: Features, tau: float, side: str, **kwargs) -> float:
-    vs, ts, vt, tt = (r_unit(getattr(f, t).tolist()) for t in TOWERS)
+    vs, ts, vt, tt = (r_unit(getattr(f, t).tolist()) for t in EMBEDDINGS)
     return REFERENCE[name](vs, ts, vt, tt, f.pids.tolist(), tau, side, **kwargs)
 
 
@@ -364,30 +364,30 @@ def test_cross_tower_terms_vanish_only_when_all_four_agree(name: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Towers read and trained
+# Embeddings read and trained
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,side", ALL_CASES)
-def test_gradients_reach_exactly_the_trained_towers(name: str, side: str):
+def test_gradients_reach_exactly_the_trained_embeddings(name: str, side: str):
     spec = get_term(name)
     f = random_features(seed=8, grad=True)
     compute_term(name, f, side=side).backward()
     trained = spec.trains(side)
-    assert trained <= spec.towers(side) and trained <= STUDENT
-    for tower in TOWERS:
-        grad = getattr(f, tower).grad
-        if tower in trained:
-            assert grad is not None and grad.abs().max() > 1e-8, f"{tower} gets no gradient"
+    assert trained <= spec.embeddings(side) and trained <= STUDENT
+    for name in EMBEDDINGS:
+        grad = getattr(f, name).grad
+        if name in trained:
+            assert grad is not None and grad.abs().max() > 1e-8, f"{name} gets no gradient"
         else:
-            assert grad is None or not grad.any(), f"{tower} gets a gradient"
+            assert grad is None or not grad.any(), f"{name} gets a gradient"
 
 
 @pytest.mark.parametrize("name,side", ALL_CASES)
-def test_declared_towers_suffice(name: str, side: str):
+def test_declared_embeddings_suffice(name: str, side: str):
     spec = get_term(name)
     full = random_features(seed=9)
-    only = Features(**{t: getattr(full, t) for t in spec.towers(side)}, pids=full.pids)
+    only = Features(**{t: getattr(full, t) for t in spec.embeddings(side)}, pids=full.pids)
     torch.testing.assert_close(compute_term(name, only, side=side), compute_term(name, full, side=side))
 
 
@@ -404,7 +404,7 @@ def test_spec_flags():
     assert all(TERMS[n].default_temperature == 0.5 for n in available_terms("distill"))
     assert set(available_terms("task")) | set(available_terms("distill")) == set(available_terms())
     assert TERMS["itc"].fn is TERMS["ss_itc"].fn
-    assert TERMS["motis"].towers("both") == {"student_image", "teacher_image", "student_text", "teacher_text"}
+    assert TERMS["motis"].embeddings("both") == {"student_image", "teacher_image", "student_text", "teacher_text"}
     assert TERMS["st_itc"].trains("both") == {"student_image"}
 
 
@@ -413,7 +413,8 @@ def test_batch_dependence():
     for name, spec in TERMS.items():
         whole = compute_term(name, f).item()
         singles = [
-            compute_term(name, Features(**{t: getattr(f, t)[i : i + 1] for t in TOWERS}, pids=f.pids[i : i + 1])).item()
+            compute_term(name, Features(**{t: getattr(f, t)[i : i + 1] for t in EMBEDDINGS},
+                                        pids=f.pids[i : i + 1])).item()
             for i in range(4)
         ]
         if spec.batch_dependent:
@@ -441,14 +442,15 @@ def test_finite_differentiable_and_scale_invariant(name: str, side: str):
     value = compute_term(name, f, side=side)
     assert torch.isfinite(value)
     value.backward()
-    for t in TOWERS:
+    for t in EMBEDDINGS:
         grad = getattr(f, t).grad
         assert grad is None or torch.isfinite(grad).all()
 
     g = torch.Generator().manual_seed(2)
     f64 = random_features(seed=14)
     scaled = Features(
-        **{t: getattr(f64, t) * torch.empty(5, 1, dtype=torch.float64).uniform_(0.1, 10, generator=g) for t in TOWERS},
+        **{t: getattr(f64, t) * torch.empty(5, 1, dtype=torch.float64).uniform_(0.1, 10, generator=g)
+           for t in EMBEDDINGS},
         pids=f64.pids,
     )
     torch.testing.assert_close(compute_term(name, scaled, side=side), compute_term(name, f64, side=side))
@@ -481,7 +483,7 @@ def test_invalid_side():
     with pytest.raises(ValueError, match=r"term 'itc' has no side 'image'; allowed sides: both"):
         compute_term("itc", random_features(), side="image")
     with pytest.raises(ValueError, match="allowed sides: image, text, both"):
-        get_term("motis").towers("left")
+        get_term("motis").embeddings("left")
 
 
 def test_missing_features():
@@ -525,4 +527,16 @@ def test_registry_is_read_only_and_names_unique():
         register_term("new_term", kind="other", reads={"both": ()})
     with pytest.raises(ValueError, match="kind"):
         available_terms("other")
+    assert "new_term" not in TERMS
+
+
+def test_register_term_checks_the_embeddings_it_reads():
+    with pytest.raises(ValueError, match=r"term 'new_term': unknown embeddings \['student_audio'\]; the embeddings "
+                                         r"are \['student_image', 'student_text', 'teacher_image', 'teacher_text'\]"):
+        register_term("new_term", kind="task", reads={"both": ("student_image", "student_audio")})
+    with pytest.raises(ValueError, match=r"term 'new_term': no embeddings given for side 'text'"):
+        register_term("new_term", kind="distill", sides=("image", "text"), reads={"image": ("teacher_image",)})
+    with pytest.raises(ValueError, match=r"needs_teacher=False but its embeddings say True"):
+        register_term("new_term", kind="distill", reads={"both": ("student_image", "teacher_image")},
+                      needs_teacher=False)
     assert "new_term" not in TERMS

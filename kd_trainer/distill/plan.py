@@ -19,7 +19,7 @@ from torch import nn
 
 from kd_trainer.distill.cache.policy import TeacherSourcePlan, plan_teacher_source
 from kd_trainer.losses import Features, TermSpec, get_term
-from kd_trainer.losses.registry import TEACHER_TOWERS
+from kd_trainer.losses.registry import TEACHER_EMBEDDINGS
 from kd_trainer.models.towers import towers_of, trainable_names
 from kd_trainer.recipe import LossConfig, OptimSettings, Recipe, SelectConfig, StageConfig, TermConfig
 from kd_trainer.recipe import Trainable
@@ -47,8 +47,8 @@ class PlannedTerm:
         return self.config.group or self.spec.kind
 
     @property
-    def towers(self) -> frozenset[str]:
-        return self.spec.towers(self.config.side)
+    def embeddings(self) -> frozenset[str]:
+        return self.spec.embeddings(self.config.side)
 
     def __call__(self, features: Features) -> torch.Tensor:
         return self.spec.fn(features, temperature=self.temperature, side=self.config.side, **self.config.kwargs)
@@ -95,13 +95,14 @@ class Stage:
         return self.end_step - self.start_step
 
     @property
-    def towers(self) -> frozenset[str]:
-        """Every embedding (student and teacher towers) some term of this stage reads."""
-        return frozenset().union(*(t.towers for t in self.terms))
+    def embeddings(self) -> frozenset[str]:
+        """Every embedding (of ``student_image``, ``student_text``, ``teacher_image``, ``teacher_text``)
+        some term of this stage reads."""
+        return frozenset().union(*(t.embeddings for t in self.terms))
 
     @property
-    def teacher_towers(self) -> frozenset[str]:
-        return self.towers & TEACHER_TOWERS
+    def teacher_embeddings(self) -> frozenset[str]:
+        return self.embeddings & TEACHER_EMBEDDINGS
 
     @property
     def batch_dependent(self) -> bool:

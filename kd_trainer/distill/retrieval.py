@@ -1,7 +1,7 @@
 """``RetrievalTrainer``: CLIP dual-encoder distillation, the loss a weighted sum of named terms.
 
 One step (``docs/architecture.md``): the frozen teacher embeds the batch under
-``torch.inference_mode()`` (only the towers some term reads; or its embeddings come from the
+``torch.inference_mode()`` (only the embeddings some term reads; or they come from the
 teacher cache), the student embeds it, and every term of the current stage computes its value
 from those embeddings; the core weighs and logs them.
 
@@ -32,7 +32,7 @@ from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.evaluation import evaluate_retrieval
 from kd_trainer.log_keys import hybrid_key
 from kd_trainer.losses import Features
-from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS
+from kd_trainer.losses.registry import STUDENT_EMBEDDINGS, TEACHER_EMBEDDINGS
 from kd_trainer.models.factory import RetrievalModel
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
 from kd_trainer.models.precision import float32_embeddings
@@ -94,14 +94,14 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
     def teacher_outputs(self, inputs: dict[str, torch.Tensor], stage: Stage) -> dict[str, torch.Tensor]:
         source = stage.teacher_source
         for_mimic = source is not None and source.for_mimic
-        towers = TEACHER_TOWERS if for_mimic else stage.teacher_towers
-        if not towers or self.teacher is None:
+        embeddings = TEACHER_EMBEDDINGS if for_mimic else stage.teacher_embeddings
+        if not embeddings or self.teacher is None:
             return {}
         if source is not None and source.use_cache:
-            return self.teacher_cache.lookup(inputs, towers)
+            return self.teacher_cache.lookup(inputs, embeddings)
         self.teacher.eval()  # guard against a caller's .train() on everything
         # Embeddings reach the losses in fp32 whatever the weights' precision (precision: original).
-        return float32_embeddings(teacher_embeddings(self.teacher, inputs, towers, inference_mode=not for_mimic))
+        return float32_embeddings(teacher_embeddings(self.teacher, inputs, embeddings, inference_mode=not for_mimic))
 
     def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         device = next(teacher.parameters()).device
@@ -110,9 +110,9 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
 
     def student_outputs(self, model: nn.Module, inputs: dict[str, torch.Tensor], stage: Stage) -> Any:
         # Mimic taps may sit in either tower: then both run.
-        towers = stage.towers | STUDENT_TOWERS if self.has_mimic else stage.towers
-        return float32_embeddings(model(pixel_values=inputs["pixel_values"] if "student_image" in towers else None,
-                                        input_ids=inputs["input_ids"] if "student_text" in towers else None,
+        embeddings = stage.embeddings | STUDENT_EMBEDDINGS if self.has_mimic else stage.embeddings
+        return float32_embeddings(model(pixel_values=inputs["pixel_values"] if "student_image" in embeddings else None,
+                                        input_ids=inputs["input_ids"] if "student_text" in embeddings else None,
                                         no_grad=stage.frozen_towers))
 
     def term_values(self, inputs: dict[str, torch.Tensor], outputs: Any, teacher_embeds: dict[str, torch.Tensor],
@@ -164,9 +164,10 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
 
 
 def teacher_embeddings(
-    teacher: RetrievalModel, inputs: dict[str, torch.Tensor], towers: frozenset[str], *, inference_mode: bool = True
+    teacher: RetrievalModel, inputs: dict[str, torch.Tensor], embeddings: frozenset[str], *, inference_mode: bool = True
 ) -> dict[str, torch.Tensor]:
-    """A frozen teacher's embeddings (``teacher_image``, ``teacher_text``) for the towers in ``towers``.
+    """A frozen teacher's embeddings named in ``embeddings`` (``teacher_image``, ``teacher_text``);
+    a teacher tower whose embedding is not named does not run.
 
     No autograd: under ``torch.inference_mode()`` (no graph, no version counters), in whatever
     autocast the caller runs (the Trainer's mixed precision). The embeddings are then copied out
@@ -176,8 +177,8 @@ def teacher_embeddings(
     """
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode() if inference_mode else torch.no_grad():
-        if "teacher_image" in towers:
+        if "teacher_image" in embeddings:
             out["teacher_image"] = teacher.clip.encode_image(inputs["pixel_values"])
-        if "teacher_text" in towers:
+        if "teacher_text" in embeddings:
             out["teacher_text"] = teacher.clip.encode_text(inputs["input_ids"])
     return {k: v.clone() for k, v in out.items()} if inference_mode else out

@@ -8,8 +8,8 @@ process computes, and their share of the global mean: :mod:`.rows`.
 from kd_trainer.losses.registry import (
     KINDS,
     SIDES,
-    STUDENT_TOWERS,
-    TEACHER_TOWERS,
+    STUDENT_EMBEDDINGS,
+    TEACHER_EMBEDDINGS,
     TERMS,
     Features,
     LocalRows,
@@ -36,6 +36,6 @@ __all__ = [
     "TERMS",
     "KINDS",
     "SIDES",
-    "STUDENT_TOWERS",
-    "TEACHER_TOWERS",
+    "STUDENT_EMBEDDINGS",
+    "TEACHER_EMBEDDINGS",
 ]

@@ -1,5 +1,5 @@
-"""Contrastive distillation terms: a student tower is trained to pick its own sample's teacher
-embedding out of the batch (MoTIS, and CLIP-KD's interactive contrastive loss).
+"""Contrastive distillation terms: each student embedding is trained to pick its own sample's
+teacher embedding out of the batch (MoTIS, and CLIP-KD's interactive contrastive loss).
 
 Notation as in ``docs/losses.md``: ``vs, ts`` student image / text, ``vt, tt`` teacher image / text,
 all L2-normalised; ``y = arange(B)``; ``T`` the distillation temperature.

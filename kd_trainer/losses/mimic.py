@@ -3,7 +3,7 @@
 The second table of named losses beside :mod:`kd_trainer.losses.registry`'s terms, kept in the
 same style: pure functions registered by the names users type, a read-only table
 (:data:`MIMIC_LOSSES`, as ``TERMS``), and a lookup that names the closest valid name and lists
-all of them. Terms read a batch's embeddings (``Features``) and know towers and sides; mimic
+all of them. Terms read a batch's embeddings (``Features``) and know which ones per side; mimic
 losses read two tensors of one shape, ``fn(s, t, **kwargs) -> scalar``, which is why they are a
 table of their own. An unknown name raises :class:`UnknownMimicLossError`, an
 ``UnknownTermError``, so one ``except`` catches an unknown loss name from either table.

@@ -101,7 +101,7 @@ def per_side(
     """Evaluate the image branch, the text branch, or both (their ``mean`` or ``sum``).
 
     The branches are callables so that a one-sided call never touches the other side's
-    towers, which may be absent (MoTIS stage 1 has no student text tower).
+    embeddings, which may be absent (MoTIS stage 1 computes no student text embeddings).
     """
     if side == "image":
         return image()

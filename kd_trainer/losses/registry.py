@@ -2,9 +2,14 @@
 
 A term is a pure function ``fn(features, *, temperature, side, **kwargs) -> scalar`` registered
 with :func:`register_term`, which also records what the trainer needs to know about it: which
-towers it reads and trains for each side, whether it needs a teacher, and whether it compares
-student and teacher embeddings directly (and so needs a projection when widths differ), and
-whether it computes only a process's own rows of a gathered batch (``local_rows``, see ``rows.py``).
+of a batch's four embeddings (:class:`Features`: ``student_image``, ``student_text``,
+``teacher_image``, ``teacher_text``) it reads for each side, and so which student towers it
+trains; whether it needs a teacher, and whether it compares student and teacher embeddings
+directly (and so needs a projection when widths differ), and whether it computes only a
+process's own rows of a gathered batch (``local_rows``, see ``rows.py``).
+
+"Embeddings" names those four matrices; "towers" are a model's image and text encoders
+(:mod:`kd_trainer.models.towers`).
 """
 
 from __future__ import annotations
@@ -29,14 +34,14 @@ __all__ = [
     "available_terms",
     "compute_term",
     "TERMS",
-    "STUDENT_TOWERS",
-    "TEACHER_TOWERS",
+    "STUDENT_EMBEDDINGS",
+    "TEACHER_EMBEDDINGS",
     "SIDES",
     "KINDS",
 ]
 
-STUDENT_TOWERS = frozenset({"student_image", "student_text"})
-TEACHER_TOWERS = frozenset({"teacher_image", "teacher_text"})
+STUDENT_EMBEDDINGS = frozenset({"student_image", "student_text"})
+TEACHER_EMBEDDINGS = frozenset({"teacher_image", "teacher_text"})
 SIDES = ("image", "text", "both")
 KINDS = ("task", "distill")
 # docs/losses.md: task temperature 0.02 (--temperature), distillation temperatures 0.5.
@@ -64,9 +69,11 @@ class Features:
 class TermSpec:
     """A registered term and what the trainer needs to know to run it.
 
-    ``reads`` maps each allowed side to the towers the term reads for it; :meth:`towers` and
-    :meth:`trains` answer from it (every student tower a term reads receives gradient; teacher
-    embeddings are detached inside every term).
+    ``reads`` maps each allowed side to the embeddings the term reads for it (of the four
+    :class:`Features` fields ``student_image``, ``student_text``, ``teacher_image``,
+    ``teacher_text``); :meth:`embeddings` and :meth:`trains` answer from it (every student
+    embedding a term reads sends gradient into its tower; teacher embeddings are detached inside
+    every term).
     """
 
     name: str
@@ -100,15 +107,16 @@ class TermSpec:
                              f"it accepts {sorted(allowed) if allowed else 'no extra arguments'}")
         return tau
 
-    def towers(self, side: str) -> frozenset[str]:
+    def embeddings(self, side: str) -> frozenset[str]:
         """The embeddings (of ``student_image``, ``student_text``, ``teacher_image``,
         ``teacher_text``) this term reads when called with ``side``."""
         self._check_side(side)
         return self.reads[side]
 
     def trains(self, side: str) -> frozenset[str]:
-        """The student towers that receive gradient from this term for ``side``."""
-        return self.towers(side) & STUDENT_TOWERS
+        """The student embeddings (``student_image``, ``student_text``) that receive gradient from
+        this term for ``side``: the towers that compute them are the ones it trains."""
+        return self.embeddings(side) & STUDENT_EMBEDDINGS
 
 
 class UnknownTermError(KeyError, ValueError):
@@ -141,12 +149,12 @@ def register_term(
     Args:
         name: The name recipes use. Stack two decorators to register an alias.
         kind: ``"task"`` or ``"distill"``.
-        reads: For each side, the towers the term reads. ``"both"`` may be left out when
+        reads: For each side, the embeddings the term reads. ``"both"`` may be left out when
             ``"image"`` and ``"text"`` are given: it is then their union.
         sides: The values of ``side`` the term accepts.
         default_temperature: Used when a recipe gives none; by default 0.02 for task terms
             and 0.5 for distillation terms (docs/losses.md).
-        needs_teacher: Defaults to whether any side reads a teacher tower (and must agree).
+        needs_teacher: Defaults to whether any side reads a teacher embedding (and must agree).
         direct_compare: The term compares student with teacher embeddings directly, so a
             student narrower or wider than the teacher needs a projection.
         batch_dependent: A sample's loss depends on the other samples of the batch.
@@ -164,20 +172,21 @@ def register_term(
     bad_sides = [s for s in sides if s not in SIDES]
     if not sides or bad_sides:
         raise ValueError(f"term {name!r}: sides must be a non-empty subset of {SIDES}, got {sides}")
-    table = {side: frozenset(towers) for side, towers in reads.items()}
+    table = {side: frozenset(names) for side, names in reads.items()}
     if "both" in sides and "both" not in table and {"image", "text"} <= table.keys():
         table["both"] = table["image"] | table["text"]
     for side in sides:
         if side not in table:
-            raise ValueError(f"term {name!r}: no towers given for side {side!r}")
-        unknown = table[side] - STUDENT_TOWERS - TEACHER_TOWERS
+            raise ValueError(f"term {name!r}: no embeddings given for side {side!r}")
+        unknown = table[side] - STUDENT_EMBEDDINGS - TEACHER_EMBEDDINGS
         if unknown:
-            raise ValueError(f"term {name!r}: unknown towers {sorted(unknown)}")
-    reads_teacher = any(table[s] & TEACHER_TOWERS for s in sides)
+            raise ValueError(f"term {name!r}: unknown embeddings {sorted(unknown)}; the embeddings are "
+                             f"{sorted(STUDENT_EMBEDDINGS | TEACHER_EMBEDDINGS)}")
+    reads_teacher = any(table[s] & TEACHER_EMBEDDINGS for s in sides)
     if needs_teacher is None:
         needs_teacher = reads_teacher
     elif needs_teacher != reads_teacher:
-        raise ValueError(f"term {name!r}: needs_teacher={needs_teacher} but its towers say {reads_teacher}")
+        raise ValueError(f"term {name!r}: needs_teacher={needs_teacher} but its embeddings say {reads_teacher}")
 
     def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY:
@@ -230,8 +239,8 @@ def _extra_parameters(fn: Callable[..., torch.Tensor]) -> set[str] | None:
 
 
 def _check_features(spec: TermSpec, side: str, features: Features) -> None:
-    towers = sorted(spec.towers(side))
-    missing = [t for t in towers if getattr(features, t) is None]
+    names = sorted(spec.embeddings(side))
+    missing = [t for t in names if getattr(features, t) is None]
     if missing:
         raise ValueError(
             f"term {spec.name!r} (side={side}) needs {' and '.join(missing)} embeddings, "
@@ -239,7 +248,7 @@ def _check_features(spec: TermSpec, side: str, features: Features) -> None:
         )
     if spec.needs_pids and features.pids is None:
         raise ValueError(f"term {spec.name!r} (side={side}) needs pids, but the features have none")
-    shapes = {t: tuple(getattr(features, t).shape) for t in towers}
+    shapes = {t: tuple(getattr(features, t).shape) for t in names}
     if any(len(s) != 2 for s in shapes.values()):
         raise ValueError(f"term {spec.name!r}: embeddings must be B x D matrices, got {shapes}")
     if len({s[0] for s in shapes.values()}) > 1:
@@ -252,8 +261,8 @@ def _check_features(spec: TermSpec, side: str, features: Features) -> None:
             f"term {spec.name!r}: features.rows is {rows} (rows of a batch of {rows.total}), but the "
             f"embeddings hold {next(iter(shapes.values()))[0]} samples: {shapes}"
         )
-    groups = [towers] if spec.direct_compare else [
-        [t for t in towers if t in STUDENT_TOWERS], [t for t in towers if t in TEACHER_TOWERS]
+    groups = [names] if spec.direct_compare else [
+        [t for t in names if t in STUDENT_EMBEDDINGS], [t for t in names if t in TEACHER_EMBEDDINGS]
     ]
     for group in groups:
         if len({shapes[t][1] for t in group}) > 1:

@@ -40,7 +40,7 @@ __all__ = [
     "inter_ts_sd",
 ]
 
-_ALL_TOWERS = ("student_image", "student_text", "teacher_image", "teacher_text")
+_ALL_EMBEDDINGS = ("student_image", "student_text", "teacher_image", "teacher_text")
 _SIDES = ("image", "text", "both")
 
 
@@ -52,7 +52,7 @@ def _four(f: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 # --- distribution matching ---------------------------------------------------------------------
 
 
-@register_term("cross_kd", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("cross_kd", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def cross_kd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Hinton KD across models, on the inter-modal (S-S vs T-T) distributions.
 
@@ -63,7 +63,7 @@ def cross_kd(features: Features, *, temperature: float, side: str = "both") -> t
     return t**2 / 2 * (sce(sim(ts, vs, t, r), p(tt, vt, t, r), r) + sce(sim(vs, ts, t, r), p(vt, tt, t, r), r))
 
 
-@register_term("cross_kl", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("cross_kl", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def cross_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Forward KL from the teacher's to the student's inter-modal distributions.
 
@@ -76,7 +76,7 @@ def cross_kl(features: Features, *, temperature: float, side: str = "both") -> t
     )
 
 
-@register_term("cross_rkl", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("cross_rkl", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def cross_rkl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Reverse KL: ``cross_kl`` with the KL arguments swapped.
 
@@ -101,7 +101,7 @@ def cross_rkl(features: Features, *, temperature: float, side: str = "both") -> 
     local_rows=True,
 )
 def inter_ts_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
-    """Inter-modal teacher-student KL: a student tower queried against the teacher's other modality.
+    """Inter-modal teacher-student KL: student embeddings queried against the teacher's other modality.
 
     text side ``KL(P(ts,vt;T) || P(tt,vt;T))``; image side ``KL(P(vs,tt;T) || P(vt,tt;T))``;
     both: their mean.
@@ -124,7 +124,7 @@ def inter_ts_kl(features: Features, *, temperature: float, side: str = "both") -
     return per_side(side, image, text)
 
 
-@register_term("inter_ss_kl", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("inter_ss_kl", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def inter_ss_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Inter-modal student-student KL against the teacher's, both directions summed (no ``T^2``).
 
@@ -135,7 +135,7 @@ def inter_ss_kl(features: Features, *, temperature: float, side: str = "both") -
     return kl(log_p(ts, vs, t, r), log_p(tt, vt, t, r), r) + kl(log_p(vs, ts, t, r), log_p(vt, tt, t, r), r)
 
 
-@register_term("inter_ts_sym_kl", kind="distill", reads={"both": _ALL_TOWERS}, direct_compare=True, local_rows=True)
+@register_term("inter_ts_sym_kl", kind="distill", reads={"both": _ALL_EMBEDDINGS}, direct_compare=True, local_rows=True)
 def inter_ts_sym_kl(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Symmetric KL between the two hybrid (teacher-student) inter-modal distributions.
 
@@ -149,7 +149,7 @@ def inter_ts_sym_kl(features: Features, *, temperature: float, side: str = "both
     return kl(a, c, r) + kl(c, a, r)
 
 
-@register_term("crd", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("crd", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def crd(
     features: Features,
     *,
@@ -177,7 +177,7 @@ def crd(
     return both if directions == "sum" else both / 2
 
 
-@register_term("affinity", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("affinity", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def affinity(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """TinyCLIP affinity mimicking (``cross_kd`` without the ``T^2``).
 
@@ -242,7 +242,7 @@ def intra_ts_sd(features: Features, *, temperature: float, side: str = "both") -
     return per_side(side, image, text)
 
 
-@register_term("intra_ts_sym_sd", kind="distill", reads={"both": _ALL_TOWERS}, direct_compare=True, local_rows=True)
+@register_term("intra_ts_sym_sd", kind="distill", reads={"both": _ALL_EMBEDDINGS}, direct_compare=True, local_rows=True)
 def intra_ts_sym_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Cross-tower intra-modal teacher-student similarity distance: ``MSE(ts tt^T, vs vt^T)``.
 
@@ -253,7 +253,7 @@ def intra_ts_sym_sd(features: Features, *, temperature: float, side: str = "both
     return mse(cos(ts, tt, r), cos(vs, vt, r), r)
 
 
-@register_term("inter_ss_sd", kind="distill", reads={"both": _ALL_TOWERS}, local_rows=True)
+@register_term("inter_ss_sd", kind="distill", reads={"both": _ALL_EMBEDDINGS}, local_rows=True)
 def inter_ss_sd(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
     """Inter-modal student-student similarity distance.
 

@@ -28,7 +28,7 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, tau: float, rows: LocalRows | Non
 @register_term("itc", kind="task", reads={"both": ("student_image", "student_text")}, local_rows=True)
 @register_term("ss_itc", kind="task", reads={"both": ("student_image", "student_text")}, local_rows=True)
 def itc(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
-    """InfoNCE between the student towers (``ss_itc`` is the same term).
+    """InfoNCE between the student image and text embeddings (``ss_itc`` is the same term).
 
     ``1/2 [CE(vs ts^T/tau, y) + CE(ts vs^T/tau, y)]``
     """
@@ -39,7 +39,7 @@ def itc(features: Features, *, temperature: float, side: str = "both") -> torch.
     "st_itc", kind="task", reads={"both": ("student_image", "teacher_text")}, direct_compare=True, local_rows=True
 )
 def st_itc(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
-    """InfoNCE of the student image tower against the (frozen) teacher text tower.
+    """InfoNCE of the student image embeddings against the (frozen) teacher text embeddings.
 
     ``1/2 [CE(vs tt^T/tau, y) + CE(tt vs^T/tau, y)]``; trains the student image tower only.
     """
@@ -50,7 +50,7 @@ def st_itc(features: Features, *, temperature: float, side: str = "both") -> tor
     "ts_itc", kind="task", reads={"both": ("teacher_image", "student_text")}, direct_compare=True, local_rows=True
 )
 def ts_itc(features: Features, *, temperature: float, side: str = "both") -> torch.Tensor:
-    """InfoNCE of the (frozen) teacher image tower against the student text tower.
+    """InfoNCE of the (frozen) teacher image embeddings against the student text embeddings.
 
     ``1/2 [CE(vt ts^T/tau, y) + CE(ts vt^T/tau, y)]``; trains the student text tower only.
     """
@@ -61,7 +61,7 @@ def ts_itc(features: Features, *, temperature: float, side: str = "both") -> tor
     "sdm", kind="task", reads={"both": ("student_image", "student_text")}, needs_pids=True, local_rows=True
 )
 def sdm(features: Features, *, temperature: float, side: str = "both", epsilon: float = 1e-8) -> torch.Tensor:
-    """IRRA's similarity distribution matching, on the student towers.
+    """IRRA's similarity distribution matching, on the student image and text embeddings.
 
     ``q_ij = [pid_i == pid_j] / sum_j [pid_i == pid_j]``;
     ``L = KL(P(vs, ts; tau) || q) + KL(P(ts, vs; tau) || q)`` with ``log(q + epsilon)``.

@@ -8,11 +8,11 @@
 
 from kd_trainer.distill.cache.build import build_teacher_cache
 from kd_trainer.distill.cache.fingerprint import dataset_fingerprint, teacher_fingerprint, transform_fingerprint
-from kd_trainer.distill.cache.policy import CACHEABLE_TOWERS, TeacherSourcePlan, plan_teacher_source, term_uses_cache
+from kd_trainer.distill.cache.policy import CACHEABLE_EMBEDDINGS, TeacherSourcePlan, plan_teacher_source, term_uses_cache
 from kd_trainer.distill.cache.store import CACHE_META, CacheDamagedError, CacheMismatchError, TeacherCache
 
 __all__ = [
-    "CACHEABLE_TOWERS",
+    "CACHEABLE_EMBEDDINGS",
     "CACHE_META",
     "CacheDamagedError",
     "CacheMismatchError",

@@ -12,15 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kd_trainer.losses.registry import STUDENT_TOWERS, TEACHER_TOWERS, TermSpec, get_term
+from kd_trainer.losses.registry import STUDENT_EMBEDDINGS, TEACHER_EMBEDDINGS, TermSpec, get_term
 
-__all__ = ["CACHEABLE_TOWERS", "TeacherSourcePlan", "plan_teacher_source", "term_uses_cache"]
+__all__ = ["CACHEABLE_EMBEDDINGS", "TeacherSourcePlan", "plan_teacher_source", "term_uses_cache"]
 
 logger = logging.getLogger("kd_trainer")
 
 # The teacher outputs a cache holds. A term reading anything else (e.g. a mimic term on patch
 # tokens or attention maps) needs the online teacher.
-CACHEABLE_TOWERS = frozenset({"teacher_image", "teacher_text"})
+CACHEABLE_EMBEDDINGS = frozenset({"teacher_image", "teacher_text"})
 
 
 def term_uses_cache(term: TermSpec | str, side: str = "both") -> bool:
@@ -28,12 +28,11 @@ def term_uses_cache(term: TermSpec | str, side: str = "both") -> bool:
     outputs the cache holds.
 
     Every term of :mod:`kd_trainer.losses` reads only final embeddings, so all qualify. A term
-    reading other teacher outputs (a tower outside ``CACHEABLE_TOWERS``) would not. Mimic jobs
+    reading other teacher outputs (an embedding outside ``CACHEABLE_EMBEDDINGS``) would not. Mimic jobs
     on the main teacher read its hooked layers and always run it live (``RetrievalTrainer``).
     """
     spec = get_term(term) if isinstance(term, str) else term
-    teacher_towers = spec.towers(side) - STUDENT_TOWERS
-    return teacher_towers <= CACHEABLE_TOWERS
+    return spec.embeddings(side) - STUDENT_EMBEDDINGS <= CACHEABLE_EMBEDDINGS
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def plan_teacher_source(terms: Iterable[Any], *, cache_available: bool, stage: s
     ``for_mimic``: mimic jobs read the teacher's layers, so it runs live whatever the terms read.
     """
     teacher_terms = [_label_spec_side(t) for t in terms]
-    teacher_terms = [t for t in teacher_terms if t[1].towers(t[2]) & TEACHER_TOWERS]
+    teacher_terms = [t for t in teacher_terms if t[1].embeddings(t[2]) & TEACHER_EMBEDDINGS]
     cached = tuple(label for label, spec, s in teacher_terms
                    if cache_available and not for_mimic and term_uses_cache(spec, s))
     online = tuple(label for label, _, _ in teacher_terms if label not in cached)

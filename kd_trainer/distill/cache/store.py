@@ -245,15 +245,16 @@ class TeacherCache:
         return cls(images, text, num_draws=lay["num_draws"], meta=meta, path=path)
 
     def lookup(self, batch: Mapping[str, torch.Tensor],
-               towers: Iterable[str] = ("teacher_image", "teacher_text")) -> dict[str, torch.Tensor]:
-        """``teacher_image`` / ``teacher_text`` of the batch's rows, on the batch's device:
+               embeddings: Iterable[str] = ("teacher_image", "teacher_text")) -> dict[str, torch.Tensor]:
+        """The teacher embeddings named in ``embeddings`` (``teacher_image`` / ``teacher_text``; student
+        ones are skipped) of the batch's rows, on the batch's device:
         exactly the keys (and raw float32 values) of :func:`~kd_trainer.distill.retrieval.teacher_embeddings`."""
         out: dict[str, torch.Tensor] = {}
-        for tower in towers:
-            key, table = ((CACHE_IMAGE_ROW, self.image_embeds) if tower == "teacher_image" else
-                          (CACHE_TEXT_ROW, self.text_embeds) if tower == "teacher_text" else (None, None))
+        for name in embeddings:
+            key, table = ((CACHE_IMAGE_ROW, self.image_embeds) if name == "teacher_image" else
+                          (CACHE_TEXT_ROW, self.text_embeds) if name == "teacher_text" else (None, None))
             if key is None:
-                continue  # a student tower: nothing cached
+                continue  # a student embedding: nothing cached
             if key not in batch:
                 raise KeyError(f"the batch has no {key!r}: training from a teacher cache needs the train split "
                                f"wrapped in kd_trainer.data.replay.ReplayDataset (batch keys: {sorted(batch)})")
@@ -264,5 +265,5 @@ class TeacherCache:
             if index.device.type == "cpu" and bool((index < 0).any() | (index >= table.shape[0]).any()):
                 raise IndexError(f"{key} out of range for a teacher cache with {table.shape[0]} rows: "
                                  f"the cache does not belong to this train split; {REBUILD_HINT}")
-            out[tower] = table[index].to(rows.device, non_blocking=True)
+            out[name] = table[index].to(rows.device, non_blocking=True)
         return out
