@@ -30,7 +30,7 @@ from pydantic_core import PydanticUndefined
 from kd_trainer.losses import TERMS
 from kd_trainer.losses.mimic import MIMIC_LOSSES
 from kd_trainer.models.factory import CONFIG_DIR, get_architecture, list_architectures
-from kd_trainer.recipe import Recipe
+from kd_trainer.recipe import RECIPE_TYPES, Recipe
 
 GENERATED_NOTE = ("*Generated from the code when the docs are built (`docs/gen_reference.py`); "
                   "do not edit by hand.*")
@@ -135,11 +135,24 @@ def recipe_page() -> str:
         "name (`teachers.teacher0.checkpoint=...`).", "",
         "`training:` is not listed here: it is `transformers.TrainingArguments`, field for field, "
         "checked against that class when the recipe is read.", "",
+        "A recipe is one of three types, chosen by its `task:` key. Each type holds only the keys its "
+        "task reads, so a key of another task (`loss:` in a detection recipe, `data.det` in a retrieval "
+        "one) is refused, naming the key and both tasks.", "",
+        "| `task:` | recipe type | what it trains | `data:` block |", "|---|---|---|---|",
     ]
+    for task, kind in RECIPE_TYPES.items():
+        data = kind.model_fields["data"].annotation
+        lines.append(f"| `{task}`{' (the default)' if task == 'retrieval' else ''} | "
+                     f"[{kind.__name__}](#{_anchor(kind)}) | {_cell(kind.about)} | [{data.__name__}](#{_anchor(data)}) |")
+    lines.append("")
+    reach = {task: set(schema_models(kind)) for task, kind in RECIPE_TYPES.items()}
     for model, paths in schema_models().items():
         lines += [f"## {model.__name__}", ""]
+        tasks = [task for task, models in reach.items() if model in models]
         if paths:
             lines += ["At " + ", ".join(f"`{p}`" for p in paths) + ".", ""]
+        if len(tasks) < len(RECIPE_TYPES) and model not in RECIPE_TYPES.values():
+            lines += ["Only in " + " and ".join(f"`task: {t}`" for t in tasks) + " recipes.", ""]
         doc = inspect.getdoc(model)
         if doc and model.__doc__ is not None and "__doc__" in vars(model):
             lines += [_md(doc), ""]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kd_trainer.recipe.schema import Recipe, RecipeError, did_you_mean
+from kd_trainer.recipe.schema import RECIPE_TYPES, Recipe, RecipeError, did_you_mean, recipe_type
 
 __all__ = ["apply_overrides", "dump_recipe", "load_recipe", "parse_recipe"]
 
@@ -28,9 +28,9 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the recipe schema allows at ``loc`` (the location of an unknown key, without the key)."""
-    models: list[type[BaseModel]] = [Recipe]
+def _keys_at(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    """The keys the schema ``root`` allows at ``loc`` (the location of an unknown key, without the key)."""
+    models: list[type[BaseModel]] = [root]
     for part in loc:
         if isinstance(part, int) or part not in {k for m in models for k in m.model_fields}:
             continue  # a list index or a dict key (teachers.<name>): the same models hold below it
@@ -38,13 +38,26 @@ def _keys_at(loc: tuple[Any, ...]) -> list[str]:
     return sorted({k for m in models for k in m.model_fields})
 
 
-def _format_errors(e: ValidationError, source: str) -> str:
+def _unknown_key(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    """Why the key at ``loc`` is refused: a key of another task's recipe is named as such, with the task's
+    own; any other is unknown. Both offer the closest keys the recipe does allow there."""
+    close = did_you_mean(str(loc[-1]), _keys_at(loc[:-1], root))
+    task = root.model_fields["task"].default
+    owners = [other for other, t in RECIPE_TYPES.items() if t is not root and str(loc[-1]) in _keys_at(loc[:-1], t)]
+    if not owners:
+        return "unknown key." + close
+    key = ".".join(str(p) for p in loc)
+    return (f"`{key}` is not a key of a task: {task} recipe; it is a key of task: {' and '.join(owners)}. "
+            f"task: {task} {root.about}.{close}")
+
+
+def _format_errors(e: ValidationError, source: str, root: type[BaseModel]) -> str:
     lines = [f"Invalid recipe {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key." + did_you_mean(str(err["loc"][-1]), _keys_at(tuple(err["loc"][:-1])))
+            msg = _unknown_key(tuple(err["loc"]), root)
         elif "input" in err and err["type"] not in ("missing", "value_error"):
             msg += f" (got {err['input']!r})"
         lines.append(f"  - {loc or '<root>'}: {msg}")
@@ -89,12 +102,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """The recipe of ``raw``: the type of its ``task:`` (retrieval when it has none), validated."""
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {source} must be a YAML mapping at top level, got {type(raw).__name__}")
     try:
-        return Recipe.model_validate(raw)
+        kind = recipe_type(raw)
+    except RecipeError as e:
+        raise RecipeError(f"Invalid recipe {source}:\n  - {e}") from None
+    try:
+        return kind.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, source)) from None
+        raise RecipeError(_format_errors(e, source, kind)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -1,6 +1,10 @@
 """The recipe: one YAML file that says everything about a run.
 
-A recipe holds the data, the student, the teacher (optional), the loss terms, and a
+A recipe is one of three types, chosen by its ``task:`` (:data:`Recipe`, :data:`RECIPE_TYPES`):
+retrieval (the default; CLIP dual encoders with loss terms), classification and detection (their
+own task loss plus mimic jobs). Each type holds only the keys its task reads, down to the data
+block's generator (``data.synth``, ``data.shapes``, ``data.det``), so a key of another task is
+refused by name. Every type holds the data, the student, the mimic jobs' teachers and a
 ``training:`` block that is passed as-is to ``transformers.TrainingArguments``.
 Every key is validated: an unknown key or a value of the wrong type is an error that
 names the key (``data.image_size``, ``training.learning_rate``), never a silent default.
@@ -13,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from typing import Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined, to_jsonable_python
 from transformers import TrainingArguments
 
 from kd_trainer.data.formats import canonical_dataset_name
@@ -61,7 +68,7 @@ class SynthConfig(_Strict):
 
 
 class ShapesConfig(_Strict):
-    """Only for synth_shapes (the classification example): generate it under ``<root>/SynthShapes``."""
+    """SynthShapes (the classification example), generated under ``<root>/SynthShapes``."""
 
     num_classes: int = 10
     train_per_class: int = 60
@@ -76,7 +83,7 @@ class ShapesConfig(_Strict):
 
 
 class SynthDetConfig(_Strict):
-    """Only for synth_det (the detection example): generate it under ``<root>/SynthDet``."""
+    """SynthDet (the detection example), generated under ``<root>/SynthDet``."""
 
     num_classes: int = 6
     train_images: int = 400
@@ -91,9 +98,17 @@ class SynthDetConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
-    name: str = Field(description="cuhk_pedes | icfg_pedes | rstpreid | synth_pedes (case and -/_ insensitive)")
+class _DataBase(_Strict):
+    """What every task's ``data:`` block holds: the data set's name and the folder above it."""
+
+    name: str
     root: str = Field("./data", description="Folder holding the dataset folder (e.g. ./data/CUHK-PEDES).")
+
+
+class DataConfig(_DataBase):
+    """A retrieval recipe's data: a text-to-image person-retrieval set (``task: retrieval``)."""
+
+    name: str = Field(description="cuhk_pedes | icfg_pedes | rstpreid | synth_pedes (case and -/_ insensitive)")
     image_size: tuple[int, int] = Field((384, 128), description="(height, width) fed to the models.")
     augment: bool = Field(True, description="IRRA's --img_aug: flip, pad+crop, random erasing.")
     context_length: int = Field(77, description="Caption length in tokens (CLIP BPE).")
@@ -110,8 +125,6 @@ class DataConfig(_Strict):
     duplicates: Literal["warn", "error", "drop"] = Field(
         "warn", description="Repeated (image, caption) pairs in a split: keep and warn, refuse, or keep the first.")
     synth: SynthConfig | None = Field(None, description="Only for synth_pedes: generate the data if missing.")
-    shapes: ShapesConfig | None = Field(None, description="Only for synth_shapes (task: classification).")
-    det: SynthDetConfig | None = Field(None, description="Only for synth_det (task: detection).")
 
     @field_validator("image_size")
     @classmethod
@@ -124,6 +137,27 @@ class DataConfig(_Strict):
     @classmethod
     def _fits_a_caption(cls, v: int) -> int:
         return check_context_length(v)  # the tokenizer's rule, checked when the recipe is read
+
+    @model_validator(mode="after")
+    def _known_set(self) -> "DataConfig":
+        name = canonical_dataset_name(self.name)  # an unknown name lists the valid ones
+        if self.synth is not None and name != "synth_pedes":
+            raise ValueError(f"data.synth is only for synth_pedes, but data.name is {self.name!r}")
+        return self
+
+
+class ShapesDataConfig(_DataBase):
+    """A classification recipe's data: SynthShapes, generated from ``shapes`` (``task: classification``)."""
+
+    name: Literal["synth_shapes"] = Field(description="synth_shapes, the set the classification example runs on.")
+    shapes: ShapesConfig = Field(description="How SynthShapes is generated (under `<root>/SynthShapes`).")
+
+
+class DetDataConfig(_DataBase):
+    """A detection recipe's data: SynthDet, generated from ``det`` (``task: detection``)."""
+
+    name: Literal["synth_det"] = Field(description="synth_det, the set the detection example runs on.")
+    det: SynthDetConfig = Field(description="How SynthDet is generated (under `<root>/SynthDet`).")
 
 
 LayerSelection = Union[Literal["first", "uniform", "uniform_last"], list[int]]
@@ -269,43 +303,25 @@ class StageConfig(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class _RecipeBase(_Strict):
+    """What every task's recipe holds. A recipe is one of :data:`RECIPE_TYPES`, chosen by ``task:``
+    (see :data:`Recipe`); each type holds only the keys its task reads."""
+
+    about: ClassVar[str]  # what a recipe of this task trains, in one phrase
+
     name: str = Field(description="Run name, used in reports and model cards.")
     method: str | None = Field(None, description="Display label in reports, e.g. 'MoTIS (2 stages)'.")
-    task: Literal["retrieval", "classification", "detection"] = Field(
-        "retrieval", description="retrieval: CLIP dual encoders (the default); classification: torchvision "
-                                 "classifiers on synth_shapes; detection: torchvision Faster R-CNNs on synth_det; "
-                                 "both distilled with mimic jobs only.")
+    task: str
     seed: int = 42
-    data: DataConfig
+    data: _DataBase
     student: ModelConfig
-    teacher: ModelConfig | None = None
     teachers: dict[str, ModelConfig] | None = Field(
         None, description="Named teachers for `mimic:` jobs (teacher0, teacher1, ...), as in UP/EOD.")
     mimic: MimicConfig | None = Field(
         None, description="UP/EOD mimic config, in either of UP's shapes (docs/mimic.md: one job, or "
                           "mimic_as_jobs: true with mimic_job0, mimic_job1, ...), or a list of jobs in our "
                           "field names (kd_trainer/recipe/mimic.py); parsed once into a MimicConfig.")
-    loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
-    stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
-    optim: OptimConfig | None = Field(
-        None, description="The optimiser and LR schedule: {preset: original} reproduces the seed code (Adam, eps "
-                          "1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); null or "
-                          "{preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
-    precision: Literal["original"] | None = Field(
-        None, description="original: the seed code's fp16 weights (Linear, Conv, attention and projection "
-                          "matrices of student and teacher; LayerNorm in fp32), the student trained in them. "
-                          "Null: fp32 weights, with training.bf16/fp16 for mixed precision (recommended).")
-    select: SelectConfig | None = Field(
-        None, description="Keep the best evaluation of the last stage (by `metric`, on `split`) as the run's final "
-                          "student, as the original keeps best.pth; null keeps the last weights.")
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments, as-is.")
-    contrastive_accumulation: Literal["plain", "exact"] = Field(
-        "plain", description="With training.gradient_accumulation_steps k > 1: plain accumulates k micro-batch "
-                             "losses (batch-dependent terms then see k batches of b, not one of k*b); exact "
-                             "computes every term over the whole group of k*b and backpropagates it one "
-                             "micro-batch at a time (the gradient cache): the update of one batch of k*b, with "
-                             "one micro-batch's activations in memory.")
     nonfinite_skips: int = Field(
         0, ge=0, description="Micro-batches whose loss is NaN or infinite that may be skipped (zero gradient) before "
                              "the run stops; 0 stops at the first, naming the terms and the step. A model with "
@@ -316,6 +332,20 @@ class Recipe(_Strict):
                     "change from the recipe.yaml it started with; other changes to keys that shape training are "
                     "refused, listed by key. recipe.yaml keeps the recipe the run started with, and resumes.json "
                     "records each resume: its step, its checkpoint and every accepted change. '*' accepts any.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_tasks_at_default(cls, raw: Any) -> Any:
+        """Drop the keys of other tasks that are null or hold their default. A recipe.yaml saved before
+        the recipe was split by task holds every key of every task, mostly null; it still parses, to the
+        recipe it ran. A key of another task with a value is refused as an unknown key."""
+        if not isinstance(raw, dict):
+            return raw
+        others = [t for t in RECIPE_TYPES.values() if t is not cls]
+        raw = _without_defaults_of(raw, cls, others)
+        if isinstance(raw.get("data"), dict):
+            raw["data"] = _without_defaults_of(raw["data"], _data_type(cls), [_data_type(t) for t in others])
+        return raw
 
     @field_validator("training")
     @classmethod
@@ -331,28 +361,66 @@ class Recipe(_Strict):
         return parse_mimic_config(v)  # errors name the key (mimic.mimic_job1.teacher0.mimic_name ...)
 
     @model_validator(mode="after")
-    def _loss_or_stages(self) -> "Recipe":
+    def _models(self) -> "_RecipeBase":
         if self.student.cache is not None:
             raise ValueError("student.cache: only a teacher's embeddings can be cached (teacher.cache)")
-        if any(t is not None and t.inherit is not None for t in (self.teacher, *(self.teachers or {}).values())):
+        named = self.named_teachers
+        if any(t.inherit is not None for t in named.values()):
             raise ValueError("inherit: is for the student (a teacher loads its own checkpoint)")
         if self.mimic is not None:  # jobs name defined teachers; UP's teacher_weight becomes their checkpoint
-            resolve_mimic_teachers(self.mimic, {**(self.teachers or {}),
-                                                **({"teacher": self.teacher} if self.teacher is not None else {})})
-        self._check_task_data()
-        if self.task == "retrieval":
-            self._check_retrieval_names()
-            self._check_optim_and_precision()
-            if self.contrastive_accumulation == "exact":
-                check_exact_accumulation(self.mimic.jobs if self.mimic is not None else [])
-            if self.mimic is not None and not self.mimic.task_loss:
-                raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
-                                 "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
-        if self.task in ("classification", "detection"):
-            if self.loss is not None or self.stages is not None:
-                raise ValueError(f"task: {self.task} trains with its own task loss plus `mimic:` jobs; "
-                                 "`loss:`/`stages:` hold retrieval terms")
-            return self
+            resolve_mimic_teachers(self.mimic, named)
+        return self
+
+    @property
+    def named_teachers(self) -> dict[str, ModelConfig]:
+        """The teachers a mimic job may name: ``teachers:``, and ``teacher:`` as ``teacher`` where the
+        task has that key."""
+        one = getattr(self, "teacher", None)  # detection has no `teacher:` key
+        return {**(self.teachers or {}), **({"teacher": one} if one is not None else {})}
+
+
+class RetrievalRecipe(_RecipeBase):
+    """``task: retrieval`` (the default): CLIP dual encoders on a person-retrieval set."""
+
+    about: ClassVar[str] = ("trains CLIP dual encoders on a person-retrieval set with the loss terms of `loss:` "
+                            "or `stages:`, and `mimic:` jobs")
+
+    task: Literal["retrieval"] = Field(
+        "retrieval", description="retrieval (the default, so `task:` may be left out); the other tasks are "
+                                 "other recipe types.")
+    data: DataConfig
+    teacher: ModelConfig | None = Field(
+        None, description="The teacher the loss terms read (live, or from its `cache`), a student may inherit "
+                          "from, and mimic jobs may name `teacher`.")
+    loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
+    stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
+    optim: OptimConfig | None = Field(
+        None, description="The optimiser and LR schedule: {preset: original} reproduces the seed code (Adam, eps "
+                          "1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); null or "
+                          "{preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
+    precision: Literal["original"] | None = Field(
+        None, description="original: the seed code's fp16 weights (Linear, Conv, attention and projection "
+                          "matrices of student and teacher; LayerNorm in fp32), the student trained in them. "
+                          "Null: fp32 weights, with training.bf16/fp16 for mixed precision (recommended).")
+    select: SelectConfig | None = Field(
+        None, description="Keep the best evaluation of the last stage (by `metric`, on `split`) as the run's final "
+                          "student, as the original keeps best.pth; null keeps the last weights.")
+    contrastive_accumulation: Literal["plain", "exact"] = Field(
+        "plain", description="With training.gradient_accumulation_steps k > 1: plain accumulates k micro-batch "
+                             "losses (batch-dependent terms then see k batches of b, not one of k*b); exact "
+                             "computes every term over the whole group of k*b and backpropagates it one "
+                             "micro-batch at a time (the gradient cache): the update of one batch of k*b, with "
+                             "one micro-batch's activations in memory.")
+
+    @model_validator(mode="after")
+    def _loss_or_stages(self) -> "RetrievalRecipe":
+        self._check_architectures()
+        self._check_optim_and_precision()
+        if self.contrastive_accumulation == "exact":
+            check_exact_accumulation(self.mimic.jobs if self.mimic is not None else [])
+        if self.mimic is not None and not self.mimic.task_loss:
+            raise ValueError("mimic.task_loss: false only applies to task: classification (it drops the "
+                             "cross-entropy); a retrieval recipe's task terms are the ones under `loss:`/`stages:`")
         if (self.loss is None) == (self.stages is None):
             raise ValueError("give exactly one of `loss:` (one stage) or `stages:` (a sequential method)")
         if self.stages is not None:
@@ -366,24 +434,10 @@ class Recipe(_Strict):
             if fixed:
                 raise ValueError(f"training.{fixed[0]} conflicts with `stages:`: each stage sets its own length "
                                  "(stages.N.epochs or stages.N.steps)")
+        needs = [t.key for t in self.all_terms if get_term(t.name).needs_teacher]
+        if needs and self.teacher is None:
+            raise ValueError(f"loss terms {needs} read a teacher, but the recipe has no `teacher:`")
         return self
-
-    def _check_task_data(self) -> None:
-        """The data set and teachers each task runs on: classification and detection their generated
-        sets (data.shapes, data.det), retrieval neither of those blocks."""
-        sets = {"classification": ("synth_shapes", "shapes"), "detection": ("synth_det", "det")}
-        if self.task == "retrieval":
-            other = [f"data.{block} (task: {task})" for task, (_, block) in sets.items()
-                     if getattr(self.data, block) is not None]
-            if other:
-                raise ValueError(f"{other[0]} does not belong in a task: retrieval recipe")
-            return
-        name, block = sets[self.task]
-        if self.data.name != name or getattr(self.data, block) is None:
-            raise ValueError(f"task: {self.task} runs on data.name: {name} with a data.{block} block")
-        if self.task == "detection" and self.teacher is not None:
-            raise ValueError("task: detection reads its teachers from `teachers:` (teacher0, teacher1, ... as the "
-                             "mimic jobs name them), not from `teacher:`")
 
     def stage_optim(self, stage: "StageConfig | None") -> OptimConfig | None:
         """A stage's effective ``optim:`` block: the recipe's, with the stage's written fields on top."""
@@ -391,10 +445,10 @@ class Recipe(_Strict):
         return self.optim.merged(own) if self.optim is not None else own
 
     def _check_optim_and_precision(self) -> None:
-        originals = [s.name for s in self.stages or [] if s.learning_rate is not None
-                     and (eff := self.stage_optim(s)) is not None and not eff.uses_trainer]
-        if originals:
-            raise ValueError(f"stages {originals} set learning_rate beside an `optim:` preset; give the stage's LR as "
+        presets = [s.name for s in self.stages or [] if s.learning_rate is not None
+                   and (eff := self.stage_optim(s)) is not None and not eff.uses_trainer]
+        if presets:
+            raise ValueError(f"stages {presets} set learning_rate beside an `optim:` preset; give the stage's LR as "
                              "stages.N.optim.lr")
         if self.precision == "original":
             mixed = [k for k in ("fp16", "bf16") if self.training.get(k)]
@@ -407,9 +461,8 @@ class Recipe(_Strict):
             raise ValueError("select: keeps the best evaluation, so the run must evaluate: set "
                              "training.eval_strategy: epoch")
 
-    def _check_retrieval_names(self) -> None:
-        """Dataset and architecture names, and a teacher for every term that reads one."""
-        canonical_dataset_name(self.data.name)  # lists the valid names
+    def _check_architectures(self) -> None:
+        """Every architecture named by a string is a named CLIP architecture."""
         known = list_architectures()
         for role, cfg in (("student", self.student), ("teacher", self.teacher), *(self.teachers or {}).items()):
             if cfg is not None and isinstance(cfg.arch, str) and cfg.arch not in known:
@@ -417,9 +470,6 @@ class Recipe(_Strict):
                 raise ValueError(f"{role}.arch: unknown architecture {cfg.arch!r}"
                                  + (f"; did you mean {', '.join(close)}?" if close else "")
                                  + f" Named architectures: {', '.join(known)} (or give the architecture as a dict)")
-        needs = [t.key for t in self.all_terms if get_term(t.name).needs_teacher]
-        if needs and self.teacher is None:
-            raise ValueError(f"loss terms {needs} read a teacher, but the recipe has no `teacher:`")
 
     @property
     def evaluates_during_training(self) -> bool:
@@ -440,6 +490,89 @@ class Recipe(_Strict):
         if self.stages is None:
             return list(self.loss.terms) if self.loss is not None else []
         return [t for s in self.stages for t in s.loss.terms]
+
+
+class _MimicTaskRecipe(_RecipeBase):
+    """A task that trains with its own task loss plus the recipe's ``mimic:`` jobs, in one stage with
+    the Trainer's optimiser and schedule (``training:``)."""
+
+    @property
+    def contrastive_accumulation(self) -> Literal["plain"]:
+        """Always plain: a task loss plus mimic jobs has no batch-dependent term to compute over a
+        whole group (not a key of these recipes; read by the code every task shares)."""
+        return "plain"
+
+
+class ClassificationRecipe(_MimicTaskRecipe):
+    """``task: classification``: torchvision classifiers on SynthShapes."""
+
+    about: ClassVar[str] = ("trains with its own task loss (cross-entropy) plus `mimic:` jobs: torchvision "
+                            "classifiers on synth_shapes")
+
+    task: Literal["classification"] = Field(
+        "classification", description="classification: torchvision classifiers on synth_shapes.")
+    data: ShapesDataConfig
+    teacher: ModelConfig | None = Field(
+        None, description="A teacher that mimic jobs may name `teacher`, beside the named `teachers:`.")
+
+
+class DetectionRecipe(_MimicTaskRecipe):
+    """``task: detection``: torchvision Faster R-CNNs on SynthDet; its teachers are ``teachers:``
+    (teacher0, teacher1, ... as the mimic jobs name them)."""
+
+    about: ClassVar[str] = ("trains with its own task loss plus `mimic:` jobs from its `teachers:`: torchvision "
+                            "Faster R-CNNs on synth_det")
+
+    task: Literal["detection"] = Field("detection", description="detection: torchvision Faster R-CNNs on synth_det.")
+    data: DetDataConfig
+
+
+RECIPE_TYPES: dict[str, type[_RecipeBase]] = {
+    "retrieval": RetrievalRecipe, "classification": ClassificationRecipe, "detection": DetectionRecipe}
+
+
+def recipe_type(raw: Any) -> type[_RecipeBase]:
+    """The recipe type of a raw recipe's ``task:`` (retrieval when it has none)."""
+    task = raw.get("task", "retrieval") if isinstance(raw, dict) else getattr(raw, "task", None)
+    if not isinstance(task, str) or task not in RECIPE_TYPES:
+        raise RecipeError(f"task: {task!r} is not a task; expected one of {', '.join(RECIPE_TYPES)} "
+                          "(none: retrieval)")
+    return RECIPE_TYPES[task]
+
+
+def _task_tag(raw: Any) -> str | None:
+    try:
+        return recipe_type(raw).model_fields["task"].default
+    except RecipeError:
+        return None
+
+
+# A recipe: one of the task types, chosen by `task:`. Type hints name it; `parse_recipe` builds one
+# (or pydantic, as `TypeAdapter(Recipe)`, whose error locations then start with the task).
+Recipe = Annotated[Union[tuple(Annotated[t, Tag(task)] for task, t in RECIPE_TYPES.items())],  # type: ignore[valid-type]
+                   Discriminator(_task_tag)]
+
+
+def _data_type(recipe: type[_RecipeBase]) -> type[BaseModel]:
+    return recipe.model_fields["data"].annotation  # type: ignore[return-value]
+
+
+def _unset(field: FieldInfo, value: Any) -> bool:
+    """``value`` says nothing beyond the field's absence: null, or the field's default."""
+    default = field.get_default(call_default_factory=True)
+    return value is None or (default is not PydanticUndefined
+                             and to_jsonable_python(default) == to_jsonable_python(value))
+
+
+def _without_defaults_of(raw: dict[str, Any], mine: type[BaseModel], others: list[type[BaseModel]]) -> dict[str, Any]:
+    """``raw`` less its keys that ``mine`` lacks and that are null, or hold their default, in every one of
+    ``others`` that has them."""
+    kept = {}
+    for key, value in raw.items():
+        theirs = [m.model_fields[key] for m in others if key in m.model_fields]
+        if key in mine.model_fields or not theirs or not all(_unset(f, value) for f in theirs):
+            kept[key] = value
+    return kept
 
 
 # --- TrainingArguments validation -------------------------------------------------------------
