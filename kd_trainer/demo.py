@@ -9,7 +9,9 @@
    (``recipes/demo/student_nokd.yaml``);
 4. distil the same student, from the same initialisation and for the same steps, from the
    teacher (``recipes/demo/student_kd.yaml``);
-5. print R@1/R@5/R@10/mAP/mINP of all three on the target test split, and how much of the
+5. print R@1/R@5/R@10/mAP/mINP of all three on the target test split, with what each model
+   costs (the cost columns of ``kd-trainer report``: parameters, GFLOPs and CPU latency at batch
+   1 per image and per caption, measured one after another in this process), and how much of the
    teacher's lead over the student trained alone the KD student closes.
 
 With ``seeds > 1`` steps 3 and 4 run once per seed (42, 1, 2, ...) against the one teacher, and
@@ -28,13 +30,17 @@ import statistics
 from pathlib import Path
 
 from kd_trainer.data.digest import file_digest
-from kd_trainer.evaluation import format_metrics
 from kd_trainer.recipe import dump_recipe, load_recipe
+from kd_trainer.report.discovery import collect_runs
+from kd_trainer.report.efficiency import Latency, machine
+from kd_trainer.report.inference import run_models
+from kd_trainer.report.tables import MISSING, TableCells, efficiency_cells, efficiency_columns
 from kd_trainer.runner import run
 from kd_trainer.synthetic.pedes import GENERATOR_VERSION
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 METRICS = ("r1", "r5", "r10", "mAP", "mINP")
+METRIC_NAMES = ("R@1", "R@5", "R@10", "mAP", "mINP")
 SEEDS = (42, 1, 2, 3, 4, 5, 6, 7)
 # (row label, recipe, learns from the teacher): the same student, initialisation and steps; one distils
 STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "student_kd.yaml", True))
@@ -93,9 +99,24 @@ def gap_closed(results: dict[str, list[dict[str, float]]], metric: str) -> tuple
     return gap, (kd - alone) / gap if gap > 0 else float("nan")
 
 
+def results_table(metrics: dict[str, dict[str, float]], folders: dict[str, Path],
+                  latency: Latency | None = Latency()) -> str:
+    """One row per model: its test metrics and, from its run folder, what it costs at inference, in
+    the cost columns of ``kd-trainer report`` with their note (latency when ``latency`` is given;
+    ``–`` for a run folder without weights)."""
+    ran = run_models(collect_runs(folders[label] for label in metrics), latency=latency)
+    costs = {label: ran.efficiency.get(folders[label]) for label in metrics}
+    measured = [e for e in costs.values() if e is not None]
+    columns, note = efficiency_columns(measured, machine() if latency else None) if measured else ([], "")
+    body = [[label, *(f"{m[k]:.2f}" for k in METRICS),
+             *(efficiency_cells(costs[label]) if costs[label] is not None else [MISSING] * len(columns))]
+            for label, m in metrics.items()]
+    return TableCells(head=["model", *METRIC_NAMES, *columns], body=body, notes=[note] if note else []).markdown()
+
+
 def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
     """One row per model: ``mean ± std`` of each metric over its seeds (n in the last column)."""
-    heads = ["R@1", "R@5", "R@10", "mAP", "mINP"]
+    heads = list(METRIC_NAMES)
     width = max(len("model"), *(len(k) for k in runs))
     lines = [f"| {'model':<{width}} | " + " | ".join(f"{h:>13}" for h in heads) + " | seeds |",
              f"|{'-' * (width + 2)}|" + "|".join("-" * 15 for _ in heads) + "|-------|"]
@@ -131,15 +152,17 @@ def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[st
     out = Path(runs)
     teacher_dir = out / "teacher"
     results = {"teacher": [train_teacher(root, runs, overrides)]}
+    first_dirs = {"teacher": teacher_dir}  # the run folder of each row of the seed-42 table
     for label, file, distils in STUDENTS:
         results[label] = []
         for seed in SEEDS[:seeds]:
             run_dir = out / (Path(file).stem + ("" if seed == SEEDS[0] else f"_seed{seed}"))
+            first_dirs.setdefault(label, run_dir)
             extra = [f"seed={seed}", *([f"teacher.checkpoint={teacher_dir}"] if distils else [])]
             results[label].append(_test_metrics(file, run_dir, [*base, *extra],
                                                 teacher=teacher_dir if distils else None))
     first = {label: rows[0] for label, rows in results.items()}
-    text = "SynthPEDES test split (text-to-image, %), seed 42:\n" + format_metrics(first)
+    text = "SynthPEDES test split (text-to-image, %), seed 42:\n" + results_table(first, first_dirs)
     if seeds > 1:
         text += (f"\n\nStudents over seeds {list(SEEDS[:seeds])} (mean ± sample std; same teacher and data; "
                  "both students start from the same weights at each seed; the seed sets the initialisation, "

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
+from test_efficiency_image_models import _md_tables
+from test_report import metrics_json
+from test_report_html import _hand_count
 
-from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, made_from, run_demo, spread_table
+from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, made_from, results_table, run_demo, spread_table
+from kd_trainer.models.factory import create_model
+from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
 from kd_trainer.recipe import load_recipe
+from kd_trainer.report import Latency, write_report
 from kd_trainer.runner.retrieval import build_model
 from kd_trainer.synthetic.pedes import GENERATOR_VERSION
 
@@ -69,6 +77,47 @@ def test_provenance_records_the_blake2b_digest_of_the_teachers_weights(tmp_path)
     assert made_from(None) == {"generator_version": GENERATOR_VERSION}
 
 
+def _micro_run(folder: Path, name: str, results: dict, arch: str | None) -> None:
+    """A finished retrieval run folder; with ``arch``, its saved (untrained) model beside the results."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"name": name, "data": {"name": "synth_pedes"},
+                                                        "student": {"arch": arch or "micro"},
+                                                        "training": {"output_dir": str(folder)}}))
+    (folder / "test_results.json").write_text(json.dumps(results))
+    if arch is not None:
+        model = create_model(arch, image_size=(32, 16))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / MODEL_CONFIG_NAME).write_text(json.dumps(model_config(model)))
+
+
+def test_the_results_table_has_the_cost_columns_of_kd_trainer_report(tmp_path):
+    rows = {"teacher": (58.81, 84.84, 90.16, 59.27, 47.09), "student, no KD": (25.61, 63.73, 78.69, 28.62, 18.04),
+            "student, KD": (47.54, 82.99, 87.91, 47.29, 31.87)}
+    metrics = {label: dict(zip(("r1", "r5", "r10", "mAP", "mINP"), v)) for label, v in rows.items()}
+    folders = {label: tmp_path / "runs" / f"run{i}" for i, label in enumerate(rows)}
+    for i, (label, folder) in enumerate(folders.items()):  # the KD student's folder has no weights
+        _micro_run(folder, f"run{i}", metrics_json(*rows[label]), None if label == "student, KD" else "micro")
+    head, *body = _md_tables(results_table(metrics, folders, latency=Latency(warmup=0, iters=2)))[0]
+    cost = ["Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)"]
+    assert head == ["model", "R@1", "R@5", "R@10", "mAP", "mINP", *cost]
+    params, flops = _hand_count("micro", (32, 16), 77)
+    for row, (label, values) in zip(body, rows.items()):
+        assert row[:6] == [label, *(f"{v:.2f}" for v in values)]
+        if label == "student, KD":
+            assert row[6:] == ["–", "–", "–"]
+            continue
+        assert row[6] == f"{params['image'] / 1e6:.2f} / {params['text'] / 1e6:.2f}"
+        gflops = [float(x) for x in row[7].split(" / ")]
+        assert gflops == pytest.approx([flops["image"] / 1e9, flops["text"] / 1e9], rel=0.01)
+        assert all(float(ms) > 0 for ms in row[8].split(" / "))
+    # kd-trainer report on the same folders: the same headings and the same parameter and FLOP cells
+    report = write_report([tmp_path / "runs"], tmp_path / "report", plots=False, html=False, galleries=None,
+                          latency=Latency(warmup=0, iters=2))
+    r_head, *r_body = _md_tables(report["table"])[0]
+    assert r_head[-3:] == cost
+    assert sorted(r[-3:-1] for r in r_body) == sorted(r[6:8] for r in body)
+
+
 def test_spread_table_gives_mean_and_sample_std():
     rows = {"s": [{"r1": 10.0, "r5": 1, "r10": 1, "mAP": 4.0, "mINP": 1}, {"r1": 14.0, "r5": 1, "r10": 1,
                                                                           "mAP": 8.0, "mINP": 1}]}
@@ -92,6 +141,12 @@ def test_demo_runs_two_seeds_against_one_teacher(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == [
         "student_kd", "student_kd_seed1", "student_nokd", "student_nokd_seed1", "teacher", "teacher_pretrain"]
     assert "closes" in text and "of the teacher's R@1" in text
+    # the seed-42 table has the report's cost columns, every model measured (each run folder has weights)
+    head, *body = _md_tables(text)[0]
+    assert head[-3:] == ["Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)"]
+    assert [r[0] for r in body] == ["teacher", "student, no KD", "student, KD"]
+    assert body[1][-3:-1] == body[2][-3:-1] != body[0][-3:-1], "the students share one architecture"
+    assert "FlopCounterMode" in text and "torch threads" in text
     # A second call reads every run back: nothing is trained again.
     again = run_demo(root=str(tmp_path / "data"), runs=str(tmp_path / "runs"), overrides=small, seeds=2)
     assert again == results
