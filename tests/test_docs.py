@@ -4,12 +4,14 @@
 - The generated reference pages list every recipe key, every registered loss term and mimic
   loss, every named architecture and every module, read from the code at build time.
 - Every ``.md`` file and every package path that a comment, docstring or help text of the code
-  cites exists in the repository (and a cited section of a docs page exists in that page).
+  cites exists in the repository (and a cited section of a docs page exists in that page); so do
+  those cited by the recipes' YAML comments, the Makefile, and the tests' comments and docstrings.
 - The README stays short, keeps the test command, and links only to files that exist.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import io
 import re
@@ -113,8 +115,10 @@ def test_the_module_map_lists_every_module():
 
 # Bare file names the toolkit writes (the report's and the demo's table), not citations.
 WRITTEN_FILES = {"results.md"}
-# Files of the projects the code reproduces, cited by their own paths (IRRA's solver, open_clip).
-EXTERNAL = {"solver/build.py", "solver/lr_scheduler.py", "open_clip/model.py"}
+# Files of the projects the code reproduces, cited by their own paths (IRRA's solver, open_clip,
+# the seed code's training scripts that the recipes reproduce).
+EXTERNAL = {"solver/build.py", "solver/lr_scheduler.py", "open_clip/model.py",
+            "distillation/distillation_train.py", "distillation/sequence_distillation_train.py"}
 MD_PATH = re.compile(r"(?<![\w/.-])((?:\.\./)*(?:[\w.-]+/)*[\w-]+\.md)\b")
 PY_PATH = re.compile(r"(?<![\w/.-])((?:[\w-]+/)+[\w-]+\.py)\b")
 # A cited section: `docs/losses.md, "Notation"`, or `README, "Quick start"`.
@@ -135,11 +139,52 @@ def _headings(page: Path) -> set[str]:
     return {re.sub(r"\s*\{.*\}\s*$", "", h).strip() for h in re.findall(r"(?m)^#+ (.+)$", text)}
 
 
-def broken_citations(source: str, where: str) -> list[str]:
+def _comments_and_docstrings(source: str) -> list[tuple[int, str]]:
+    """A test module's comments and docstrings: its other strings are test data (a test of this
+    check holds citations that must be broken)."""
+    tree = ast.parse(source)
+    docs = [(node.body[0].lineno, ast.get_docstring(node, clean=False))
+            for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                           ast.AsyncFunctionDef)) and ast.get_docstring(node)]
+    comments = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT]
+    return sorted(docs + comments)
+
+
+def _hash_comments(text: str) -> list[tuple[int, str]]:
+    """The ``#`` comments of a YAML file, a run of full-line comments joined into one
+    text (a cited section may wrap onto the next line), with the line each starts on. A ``#``
+    inside a quoted YAML value is not a comment."""
+    out: list[tuple[int, str]] = []
+    joined = False
+    for number, line in enumerate(text.splitlines(), 1):
+        unquoted = re.sub(r"\"[^\"]*\"|'[^']*'", lambda m: " " * len(m.group()), line)
+        start = re.search(r"(?:^|\s)#", unquoted)
+        if start is None:
+            joined = False
+            continue
+        comment = line[start.end():].strip()
+        full_line = not line[:start.start()].strip()
+        if full_line and joined:
+            out[-1] = (out[-1][0], f"{out[-1][1]} {comment}")
+        else:
+            out.append((number, comment))
+        joined = full_line
+    return out
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    """Every line, for a file that is prose and commands alike (the Makefile: its help and the
+    scripts its targets run)."""
+    return list(enumerate(text.splitlines(), 1))
+
+
+def broken_citations(source: str, where: str, prose=_prose) -> list[str]:
     """Every path cited in ``source``'s prose that is not in the repository, and every cited
-    section of a docs page that the page lacks."""
+    section of a docs page that the page lacks. ``prose``: how to find the prose (default: the
+    comments and string literals of Python code)."""
     problems = []
-    for line, text in _prose(source):
+    for line, text in prose(source):
         for path in MD_PATH.findall(text):
             if path not in WRITTEN_FILES and not (ROOT / path).is_file():
                 problems.append(f"{where}:{line}: cites {path}, which is not in the repository")
@@ -173,6 +218,48 @@ def test_every_path_the_code_cites_exists():
     for folder in CODE_DIRS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             problems += broken_citations(path.read_text(), path.relative_to(ROOT).as_posix())
+    assert not problems, "\n".join(problems)
+
+
+def _cited_beside_the_code() -> list[tuple[Path, object]]:
+    """The files beside the code whose prose cites pages: each recipe (its comments), the Makefile
+    (every line), each test module (its comments and docstrings)."""
+    return ([(p, _hash_comments) for p in sorted((ROOT / "recipes").rglob("*.y*ml"))]
+            + [(ROOT / "Makefile", _lines)]
+            + [(p, _comments_and_docstrings) for p in sorted((ROOT / "tests").glob("*.py"))])
+
+
+def test_the_citation_check_reads_recipe_comments_the_makefile_and_test_docstrings():
+    recipe = '''# Reproduces the seed run (docs/methods.md, "No such
+# section"; see distill/schedules.py)
+name: x  # weights as in losses.md
+note: "not a # comment: gone.md"
+'''
+    problems = broken_citations(recipe, "r.yaml", prose=_hash_comments)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("r.yaml:1: cites distill/schedules.py")
+    assert problems[1].startswith("r.yaml:1: cites section 'No such section' of docs/methods.md")
+    assert problems[2].startswith("r.yaml:3: cites losses.md")
+    makefile = "# make report   results.md + plots (docs/reporting.md)\nreport:\n\t$(PY) bench/gone.py\n"
+    problems = broken_citations(makefile, "Makefile", prose=_lines)
+    assert problems == ["Makefile:1: cites docs/reporting.md, which is not in the repository",
+                        "Makefile:3: cites bench/gone.py, which is not in the repository"]
+    test = '''"""Checks docs/gone.md."""
+def test_x():
+    """As in design/architecture.md."""
+    # see docs/losses.md, "Gone"
+    assert read("missing.md")  # a file the test writes is data, not a citation
+'''
+    problems = broken_citations(test, "t.py", prose=_comments_and_docstrings)
+    assert [p.split(",")[0] for p in problems] == [
+        "t.py:1: cites docs/gone.md", "t.py:3: cites design/architecture.md",
+        "t.py:4: cites section 'Gone' of docs/losses.md"]
+
+
+def test_every_path_the_recipes_the_makefile_and_the_tests_cite_exists():
+    problems = []
+    for path, prose in _cited_beside_the_code():
+        problems += broken_citations(path.read_text(), path.relative_to(ROOT).as_posix(), prose=prose)
     assert not problems, "\n".join(problems)
 
 
