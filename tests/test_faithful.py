@@ -27,7 +27,7 @@ from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.losses import Features, get_term
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.precision import convert_to_original_fp16
+from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.plan_view import plan_report
 from kd_trainer.recipe import load_recipe
 from kd_trainer.recipe.schedules import Clock
@@ -146,10 +146,10 @@ def random_features(n: int = 6, d: int = 8, seed: int = 0) -> Features:
 @pytest.mark.parametrize("name", SEED_RECIPES)
 def test_seed_recipe_sets_the_original_run(name):
     recipe = recipe_of(name)
-    assert recipe.optim is not None and recipe.optim.preset == "original"
-    assert recipe.optim.model_dump(exclude_unset=True) == {"preset": "original"}, "every number the original's"
+    assert recipe.optim is not None and recipe.optim.preset == "irra"
+    assert recipe.optim.model_dump(exclude_unset=True) == {"preset": "irra"}, "every number the original's"
     assert all(s.optim is None for s in recipe.stages or []), "no stage overrides the original's optimiser"
-    assert recipe.precision == "original"
+    assert recipe.precision == "irra_fp16"
     assert (recipe.select.metric, recipe.select.split) == ("r1", "test")
     assert recipe.training["max_grad_norm"] == 0 and recipe.training["eval_strategy"] == "epoch"
     # Settings the Trainer's own optimiser would read are absent, so nobody edits a number that does nothing.
@@ -210,7 +210,7 @@ def test_plan_optimiser_groups_match_the_table(name):
         "the student has no randomly initialised head, so no LR x5 group"
     for stage, (_, trainable, _, _) in zip(report["stages"], FACTS[name], strict=True):
         o = stage["optimiser"]
-        assert (o["preset"], o["type"], tuple(o["betas"]), o["eps"]) == ("original", "adam", BETAS, EPS)
+        assert (o["preset"], o["type"], tuple(o["betas"]), o["eps"]) == ("irra", "adam", BETAS, EPS)
         mine = [(n, p) for n, p in named if trains(trainable, n)]
         assert stage["trainable_tensors"] == len(mine)
         # Every stage's optimiser holds every student tensor: nothing in the original sets
@@ -241,10 +241,10 @@ def test_plan_lr_per_epoch_matches_the_table(name):
 def test_precision_original_converts_student_and_teacher_by_name(name):
     recipe = recipe_of(name)
     report = plan_report(recipe)
-    assert report["precision"]["mode"] == "original" and report["precision"]["mixed"] is None
+    assert report["precision"]["mode"] == "irra_fp16" and report["precision"]["mixed"] is None
     for role, arch in (("student", recipe.student.arch), ("teacher", recipe.teacher.arch)):
         model = meta_model(arch, recipe)
-        convert_to_original_fp16(model)
+        convert_to_irra_fp16(model)
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         fp16 = {n for n in dtypes if FP16_NAME.search(n)}
         fp32 = {n for n in dtypes if FP32_NAME.search(n)}
@@ -348,7 +348,7 @@ def trainer_for(recipe, out: Path, callbacks=()) -> RetrievalTrainer:
     torch.manual_seed(1)
     teacher = create_model("micro")
     for model in (student, teacher):  # precision: original, as the run converts both
-        convert_to_original_fp16(model)
+        convert_to_irra_fp16(model)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
                              save_strategy="steps", save_steps=1, eval_strategy="no", logging_steps=1, seed=0,
                              data_seed=0, report_to="none", remove_unused_columns=False, use_cpu=True,
@@ -405,8 +405,8 @@ def test_select_keeps_the_best_evaluation_of_the_last_stage(tmp_path):
         "data": {"name": "synth_pedes", "root": str(data), "image_size": [32, 16], "context_length": 64,
                  "augment": False},
         "student": {"arch": "micro"}, "teacher": {"arch": "micro"},
-        "optim": {"preset": "original", "lr": 5e-3, "warmup_epochs": 0},
-        "precision": "original",
+        "optim": {"preset": "irra", "lr": 5e-3, "warmup_epochs": 0},
+        "precision": "irra_fp16",
         "select": {"metric": "r1", "split": "test"},
         "stages": [
             {"name": "image", "epochs": 1, "trainable": "image", "loss": {"terms": [

@@ -28,7 +28,7 @@ from kd_trainer.distill.plan import RunPlan
 from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.distill.stages import StageOptimizer
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.precision import convert_to_original_fp16
+from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.plan_view import plan_report
 from kd_trainer.recipe import RecipeError, parse_recipe
 
@@ -40,8 +40,8 @@ STEPS_PER_EPOCH, EPOCHS = 2, 2  # 8 items, batch 4; each stage 2 epochs: stage 1
 RECIPE = {
     "name": "frozen_tower", "data": {"name": "synth_pedes", "image_size": [32, 16]},
     "student": {"arch": "micro"}, "teacher": {"arch": "micro"},
-    "optim": {"preset": "original", "lr": LR, "warmup_epochs": 0},
-    "precision": "original",
+    "optim": {"preset": "irra", "lr": LR, "warmup_epochs": 0},
+    "precision": "irra_fp16",
     "stages": [
         {"name": "image", "epochs": EPOCHS, "trainable": "image",
          "loss": {"terms": [{"name": "motis", "side": "image"}, {"name": "st_itc", "temperature": 0.1}]}},
@@ -101,7 +101,7 @@ def trainer_for(rec, out, callbacks=(), save_steps=1):
     torch.manual_seed(1)
     teacher = create_model("micro")
     for model in (student, teacher):  # precision: original, as the run converts both
-        convert_to_original_fp16(model)
+        convert_to_irra_fp16(model)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                              eval_strategy="no", logging_steps=1, seed=0, data_seed=0, report_to="none",
@@ -193,7 +193,7 @@ def test_the_original_preset_turns_it_on_and_a_user_can_turn_it_off():
     assert recipe(frozen_tower="exclude").optim.resolve().frozen_tower == "exclude"
     plan = RunPlan.from_recipe(recipe(frozen_tower="exclude"))
     assert [s.optim.frozen_tower for s in plan.stages] == ["exclude", "exclude"]
-    with pytest.raises(RecipeError, match="frozen_tower applies to preset 'original' only"):
+    with pytest.raises(RecipeError, match="frozen_tower applies to preset 'irra' only"):
         parse_recipe({**RECIPE, "optim": {"preset": "trainer", "frozen_tower": "exclude"}})
 
 
@@ -210,7 +210,7 @@ def test_a_bad_value_is_one_line_exit_2(tmp_path, capsys):
 def test_plan_shows_which_tensors_move_by_decay_alone():
     with torch.device("meta"):
         student = create_model("micro", image_size=(32, 16))
-    convert_to_original_fp16(student)
+    convert_to_irra_fp16(student)
     names = {n: p for n, p in student.named_parameters()}
     rows = [s["frozen_tower"] for s in plan_report(recipe())["stages"]]
     image = {n for n in names if is_image(n)}

@@ -31,8 +31,8 @@ from kd_trainer.distill.stages import StageOptimizer, StageLRScheduler
 from kd_trainer.losses.notation import unit
 from kd_trainer.losses.task import info_nce
 from kd_trainer.models.factory import create_model
-from kd_trainer.models.precision import convert_to_original_fp16, float32_embeddings
-from kd_trainer.recipe.optim import ORIGINAL, OptimConfig
+from kd_trainer.models.precision import convert_to_irra_fp16, float32_embeddings
+from kd_trainer.recipe.optim import IRRA, OptimConfig
 
 LR, WD = 1e-5, 4e-5
 
@@ -164,13 +164,13 @@ def test_head_precedence_is_configurable():
 # --- the optim: block -----------------------------------------------------------------------------
 
 def test_original_preset_resolves_to_the_original_numbers():
-    s = OptimConfig(preset="original").resolve()
+    s = OptimConfig(preset="irra").resolve()
     assert (s.type, s.lr, s.betas, s.eps, s.weight_decay, s.bias_weight_decay) == \
         ("adam", 1e-5, (0.9, 0.999), 1e-3, 4e-5, 0.0)
     assert (s.bias_lr_factor, s.head_lr_factor, s.head_keywords, s.heads_before_bias) == \
         (2.0, 5.0, ("cross", "classifier", "mlm_head"), ("cross",))
     assert (s.warmup_epochs, s.warmup_factor, s.schedule, s.step_unit) == (5, 0.1, "cosine", "epoch")
-    over = OptimConfig.model_validate({"preset": "original", "lr": 3e-4, "betas": [0.8, 0.99],
+    over = OptimConfig.model_validate({"preset": "irra", "lr": 3e-4, "betas": [0.8, 0.99],
                                        "head_keywords": ["adapter"]}).resolve()
     assert (over.lr, over.betas, over.eps, over.head_keywords, over.heads_before_bias) == \
         (3e-4, (0.8, 0.99), 1e-3, ("adapter",), ())
@@ -178,11 +178,11 @@ def test_original_preset_resolves_to_the_original_numbers():
 
 @pytest.mark.parametrize("raw, message", [
     ({"preset": "trainer", "lr": 1e-4}, "preset 'trainer' takes its optimiser"),
-    ({"preset": "original", "betas": [0.9, 1.0]}, r"betas must both lie in \[0, 1\)"),
-    ({"preset": "original", "eps": 0}, "greater than 0"),
-    ({"preset": "original", "learning_rate": 1e-4}, "Extra inputs are not permitted"),
-    ({"preset": "original", "type": "sgd"}, "'adam' or 'adamw'"),
-    ({"preset": "original", "head_keywords": ["cross", ""]}, "empty string"),
+    ({"preset": "irra", "betas": [0.9, 1.0]}, r"betas must both lie in \[0, 1\)"),
+    ({"preset": "irra", "eps": 0}, "greater than 0"),
+    ({"preset": "irra", "learning_rate": 1e-4}, "Extra inputs are not permitted"),
+    ({"preset": "irra", "type": "sgd"}, "'adam' or 'adamw'"),
+    ({"preset": "irra", "head_keywords": ["cross", ""]}, "empty string"),
     ({"lr": 1e-4}, "preset"),
 ])
 def test_bad_optim_blocks_are_refused_naming_the_key(raw, message):
@@ -191,8 +191,8 @@ def test_bad_optim_blocks_are_refused_naming_the_key(raw, message):
 
 
 def test_a_stage_block_overrides_only_what_it_writes():
-    run = OptimConfig.model_validate({"preset": "original", "lr": 2e-5, "warmup_epochs": 3})
-    stage = OptimConfig.model_validate({"preset": "original", "lr": 5e-5})
+    run = OptimConfig.model_validate({"preset": "irra", "lr": 2e-5, "warmup_epochs": 3})
+    stage = OptimConfig.model_validate({"preset": "irra", "lr": 5e-5})
     merged = run.merged(stage).resolve()
     assert (merged.lr, merged.warmup_epochs, merged.eps) == (5e-5, 3, 1e-3)
     assert run.merged(None) is run
@@ -201,13 +201,13 @@ def test_a_stage_block_overrides_only_what_it_writes():
 
 def test_optimizer_types_and_hyperparameters():
     model = create_model("micro")
-    adam = create_optimizer(model.named_parameters(), ORIGINAL)
+    adam = create_optimizer(model.named_parameters(), IRRA)
     assert type(adam) is torch.optim.Adam
     assert (adam.defaults["betas"], adam.defaults["eps"]) == ((0.9, 0.999), 1e-3)
     assert [(g["kind"], g["lr"], g["weight_decay"]) for g in adam.param_groups] == \
         [("base", 1e-5, 4e-5), ("bias", 2e-5, 0.0)]
     adamw = create_optimizer(model.named_parameters(),
-                             OptimConfig(preset="original", type="adamw").resolve())
+                             OptimConfig(preset="irra", type="adamw").resolve())
     assert type(adamw) is torch.optim.AdamW
 
 
@@ -238,7 +238,7 @@ def adam_by_hand(p, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-3, decoupled=False):
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 def test_two_adam_steps_equal_the_hand_computation(kind):
     model = WB()
-    settings = OptimConfig(preset="original", type=kind, lr=1e-2, weight_decay=0.1).resolve()
+    settings = OptimConfig(preset="irra", type=kind, lr=1e-2, weight_decay=0.1).resolve()
     opt = create_optimizer(model.named_parameters(), settings)
     grads_w, grads_b = [[0.2, -0.4], [-0.05, 0.3]], [[0.3], [0.001]]
     for gw, gb in zip(grads_w, grads_b):
@@ -268,7 +268,7 @@ def test_lr_factor_for_60_epochs():
     np.testing.assert_allclose(got, expected_factors(), rtol=0, atol=1e-15)
     assert got[:6].tolist() == pytest.approx([0.1, 0.28, 0.46, 0.64, 0.82, 1.0])
     assert original_lr_factor(60, 60) == 0.0 and original_lr_factor(75, 60) == 0.0
-    assert lr_per_epoch(ORIGINAL, 60) == pytest.approx((1e-5 * expected_factors()).tolist(), rel=1e-12)
+    assert lr_per_epoch(IRRA, 60) == pytest.approx((1e-5 * expected_factors()).tolist(), rel=1e-12)
     with pytest.raises(ValueError, match="epoch_index"):
         original_lr_factor(-1, 60)
     with pytest.raises(ValueError, match="num_epochs"):
@@ -294,8 +294,8 @@ class IRRAScheduler(torch.optim.lr_scheduler.LRScheduler):
 def test_per_step_schedule_gives_every_step_the_lr_of_the_original_per_epoch_schedule():
     spe, epochs = 3, 60
     ours_model, irra_model = Heads(), Heads()
-    ours = create_optimizer(ours_model.named_parameters(), ORIGINAL)
-    sched = create_scheduler(ours, ORIGINAL, steps_per_epoch=spe, num_epochs=epochs)
+    ours = create_optimizer(ours_model.named_parameters(), IRRA)
+    sched = create_scheduler(ours, IRRA, steps_per_epoch=spe, num_epochs=epochs)
     irra = torch.optim.Adam([{"params": [p], "lr": lr, "weight_decay": wd} for p, (lr, wd) in
                              zip([p for p in irra_model.parameters() if p.requires_grad],
                                  irra_groups(irra_model, LR, WD).values())], lr=LR, eps=1e-3)
@@ -348,7 +348,7 @@ def fresh(settings):
 
 
 def test_schedule_resumes_exactly_from_a_saved_state(tmp_path):
-    settings = OptimConfig(preset="original", lr=1e-2, warmup_epochs=2).resolve()
+    settings = OptimConfig(preset="irra", lr=1e-2, warmup_epochs=2).resolve()
     model, opt, sched = fresh(settings)
     whole_lrs: list = []
     train(model, opt, sched, range(20), whole_lrs)
@@ -374,7 +374,7 @@ def test_schedule_resumes_exactly_from_a_saved_state(tmp_path):
 def test_each_stage_gets_its_own_schedule_and_resumes_inside_it(tmp_path):
     """Two stages (2 and 3 epochs of 3 steps) under StageOptimizer/StageLRScheduler, driven as the
     StageScheduler callback drives them; stopped at step 8 (stage 2, epoch 1) and resumed."""
-    settings = OptimConfig(preset="original", lr=1e-2, warmup_epochs=1, warmup_factor=0.5).resolve()
+    settings = OptimConfig(preset="irra", lr=1e-2, warmup_epochs=1, warmup_factor=0.5).resolve()
     spe, stage_epochs, stage_params = 3, [2, 3], [("encoder.", "ln."), ("cross_attn.", "classifier.")]
     bounds = [0, 6, 15]
 
@@ -433,7 +433,7 @@ def test_fp16_conversion_converts_exactly_what_clip_converts():
     model = create_model("micro", projection_dim=48)
     assert MICRO_FP16 | MICRO_FP32 == {n for n, _ in model.named_parameters()} and not MICRO_FP16 & MICRO_FP32
     reference = copy.deepcopy(model)
-    report = convert_to_original_fp16(model)
+    report = convert_to_irra_fp16(model)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert {n for n, d in dtypes.items() if d == torch.float16} == MICRO_FP16
     assert {n for n, d in dtypes.items() if d == torch.float32} == MICRO_FP32
@@ -444,7 +444,7 @@ def test_fp16_conversion_converts_exactly_what_clip_converts():
     assert len(report.layer_norms) == 7 and all(isinstance(m, LayerNormFp32) for m in model.modules()
                                                 if isinstance(m, nn.LayerNorm))
     assert report.input_casts == ["clip.visual"]
-    again = convert_to_original_fp16(model)
+    again = convert_to_irra_fp16(model)
     assert again.converted == [] and again.layer_norms == []
     assert len(model.clip.visual._forward_pre_hooks) == 1
 
@@ -452,7 +452,7 @@ def test_fp16_conversion_converts_exactly_what_clip_converts():
 def test_fp16_forward_casts_as_the_original_does():
     torch.manual_seed(0)
     model = create_model("micro")
-    convert_to_original_fp16(model)
+    convert_to_irra_fp16(model)
     ln = model.clip.visual.ln_pre
     x = torch.randn(2, 9, 32).half()
     want = nn.functional.layer_norm(x.float(), (32,), ln.weight, ln.bias, ln.eps).half()
@@ -467,10 +467,10 @@ def test_fp16_forward_casts_as_the_original_does():
 def test_three_fp16_weight_steps_on_cpu_give_finite_losses():
     torch.manual_seed(0)
     student, teacher = create_model("micro"), create_model("micro")
-    convert_to_original_fp16(student)
-    convert_to_original_fp16(teacher)
+    convert_to_irra_fp16(student)
+    convert_to_irra_fp16(teacher)
     teacher.requires_grad_(False)
-    settings = OptimConfig(preset="original", lr=1e-3).resolve()
+    settings = OptimConfig(preset="irra", lr=1e-3).resolve()
     opt = create_optimizer(student.named_parameters(), settings)
     sched = create_scheduler(opt, settings, steps_per_epoch=1, num_epochs=3)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}

@@ -1,9 +1,11 @@
 """A recipe is one type per task (issue 23): each holds only the keys its task reads, so a key of
-another task is refused by name where the recipe is read, not when the run starts."""
+another task is refused by name where the recipe is read, not when the run starts; the two values
+that said "original" say what they reproduce, and the old spelling still reads the same."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import yaml
@@ -18,6 +20,7 @@ from kd_trainer.recipe import (
     dump_recipe,
     parse_recipe,
 )
+from kd_trainer.runner.resume import resume_changes
 
 SHAPES = {"num_classes": 4, "train_per_class": 2, "test_per_class": 2, "image_size": 32}
 DET = {"num_classes": 3, "train_images": 2, "test_images": 2, "image_size": 64}
@@ -59,8 +62,8 @@ def test_the_task_types_differ_by_exactly_the_retrieval_keys():
 @pytest.mark.parametrize("key, value", [
     ("loss", {"terms": [{"name": "itc"}]}),
     ("stages", [{"name": "a", "epochs": 1, "loss": {"terms": [{"name": "itc"}]}}]),
-    ("optim", {"preset": "original"}),
-    ("precision", "original"),
+    ("optim", {"preset": "irra"}),
+    ("precision", "irra_fp16"),
     ("select", {"metric": "r1"}),
     ("contrastive_accumulation", "exact"),
 ])
@@ -155,3 +158,61 @@ def test_a_recipe_yaml_saved_before_the_split_reads_as_the_same_recipe(raw):
 def test_a_detection_recipe_reads_plain_accumulation_without_the_key():
     det = parse_recipe(_recipe("detection", {"name": "synth_det", "det": DET}))
     assert det.contrastive_accumulation == "plain" and "contrastive_accumulation" not in det.model_dump()
+
+
+# --- `original` renamed: precision: irra_fp16, optim.preset: irra -----------------------------
+
+def test_the_old_spelling_is_read_as_the_new_one_with_a_warning():
+    old = {**RETRIEVAL, "precision": "original", "optim": {"preset": "original", "lr": 2e-5},
+           "training": {"eval_strategy": "no"}}
+    with pytest.warns(FutureWarning) as caught:
+        recipe = parse_recipe(old)
+    assert recipe.precision == "irra_fp16" and recipe.optim.preset == "irra" and recipe.optim.lr == 2e-5
+    messages = sorted(str(w.message) for w in caught)
+    assert any(m.startswith("`optim.preset: original` is now spelled `optim.preset: irra`") for m in messages)
+    assert any(m.startswith("`precision: original` is now spelled `precision: irra_fp16`") for m in messages)
+    assert all("\n" not in m for m in messages)
+    new = {**RETRIEVAL, "precision": "irra_fp16", "optim": {"preset": "irra", "lr": 2e-5},
+           "training": {"eval_strategy": "no"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling warns about nothing
+        assert parse_recipe(new).model_dump() == recipe.model_dump()
+    assert "precision: original" not in dump_recipe(recipe) and "preset: original" not in dump_recipe(recipe)
+
+
+def test_a_stage_optim_in_the_old_spelling_merges_with_the_new_one():
+    stages = [{"name": "a", "epochs": 1, "optim": {"preset": "original", "lr": 3e-5}, "loss": {"terms": [{"name": "itc"}]}}]
+    raw = {**RETRIEVAL, "optim": {"preset": "irra"}, "stages": stages}
+    del raw["loss"]
+    with pytest.warns(FutureWarning):
+        recipe = parse_recipe(raw)
+    merged = recipe.stage_optim(recipe.stages[0])  # the same preset: the stage's fields over the recipe's
+    assert merged.preset == "irra" and merged.lr == 3e-5 and merged.resolve().eps == 1e-3
+
+
+def test_precision_irra_fp16_keeps_its_rules():
+    assert "precision: irra_fp16 trains fp16 weights itself; drop training.bf16" in \
+        _error({**RETRIEVAL, "precision": "irra_fp16", "training": {"bf16": True}})
+
+
+def _resume_from(tmp_path, saved_text: str, now: dict):
+    (tmp_path / "recipe.yaml").write_text(saved_text)
+    (tmp_path / "checkpoint-2").mkdir()
+    return resume_changes(parse_recipe(now), str(tmp_path), str(tmp_path / "checkpoint-2"))
+
+
+def test_a_run_started_as_original_resumes_under_the_new_names_without_a_change(tmp_path):
+    now = {**RETRIEVAL, "precision": "irra_fp16", "optim": {"preset": "irra"}}
+    saved = yaml.safe_load(dump_recipe(parse_recipe(now)))
+    saved["precision"], saved["optim"]["preset"] = "original", "original"  # as the run wrote it
+    saved["data"].update(shapes=None, det=None)  # the old schema's data block held every task's generator
+    with pytest.warns(FutureWarning):
+        assert _resume_from(tmp_path, yaml.safe_dump(saved, sort_keys=False), now) == {}
+
+
+def test_a_real_change_beside_the_renamed_values_is_still_refused(tmp_path):
+    now = {**RETRIEVAL, "precision": "irra_fp16", "optim": {"preset": "irra", "lr": 2e-5}}
+    saved = yaml.safe_load(dump_recipe(parse_recipe({**now, "optim": {"preset": "irra", "lr": 1e-5}})))
+    saved["precision"], saved["optim"]["preset"] = "original", "original"
+    with pytest.warns(FutureWarning), pytest.raises(RecipeError, match=r"optim\.lr \(1e-05 -> 2e-05\)"):
+        _resume_from(tmp_path, yaml.safe_dump(saved, sort_keys=False), now)

@@ -65,7 +65,7 @@ def test_method_recipe_matches_methods_md(name):
         else:  # every other KD recipe mixes as the original does, explicitly
             assert loss.alpha is not None and loss.alpha.values == [0.9, 0.6] and loss.alpha.boundaries == [9]
     # The original's run around the losses (tests/test_faithful.py checks it setting by setting).
-    assert recipe.optim.preset == "original" and recipe.precision == "original"
+    assert recipe.optim.preset == "irra" and recipe.precision == "irra_fp16"
     assert (recipe.select.metric, recipe.select.split) == ("r1", "test")
     if recipe.teacher is not None:
         assert recipe.teacher.arch == "clip-vit-b16" and recipe.teacher.config.endswith("configs.yaml")
@@ -94,14 +94,14 @@ def test_synth_variant_is_the_same_method(name):
             assert b.temperature == (0.05 if a.temperature == 0.02 else a.temperature)
     # The same run around the losses: the original's optimiser with only the LR raised for models
     # trained from scratch, the same checkpoint choice, no clipping. fp32 weights, said in the twin.
-    assert synth.optim.preset == real.optim.preset == "original"
+    assert synth.optim.preset == real.optim.preset == "irra"
     assert set(synth.optim.model_dump(exclude_unset=True)) - set(real.optim.model_dump(exclude_unset=True)) \
         == {"lr"}
     assert [s.optim for s in synth.stages or []] == [s.optim for s in real.stages or []]
     assert synth.select == real.select
     assert synth.training["max_grad_norm"] == real.training["max_grad_norm"] == 0
-    assert real.precision == "original" and synth.precision is None
-    assert "precision: original` is left out" in (ROOT / "recipes" / "synth" / f"{name}.yaml").read_text()
+    assert real.precision == "irra_fp16" and synth.precision is None
+    assert "precision: irra_fp16` is left out" in (ROOT / "recipes" / "synth" / f"{name}.yaml").read_text()
 
 
 def test_override_switches_the_dataset():

@@ -1,6 +1,6 @@
 """What a stage's optimiser does with the student tensors the stage does not train (``optim.frozen_tower``).
 
-The original (``optim: {preset: original}``) never sets ``requires_grad=False`` on the student: every
+The original (``optim: {preset: irra}``) never sets ``requires_grad=False`` on the student: every
 stage's ``build_optimizer`` receives every student tensor, and a stage's frozen tower is frozen only
 because its forward runs under ``torch.no_grad()``. It ran PyTorch 1.11, whose ``zero_grad()``
 *zeroes* existing gradients instead of freeing them. So a tensor a stage does not train keeps a zero

@@ -84,7 +84,7 @@ class Stage:
     # towers it runs without autograd because it trains nothing of them.
     params: frozenset[str] = frozenset()
     frozen_towers: tuple[str, ...] = ()
-    # The seed code's optimiser and per-epoch schedule (`optim: {preset: original}`); None: the Trainer's.
+    # The seed code's optimiser and per-epoch schedule (`optim: {preset: irra}`); None: the Trainer's.
     optim: OptimSettings | None = None
     # Where the stage's teacher embeddings come from (RunPlan.place_teacher); None: the online
     # teacher for the terms that read one (a plan built without a teacher cache or mimic jobs).

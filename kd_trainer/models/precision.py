@@ -1,8 +1,9 @@
-"""``precision: original``: the original's fp16 *weights* (not mixed precision), for student and teacher.
+"""``precision: irra_fp16``: the fp16 *weights* of IRRA's code (not mixed precision), for student and teacher.
 
-The original builds every CLIP (teacher IRRA and student) through OpenAI CLIP's ``convert_weights``
-and trains the student in those weights, with Adam's eps raised to 1e-3 to survive them. What that
-function converts, and what :func:`convert_to_original_fp16` therefore converts:
+The original run (IRRA's code, which the seed commands ran) builds every CLIP (teacher IRRA and
+student) through OpenAI CLIP's ``convert_weights`` and trains the student in those weights, with
+Adam's eps raised to 1e-3 to survive them. What that function converts, and what
+:func:`convert_to_irra_fp16` therefore converts:
 
 - ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear``: weight and bias (this includes the attention output
   projection, ``nn.MultiheadAttention.out_proj``, a ``Linear``);
@@ -50,7 +51,7 @@ PROJECTION_NAMES = ("text_projection", "proj")
 
 @dataclass
 class PrecisionReport:
-    """What :func:`convert_to_original_fp16` changed, by parameter and module name."""
+    """What :func:`convert_to_irra_fp16` changed, by parameter and module name."""
 
     converted: list[str] = field(default_factory=list)  # parameters (and buffers) now fp16
     kept: list[str] = field(default_factory=list)  # floating parameters left in fp32
@@ -71,7 +72,7 @@ def _cast_image_input(module: VisionTransformer, args: tuple[Any, ...]) -> tuple
     return None
 
 
-def convert_to_original_fp16(model: nn.Module, dtype: torch.dtype = torch.float16) -> PrecisionReport:
+def convert_to_irra_fp16(model: nn.Module, dtype: torch.dtype = torch.float16) -> PrecisionReport:
     """Convert ``model`` in place as the original's ``convert_weights`` does; returns what changed.
 
     Parameters keep their identity (``.data`` is replaced, as in the original), so convert before
@@ -80,7 +81,7 @@ def convert_to_original_fp16(model: nn.Module, dtype: torch.dtype = torch.float1
     docstring). ``dtype=torch.bfloat16`` gives the same layout in bf16.
     """
     if not dtype.is_floating_point:
-        raise ValueError(f"convert_to_original_fp16 needs a floating dtype, got {dtype}")
+        raise ValueError(f"convert_to_irra_fp16 needs a floating dtype, got {dtype}")
     targets: dict[int, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -122,6 +123,10 @@ def convert_to_original_fp16(model: nn.Module, dtype: torch.dtype = torch.float1
                 module.register_forward_pre_hook(_cast_image_input)
             report.input_casts.append(name)
     return report
+
+
+# The function's name before issue 23, until every caller (plan_view) reads the new one.
+convert_to_original_fp16 = convert_to_irra_fp16
 
 
 def float32_embeddings(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

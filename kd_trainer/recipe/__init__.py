@@ -4,7 +4,7 @@ parsed once and validated before anything is built."""
 
 from kd_trainer.recipe.loading import apply_overrides, dump_recipe, load_recipe, parse_recipe
 from kd_trainer.recipe.mimic import MimicConfig, MimicJob, parse_mimic_config
-from kd_trainer.recipe.optim import ORIGINAL, OptimConfig, OptimSettings
+from kd_trainer.recipe.optim import IRRA, OptimConfig, OptimSettings
 from kd_trainer.recipe.schema import (
     RECIPE_TYPES,
     ClassificationRecipe,
@@ -28,7 +28,7 @@ from kd_trainer.recipe.schema import (
 )
 
 __all__ = [
-    "ORIGINAL", "MimicConfig", "MimicJob", "OptimConfig", "OptimSettings", "parse_mimic_config",
+    "IRRA", "MimicConfig", "MimicJob", "OptimConfig", "OptimSettings", "parse_mimic_config",
     "RECIPE_TYPES", "ClassificationRecipe", "DataConfig", "DetDataConfig", "DetectionRecipe", "LossConfig",
     "ModelConfig", "Recipe", "RecipeError", "RetrievalRecipe", "SelectConfig", "ShapesConfig", "ShapesDataConfig",
     "StageConfig", "SynthConfig", "SynthDetConfig", "TermConfig", "Trainable", "apply_overrides", "dump_recipe",

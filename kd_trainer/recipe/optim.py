@@ -2,14 +2,16 @@
 
 Two presets. ``trainer`` keeps ``transformers.Trainer``'s own optimiser and schedule, configured in
 the ``training:`` block (``optim``, ``learning_rate``, ``weight_decay``, ``lr_scheduler_type`` ...).
-``original`` is the optimiser and schedule of the research code the seed commands ran (IRRA's
+``irra`` is the optimiser and schedule of the research code the seed commands ran (IRRA's
 ``solver/build.py`` and ``solver/lr_scheduler.py``), which produced the published table::
 
-    optim: {preset: original}                        # exactly the original
-    optim: {preset: original, lr: 2.0e-5}            # every number can be overridden
-    optim: {preset: original, type: adamw}           # decoupled decay (an improvement, not the original)
+    optim: {preset: irra}                            # exactly the original run's
+    optim: {preset: irra, lr: 2.0e-5}                # every number can be overridden
+    optim: {preset: irra, type: adamw}               # decoupled decay (an improvement, not the original)
 
-What ``original`` means, setting by setting (:data:`ORIGINAL`):
+``preset: original``, this preset's earlier name, is still read as ``irra``, with a FutureWarning.
+
+What ``irra`` means, setting by setting (:data:`IRRA`):
 
 - Adam, betas (0.9, 0.999), eps 1e-3 (the original trains fp16 weights; a smaller eps underflows),
   base LR 1e-5, weight decay 4e-5 *coupled* (the L2 term of ``torch.optim.Adam``, not AdamW's
@@ -41,10 +43,11 @@ by :mod:`kd_trainer.distill.optim`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ class OptimSettings:
     frozen_tower: Literal["optimise_by_decay", "exclude"]
 
 
-# The original's values (IRRA's defaults, as the seed commands ran them).
-ORIGINAL = OptimSettings(
+# The ``irra`` preset's values (IRRA's defaults, as the seed commands ran them).
+IRRA = OptimSettings(
     type="adam", lr=1e-5, betas=(0.9, 0.999), eps=1e-3, weight_decay=4e-5, bias_weight_decay=0.0,
     bias_lr_factor=2.0, head_lr_factor=5.0, head_keywords=("cross", "classifier", "mlm_head"),
     heads_before_bias=("cross",), warmup_epochs=5, warmup_factor=0.1, schedule="cosine", step_unit="epoch",
@@ -79,15 +82,27 @@ ORIGINAL = OptimSettings(
 _NUMBERS = tuple(f.name for f in fields(OptimSettings))
 
 
+def read_renamed(key: str, value: Any, old: str, new: str) -> Any:
+    """``value``, with a value's earlier spelling ``old`` read as ``new`` and a one-line FutureWarning
+    that names the new spelling (so a recipe, or a run's saved recipe.yaml, written with the old
+    name still parses, and parses to the same recipe as one written with the new name)."""
+    if value == old:
+        warnings.warn(f"`{key}: {old}` is now spelled `{key}: {new}` (read as {new}); write {new}, as the old "
+                      f"name will stop being read", FutureWarning, stacklevel=2)
+        return new
+    return value
+
+
 class OptimConfig(BaseModel):
     """A recipe's (or a stage's) ``optim:`` block. Fields left out take the preset's value."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["original", "trainer"] = Field(
-        description="original: the seed code's Adam, parameter groups and per-epoch warm-up + cosine schedule "
-                    "(every field below overridable); trainer: transformers.Trainer's optimiser and schedule "
-                    "from the `training:` block (no other field may be set).")
+    preset: Literal["irra", "trainer"] = Field(
+        description="irra: the Adam, parameter groups and per-epoch warm-up + cosine schedule of IRRA's code, "
+                    "which the seed commands ran (every field below overridable; `original`, its earlier name, "
+                    "is still read as irra); trainer: transformers.Trainer's optimiser and schedule from the "
+                    "`training:` block (no other field may be set).")
     type: Literal["adam", "adamw"] | None = Field(
         None, description="adam: weight decay coupled as an L2 term in the gradient (the original); "
                           "adamw: decoupled weight decay.")
@@ -118,17 +133,22 @@ class OptimConfig(BaseModel):
                           "weight decay alone moves it (tensors that never had a gradient stay untouched). "
                           "exclude: only the stage's trained tensors are optimised; frozen ones stay unchanged.")
 
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _renamed(cls, v: Any) -> Any:
+        return read_renamed("optim.preset", v, "original", "irra")  # its name before issue 23
+
     @model_validator(mode="after")
     def _consistent(self) -> "OptimConfig":
         given = sorted(n for n in _NUMBERS if getattr(self, n) is not None)
         if self.preset == "trainer" and self.frozen_tower is not None:
-            raise ValueError("optim.frozen_tower applies to preset 'original' only: preset 'trainer' (the Trainer's "
+            raise ValueError("optim.frozen_tower applies to preset 'irra' only: preset 'trainer' (the Trainer's "
                              "optimiser) always holds just the tensors a stage trains; drop the key or use preset "
-                             "'original'")
+                             "'irra'")
         if self.preset == "trainer" and given:
             raise ValueError(f"optim: preset 'trainer' takes its optimiser and schedule from the `training:` block "
                              f"(optim, learning_rate, weight_decay, adam_beta1/2, adam_epsilon, lr_scheduler_type); "
-                             f"move {given} there or use preset 'original'")
+                             f"move {given} there or use preset 'irra'")
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must both lie in [0, 1), got {list(self.betas)}")
         for name in ("head_keywords", "heads_before_bias"):
@@ -149,8 +169,8 @@ class OptimConfig(BaseModel):
         given = {n: getattr(self, n) for n in _NUMBERS if getattr(self, n) is not None}
         if "head_keywords" in given and "heads_before_bias" not in given:
             # New head names: keep the original's precedence only for the keywords that remain.
-            given["heads_before_bias"] = tuple(k for k in ORIGINAL.heads_before_bias if k in given["head_keywords"])
-        settings = OptimSettings(**{**{n: getattr(ORIGINAL, n) for n in _NUMBERS}, **given})
+            given["heads_before_bias"] = tuple(k for k in IRRA.heads_before_bias if k in given["head_keywords"])
+        settings = OptimSettings(**{**{n: getattr(IRRA, n) for n in _NUMBERS}, **given})
         unknown = sorted(set(settings.heads_before_bias) - set(settings.head_keywords))
         if unknown:
             raise ValueError(f"optim.heads_before_bias names {unknown}, which are not in optim.head_keywords "

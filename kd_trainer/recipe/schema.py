@@ -30,7 +30,7 @@ from kd_trainer.data.tokenizer import check_context_length
 from kd_trainer.losses import get_term
 from kd_trainer.models.derive import DERIVE_KEYS, derive_architecture
 from kd_trainer.models.factory import list_architectures
-from kd_trainer.recipe.optim import OptimConfig
+from kd_trainer.recipe.optim import OptimConfig, read_renamed
 from kd_trainer.recipe.mimic import MimicConfig, check_exact_accumulation, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 from kd_trainer.synthetic.detection import check_synth_det_args
@@ -395,13 +395,14 @@ class RetrievalRecipe(_RecipeBase):
     loss: LossConfig | None = Field(None, description="A single-stage run's loss (or give `stages`).")
     stages: list[StageConfig] | None = Field(None, description="Ordered stages of a sequential method.")
     optim: OptimConfig | None = Field(
-        None, description="The optimiser and LR schedule: {preset: original} reproduces the seed code (Adam, eps "
-                          "1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); null or "
-                          "{preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
-    precision: Literal["original"] | None = Field(
-        None, description="original: the seed code's fp16 weights (Linear, Conv, attention and projection "
-                          "matrices of student and teacher; LayerNorm in fp32), the student trained in them. "
-                          "Null: fp32 weights, with training.bf16/fp16 for mixed precision (recommended).")
+        None, description="The optimiser and LR schedule: {preset: irra} reproduces the seed commands' IRRA code "
+                          "(Adam, eps 1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); "
+                          "null or {preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
+    precision: Literal["irra_fp16"] | None = Field(
+        None, description="irra_fp16: the fp16 weights of IRRA's code (Linear, Conv, attention and projection "
+                          "matrices of student and teacher; LayerNorm in fp32), the student trained in them "
+                          "(`original`, its earlier name, is still read as irra_fp16). Null: fp32 weights, with "
+                          "training.bf16/fp16 for mixed precision (recommended).")
     select: SelectConfig | None = Field(
         None, description="Keep the best evaluation of the last stage (by `metric`, on `split`) as the run's final "
                           "student, as the original keeps best.pth; null keeps the last weights.")
@@ -411,6 +412,11 @@ class RetrievalRecipe(_RecipeBase):
                              "computes every term over the whole group of k*b and backpropagates it one "
                              "micro-batch at a time (the gradient cache): the update of one batch of k*b, with "
                              "one micro-batch's activations in memory.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _renamed(cls, v: Any) -> Any:
+        return read_renamed("precision", v, "original", "irra_fp16")  # its name before issue 23
 
     @model_validator(mode="after")
     def _loss_or_stages(self) -> "RetrievalRecipe":
@@ -450,12 +456,12 @@ class RetrievalRecipe(_RecipeBase):
         if presets:
             raise ValueError(f"stages {presets} set learning_rate beside an `optim:` preset; give the stage's LR as "
                              "stages.N.optim.lr")
-        if self.precision == "original":
+        if self.precision == "irra_fp16":
             mixed = [k for k in ("fp16", "bf16") if self.training.get(k)]
             if mixed:
-                raise ValueError(f"precision: original trains fp16 weights itself; drop training.{mixed[0]}")
+                raise ValueError(f"precision: irra_fp16 trains fp16 weights itself; drop training.{mixed[0]}")
             if self.mimic is not None:
-                raise ValueError("precision: original with mimic jobs is not supported: adapters are fp32 and "
+                raise ValueError("precision: irra_fp16 with mimic jobs is not supported: adapters are fp32 and "
                                  "would receive fp16 features")
         if self.select is not None and not self.evaluates_during_training:
             raise ValueError("select: keeps the best evaluation, so the run must evaluate: set "

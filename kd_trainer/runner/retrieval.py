@@ -29,7 +29,7 @@ from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
 from kd_trainer.models.factory import RetrievalModel, create_model
 from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.loading import load_weights, model_from_checkpoint
-from kd_trainer.models.precision import convert_to_original_fp16
+from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
 from kd_trainer.runner.export import export_student
 from kd_trainer.runner.fit import fit
@@ -145,10 +145,10 @@ def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     if not run.teacher.in_training:
         teacher = None  # it only gave the student its weights
 
-    if recipe.precision == "original":  # the seed code's fp16 weights, for both models
+    if recipe.precision == "irra_fp16":  # the fp16 weights of IRRA's code, for both models
         for role, model in (("teacher", teacher), ("student", student)):
             if model is not None:
-                logger.info("precision original, %s: %s", role, convert_to_original_fp16(model).summary())
+                logger.info("precision irra_fp16, %s: %s", role, convert_to_irra_fp16(model).summary())
 
     cache, train_dataset = None, data.splits["train"]
     if run.teacher.cache is not None:
@@ -167,8 +167,8 @@ def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
         train_dataset=train_dataset,
         eval_dataset=data.split(run.eval_split) if run.eval_split else None,
     )
-    if recipe.precision == "original" and trainer.accelerator.mixed_precision != "no":
-        raise RecipeError(f"precision: original trains fp16 weights itself, but the launch asks for "
+    if recipe.precision == "irra_fp16" and trainer.accelerator.mixed_precision != "no":
+        raise RecipeError(f"precision: irra_fp16 trains fp16 weights itself, but the launch asks for "
                           f"{trainer.accelerator.mixed_precision} mixed precision (accelerate config); launch "
                           "with --mixed_precision no")
     fit(trainer, recipe, run)
