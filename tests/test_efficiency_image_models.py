@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from test_report_html import _parse
 
 from kd_trainer.models.classifier import CLASSIFIER_CONFIG, Classifier
 from kd_trainer.models.detector import DETECTOR_CONFIG, load_detector
@@ -153,37 +153,6 @@ def image_runs(tmp_path_factory) -> Path:
     return root
 
 
-class _Tables(HTMLParser):
-    """The cells of every ``table.results`` on the page, keyed by its ``data-task``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self._task: str | None = None
-        self._text: list[str] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if tag == "table" and "results" in (a.get("class") or "").split():
-            self._task = a["data-task"]
-            self.tables[self._task] = []
-        elif tag == "tr" and self._task:
-            self.tables[self._task].append([])
-        elif tag in ("td", "th") and self._task:
-            self._text = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._text is not None and self._task:
-            self.tables[self._task][-1].append("".join(self._text).strip())
-            self._text = None
-        elif tag == "table":
-            self._task = None
-
-    def handle_data(self, data: str) -> None:
-        if self._text is not None:
-            self._text.append(data)
-
-
 def _md_tables(text: str) -> list[list[list[str]]]:
     """Every Markdown table of ``text``, rows of stripped cells, the rule left out."""
     tables: list[list[list[str]]] = []
@@ -208,10 +177,8 @@ def test_report_tables_show_the_cost_of_detectors_and_classifiers(image_runs: Pa
         written = write_report([image_runs], tmp_path / "out", latency=Latency(warmup=0, iters=2), galleries=None,
                                plots=False)
     md = written["results"].read_text(encoding="utf-8")
-    page = _Tables()
-    page.feed(written["html"].read_text(encoding="utf-8"))
     det_md, cls_md = _md_tables(md)[:2]  # the detection table comes before the classification one
-    assert page.tables["detection"] == det_md and page.tables["classification"] == cls_md
+    assert _parse(written["html"]).tables == [det_md, cls_md]
     heads = ["Params M", "GFLOPs per image", "CPU ms b1 per image"]
     expected = {"FPN mimic": (det_md, detector_hand_count(64, CLASSES, 40)),
                 "ResNet-18": (cls_md, classifier_hand_count(32, CLASSES))}
