@@ -1,6 +1,8 @@
-"""``kd-trainer plan RECIPE``: what each stage of a recipe will do, without training.
+"""``kd-trainer plan RECIPE``: the resolved run of a recipe (what the run will decide), without training.
 
-Users read it to check a recipe against a paper: per stage, which towers train and which
+It prints :meth:`~kd_trainer.distill.resolved.ResolvedRun.describe` for every task: the data set
+and its generator, the student and the named teachers with their checkpoints, the mimic jobs,
+whether the task loss is kept, the training arguments and the output folder. Users read it to check a recipe against a paper: per stage, which towers train and which
 parameter groups the optimiser gets (each with its LR and weight decay), the LR and alpha at
 every epoch, every term with its side, temperature and group, the precision of the weights, and
 which checkpoint the run keeps. Models are built on the ``meta`` device (no weights, no memory),
@@ -18,7 +20,7 @@ from transformers import TrainingArguments
 from kd_trainer.distill.frozen_tower import format_frozen_tower, frozen_tower_plan, optimised_params
 from kd_trainer.distill.optim import describe_groups, lr_per_epoch, param_groups
 from kd_trainer.distill.plan import Stage
-from kd_trainer.distill.resolved import resolve_run
+from kd_trainer.distill.resolved import ModelSpec, ResolvedRun, arg_name, resolve_run
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.inherit import plan_inheritance
 from kd_trainer.models.precision import convert_to_original_fp16
@@ -26,9 +28,9 @@ from kd_trainer.recipe import Recipe
 from kd_trainer.recipe.schedules import Clock, ScheduleLike, uses_epochs, value_at
 
 
-def _meta_model(arch: Any, recipe: Recipe, projection_dim: int | None = None) -> Any:
+def _meta_model(spec: ModelSpec, run: ResolvedRun, projection_dim: int | None = None) -> Any:
     with torch.device("meta"):
-        return create_model(arch, image_size=tuple(recipe.data.image_size), context_length=recipe.data.context_length,
+        return create_model(spec.arch, image_size=tuple(run.data.image_size), context_length=run.data.context_length,
                             projection_dim=projection_dim)
 
 
@@ -50,16 +52,11 @@ def _run_epochs(args: TrainingArguments) -> int | None:
     return int(epochs) if epochs.is_integer() else None
 
 
-def _name(value: Any) -> str:
-    """An enum field of ``TrainingArguments`` (optim, lr_scheduler_type) as the string a recipe gives."""
-    return str(getattr(value, "value", value))
-
-
 def _stage_optimiser(stage: Stage, student: torch.nn.Module, args: TrainingArguments, epochs: int) -> dict[str, Any]:
     named = optimised_params(stage, student.named_parameters())
     if stage.optim is None:
-        return {"preset": "trainer", "optim": _name(args.optim), "lr": stage.learning_rate or args.learning_rate,
-                "weight_decay": args.weight_decay, "schedule": _name(args.lr_scheduler_type), "tensors": len(named)}
+        return {"preset": "trainer", "optim": arg_name(args.optim), "lr": stage.learning_rate or args.learning_rate,
+                "weight_decay": args.weight_decay, "schedule": arg_name(args.lr_scheduler_type), "tensors": len(named)}
     o = stage.optim
     groups = param_groups(named, lr=o.lr, weight_decay=o.weight_decay, bias_lr_factor=o.bias_lr_factor,
                           head_lr_factor=o.head_lr_factor, head_keywords=o.head_keywords,
@@ -73,76 +70,60 @@ def _stage_optimiser(stage: Stage, student: torch.nn.Module, args: TrainingArgum
 
 
 def plan_report(recipe: Recipe) -> dict[str, Any]:
-    """The plan of a recipe as plain data (what ``kd-trainer plan`` prints)."""
-    if recipe.task != "retrieval":
-        return _task_plan_report(recipe)
-    # What the run would decide; the report reads it, never the raw recipe keys.
+    """What ``kd-trainer plan`` prints, as plain data: the resolved run (:meth:`ResolvedRun.describe`),
+    and for a retrieval run each stage bound to a student built on the meta device (its trainable
+    tensors, optimiser groups, LR and alpha per epoch) and an inherited student's layer map. Read
+    from the resolved run only, never from the raw recipe keys."""
     run = resolve_run(recipe, describe_only=True)
+    report = run.describe()
+    if run.plan is None:
+        return report  # classification and detection: the resolved run is the whole plan
     plan, args = run.plan, run.args
-    student = _meta_model(recipe.student.architecture(), recipe, projection_dim=run.projection_dim)
+    student = _meta_model(run.student, run, projection_dim=run.projection_dim)
     plan.bind(student)
     inheritance = None
-    inherit = recipe.student.inherit
-    if inherit is not None and inherit.source == "teacher" and recipe.teacher is not None:
-        source = _meta_model(recipe.teacher.architecture(), recipe)
-        inheritance = plan_inheritance(student, source, layers=inherit.layers).summary()
+    inherit = run.student.inherit
+    if inherit is not None and inherit["source"] == "teacher" and run.teacher.model is not None:
+        source = _meta_model(run.teacher.model, run)
+        inheritance = plan_inheritance(student, source, layers=inherit["layers"]).summary()
     elif inherit is not None:
-        inheritance = f"from {inherit.source}, layers {inherit.layers} (the map is printed when the run loads it)"
-    precision: dict[str, Any] = {"mode": recipe.precision or "fp32 weights",
-                                 "mixed": "bf16" if args.bf16 else "fp16" if args.fp16 else None}
-    if recipe.precision == "original":
-        report = convert_to_original_fp16(student)
-        precision["student_fp16_tensors"] = len(report.converted)
-        precision["student_fp32_tensors"] = len(report.kept)
-    run_epochs = _run_epochs(args) if recipe.stages is None else None
-    stages = []
-    for s in plan.stages:
-        epochs = s.epochs or run_epochs or 0
-        stages.append({
-            "name": s.name, "epochs": epochs or None, "steps": s.steps, "trains": s.trainable,
-            "trainable_tensors": len(s.params), "no_autograd_towers": list(s.frozen_towers),
-            "terms": [{"key": t.key, "side": t.config.side, "temperature": t.temperature, "group": t.group,
-                       "weight": t.config.weight if isinstance(t.config.weight, (int, float))
-                       else t.config.weight.model_dump(), "kwargs": t.config.kwargs} for t in s.terms],
+        inheritance = f"from {inherit['source']}, layers {inherit['layers']} (the map is printed when the run loads it)"
+    if run.precision is not None:  # the one precision mode: the seed code's fp16 weights
+        converted = convert_to_original_fp16(student)
+        report["precision"].update(student_fp16_tensors=len(converted.converted), student_fp32_tensors=len(converted.kept))
+    run_epochs = _run_epochs(args)
+    for s, described in zip(plan.stages, report["stages"]):
+        epochs = s.epochs or (run_epochs if s.steps is None else None) or 0
+        described.update({
+            "epochs": epochs or None, "trainable_tensors": len(s.params), "no_autograd_towers": list(s.frozen_towers),
             "alpha_per_epoch": _per_epoch(s.alpha, epochs) if epochs else None,
             "optimiser": _stage_optimiser(s, student, args, epochs),
             "frozen_tower": frozen_tower_plan(plan.stages, s.index, student),
-            "eval_hybrids": s.eval_hybrids,
         })
-    kept = "the last weights of the last stage"
-    if plan.select is not None:
-        kept = (f"the epoch of the last stage with the best {plan.select.metric} on {plan.select.split}"
-                + (" (test-set selection, as the original)" if plan.select.split == "test" else ""))
-    summary = {"accumulation": f"{recipe.contrastive_accumulation}, {run.micro_batches} micro-batch(es) per step",
-           "nonfinite_skips": recipe.nonfinite_skips,
-           "data_checks": {"verify_images": recipe.data.verify_images, "skip_unreadable": recipe.data.skip_unreadable,
-                           "duplicates": recipe.data.duplicates}}
-    return {"recipe": recipe.name, "method": recipe.method, "precision": precision, "run": summary, "stages": stages,
-            "inheritance": inheritance, "checkpoint_kept": kept, "resolved": run.describe()}
+    report["inheritance"] = inheritance
+    return report
 
 
 def format_plan(report: dict[str, Any]) -> str:
     """The report as the lines ``kd-trainer plan`` prints."""
-    if report.get("task", "retrieval") != "retrieval":
+    if report["task"] != "retrieval":
         return _format_task_plan(report)
-    lines = [f"plan of {report['recipe']}" + (f" ({report['method']})" if report["method"] else "")]
+    d = report
+    lines = [_title(report), _data_line(report["data"]), _model_line("student", report["student"])]
     p = report["precision"]
     lines.append(f"precision: {p['mode']}" + (f", mixed {p['mixed']}" if p["mixed"] else "")
                  + (f" ({p['student_fp16_tensors']} student tensors fp16, {p['student_fp32_tensors']} fp32)"
                     if "student_fp16_tensors" in p else ""))
-    r = report["run"]
-    lines.append(f"accumulation: {r['accumulation']}; non-finite losses skipped before stopping: "
-                 f"{r['nonfinite_skips']}; data checks: {r['data_checks']}")
-    d = report["resolved"]
+    lines.append(_run_line(report) + f"; data checks: {report['data']['checks']}")
     t = d["teacher"]
-    lines.append(f"output folder: {d['output_dir']}; evaluated during training: {d['eval_split'] or 'nothing'}; "
-                 f"test split: {d['test_split'] or 'none'}; resume: {d['resume'] or 'no'}"
-                 + (f"; hub: {d['hub']['repo_id']}" + (" (pushed at the end)" if d["hub"]["push"] else "")
-                    if d["hub"] else ""))
+    lines.append(f"evaluated during training: {d['eval_split'] or 'nothing'}; test split: {d['test_split'] or 'none'}")
     lines.append(f"teacher: {'loaded' if t['load'] else 'not loaded'}"
                  + (", beside the student in training" if t["in_training"] else ", for its weights only" if t["load"]
                     else "") + (f", cache {t['cache']}" if t["cache"] else "")
                  + (f"; student projection to width {d['projection_dim']}" if d["projection_dim"] else ""))
+    if t["model"] is not None:
+        lines.append(_model_line("teacher model", t["model"]))
+    lines.extend(_model_line(f"teacher {name}", m) for name, m in report["teachers"].items())
     if report["inheritance"]:
         lines.append("student inherited from its source:\n  " + report["inheritance"].replace("\n", "\n  "))
     for i, s in enumerate(report["stages"], 1):
@@ -170,63 +151,63 @@ def format_plan(report: dict[str, Any]) -> str:
             lines.append("  alpha per epoch: " + " ".join(f"{v:g}" for v in s["alpha_per_epoch"]))
         if s["eval_hybrids"]:
             lines.append(f"  hybrid evaluation: {', '.join(s['eval_hybrids'])}")
-        lines.append(f"  teacher source: {d['teacher_source'][s['name']]}")
+        lines.append(f"  teacher source: {s['teacher_source']}")
+    lines.extend(_job_lines(report["mimic_jobs"], indent=""))
     lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
     return "\n".join(lines)
 
 
-# --- classification and detection: a task loss plus mimic jobs ---------------------------------
+# --- the lines every task shares, and the classification and detection plan ----------------------
 
-def _arch(cfg: Any) -> str:
+def _title(report: dict[str, Any]) -> str:
+    return (f"plan of {report['name']}" + (f" ({report['method']})" if report["method"] else "")
+            + f": task {report['task']}, seed {report['seed']}")
+
+
+def _arch(arch: Any) -> str:
     """A model's architecture in one line: its name, or the architecture dict as JSON."""
-    return cfg.arch if isinstance(cfg.arch, str) else json.dumps(cfg.arch, sort_keys=True)
+    return arch if isinstance(arch, str) else json.dumps(arch, sort_keys=True)
 
 
-def _task_plan_report(recipe: Recipe) -> dict[str, Any]:
-    """The plan of a classification or detection recipe: its models, its mimic jobs and its one
-    stage (the Trainer's own optimiser and schedule over ``training:``). Builds no model and reads
-    no data; a tap name that does not exist is found when the run builds the models."""
-    run, mimic = resolve_run(recipe, describe_only=True), recipe.mimic
-    args = run.args  # TrainingArguments with their own defaults, never copies of them
-    jobs = [{"name": j.name, "student": list(j.student), "teachers": {t: list(taps) for t, taps in j.teachers.items()},
-             "loss": j.loss.type, "loss_kwargs": j.loss.kwargs, "weight": j.loss_weight,
-             "warm_up_iters": j.warm_up_iters, "reduce": j.reduce, "adapter": j.adapter}
-            for j in (mimic.jobs if mimic is not None else [])]
-    return {
-        "recipe": recipe.name, "method": recipe.method, "task": recipe.task,
-        "student": {"arch": _arch(recipe.student), "checkpoint": recipe.student.checkpoint},
-        "teachers": {name: {"arch": _arch(cfg), "checkpoint": cfg.checkpoint}
-                     for name, cfg in (recipe.teachers or {}).items()},
-        "task_loss": mimic.task_loss if mimic is not None else True,
-        "mimic_jobs": jobs,
-        "length": f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
-        "optimiser": {"optim": _name(args.optim), "lr": args.learning_rate, "weight_decay": args.weight_decay,
-                      "schedule": _name(args.lr_scheduler_type)},
-        "run": {"accumulation": f"{run.micro_batches} micro-batch(es) per step", "nonfinite_skips": run.nonfinite_skips},
-        "checkpoint_kept": "the last weights",
-    }
+def _model_line(role: str, m: dict[str, Any]) -> str:
+    return (f"{role}: {_arch(m['arch'])}" + (f" from {m['checkpoint']}" if m["checkpoint"] else
+                                             "" if m["inherit"] else " (no checkpoint: random weights)"))
 
 
-def _format_task_plan(report: dict[str, Any]) -> str:
-    lines = [f"plan of {report['recipe']}" + (f" ({report['method']})" if report["method"] else "")
-             + f": task {report['task']}"]
-    s = report["student"]
-    lines.append(f"student: {s['arch']}" + (f" from {s['checkpoint']}" if s["checkpoint"] else ""))
-    for name, t in report["teachers"].items():
-        lines.append(f"teacher {name}: {t['arch']}" + (f" from {t['checkpoint']}" if t["checkpoint"] else
-                                                       " (no checkpoint: random weights)"))
-    r, o = report["run"], report["optimiser"]
-    lines.append(f"accumulation: {r['accumulation']}; non-finite losses skipped before stopping: "
-                 f"{r['nonfinite_skips']}")
-    lines.append(f"\none stage: {report['length']}; task loss: {'yes' if report['task_loss'] else 'no (mimic only)'}")
-    lines.append(f"  optimiser: Trainer {o['optim']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, "
-                 f"{o['schedule']} schedule")
-    for j in report["mimic_jobs"]:
+def _data_line(data: dict[str, Any]) -> str:
+    where = (f"generated in {data['generated']} from {data['generator']}" if data["generated"]
+             else f"read from {data['root']}")
+    return f"data: {data['name']}, {where}"
+
+
+def _run_line(report: dict[str, Any]) -> str:
+    a, h = report["accumulation"], report["hub"]
+    return (f"output folder: {report['output_dir']}; resume: {report['resume'] or 'no'}"
+            + (f"; hub: {h['repo_id']}" + (" (pushed at the end)" if h["push"] else "") if h else "")
+            + f"\naccumulation: {a['mode']}, {a['micro_batches_per_step']} micro-batch(es) per step; "
+            f"non-finite losses skipped before stopping: {report['nonfinite_skips']}")
+
+
+def _job_lines(jobs: list[dict[str, Any]], indent: str = "  ") -> list[str]:
+    lines = []
+    for j in jobs:
         warm = f", warm-up {j['warm_up_iters']} steps" if j["warm_up_iters"] > 0 else ""
-        lines.append(f"  mimic job {j['name']}: loss {j['loss']}" + (f" {j['loss_kwargs']}" if j["loss_kwargs"] else "")
+        lines.append(f"{indent}mimic job {j['name']}: loss {j['loss']}" + (f" {j['loss_kwargs']}" if j["loss_kwargs"] else "")
                      + f" x {j['weight']:g}{warm}; teachers combined by {j['reduce']}; adapter {j['adapter']}")
         for teacher, taps in j["teachers"].items():
             for student_tap, teacher_tap in zip(j["student"], taps):
-                lines.append(f"    student {student_tap} <- {teacher} {teacher_tap}")
+                lines.append(f"{indent}  student {student_tap} <- {teacher} {teacher_tap}")
+    return lines
+
+
+def _format_task_plan(report: dict[str, Any]) -> str:
+    t = report["training"]
+    lines = [_title(report), _data_line(report["data"]), _model_line("student", report["student"])]
+    lines.extend(_model_line(f"teacher {name}", m) for name, m in report["teachers"].items())
+    lines.append(_run_line(report))
+    lines.append(f"\none stage: {t['length']}; task loss: {'yes' if report['task_loss'] else 'no (mimic only)'}")
+    lines.append(f"  optimiser: Trainer {t['optim']}, lr {t['learning_rate']:g}, weight decay {t['weight_decay']:g}, "
+                 f"{t['lr_scheduler_type']} schedule")
+    lines.extend(_job_lines(report["mimic_jobs"]))
     lines.append(f"\ncheckpoint kept: {report['checkpoint_kept']}")
     return "\n".join(lines)

@@ -4,7 +4,13 @@ The runner resolves the recipe first (:func:`resolve_run`), builds the data and 
 the result, and hands it to the task trainer, which executes it and decides nothing again. What
 it holds, each decided here and nowhere else:
 
-- the task (retrieval, classification, detection);
+- the task (retrieval, classification, detection), the run's name and seed;
+- the data set the task runs on, and the generator (with its arguments) that writes it
+  (:class:`DataSpec`);
+- the student and the named teachers the task loads, each an architecture and a checkpoint
+  (:class:`ModelSpec`; ``teachers:``, and for classification ``teacher:`` when a job names it);
+- the mimic jobs (which teacher, which layers, the loss, the weight and warm-up as parsed) and
+  whether the task loss is kept;
 - the ``TrainingArguments`` (built once: the raw ``training:`` block is not read after this),
   and with them the output folder, the resume request and the Hub push;
 - k, the micro-batches of one group under ``contrastive_accumulation: exact`` (1 otherwise);
@@ -12,24 +18,65 @@ it holds, each decided here and nowhere else:
   teacher source: live, cache or none), whether the teacher model is loaded and whether it stays
   beside the student, the width of the student's projection, and the evaluation splits.
 
-``kd-trainer plan`` prints it (:meth:`ResolvedRun.describe`).
+``kd-trainer plan`` prints it, and every run saves it as ``resolved_run.json`` in its output folder
+(:meth:`ResolvedRun.describe`: plain JSON, never the Hub token).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 
+from kd_trainer.data import canonical_dataset_name
 from kd_trainer.distill.grad_cache import exact_group_arguments
-from kd_trainer.distill.plan import RunPlan
+from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.models.factory import get_architecture
-from kd_trainer.recipe import Recipe
+from kd_trainer.recipe import MimicJob, ModelConfig, Recipe
 
-__all__ = ["HubTarget", "ResolvedRun", "TeacherUse", "resolve_run", "training_arguments"]
+__all__ = ["RESOLVED_RUN_FILE", "DataSpec", "HubTarget", "ModelSpec", "ResolvedRun", "TeacherUse", "arg_name",
+           "resolve_data", "resolve_run", "resolve_teachers", "training_arguments"]
+
+RESOLVED_RUN_FILE = "resolved_run.json"  # describe(), saved in the output folder when a run starts
+
+# The generated data sets: data.name -> (the recipe's block of generator arguments, the folder under data.root).
+GENERATED = {"synth_pedes": ("synth", "SynthPEDES"), "synth_shapes": ("shapes", "SynthShapes"),
+             "synth_det": ("det", "SynthDet")}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the run builds: its architecture (a name, or the architecture as a dict, derived
+    keys applied) and the checkpoint it loads (None: a random initialisation)."""
+
+    arch: str | dict[str, Any]
+    checkpoint: str | None = None
+    config: str | None = None  # IRRA's configs.yaml beside an IRRA checkpoint (retrieval only)
+    inherit: dict[str, Any] | None = None  # the student's weight inheritance: source and layers
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ModelSpec:
+        return cls(copy.deepcopy(cfg.architecture()), cfg.checkpoint, cfg.config,
+                   cfg.inherit.model_dump() if cfg.inherit is not None else None)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data set a run trains and tests on."""
+
+    name: str  # canonical: cuhk_pedes, icfg_pedes, rstpreid, synth_pedes, synth_shapes, synth_det
+    root: str
+    generated: str | None = None  # the folder the generator writes (or reuses), None: a data set on disk
+    generator: dict[str, Any] | None = None  # the generator's arguments (data.synth, data.shapes, data.det)
+    num_classes: int | None = None  # classification and detection
+    image_size: int | tuple[int, int] | None = None  # (height, width) for retrieval; a square side otherwise
+    context_length: int | None = None  # caption tokens (retrieval)
+    checks: dict[str, Any] | None = None  # retrieval: verify_images, skip_unreadable, duplicates
 
 
 @dataclass(frozen=True)
@@ -52,6 +99,7 @@ class TeacherUse:
     in_training: bool = False  # it stays beside the student (else it only gave the student its weights)
     live: bool = False  # mimic jobs read its layers: every stage runs it, the cache is never read
     cache: str | None = None  # the teacher cache the run opens (only for a teacher in training)
+    model: ModelSpec | None = None  # the recipe's `teacher:` (built only when `load`)
 
 
 @dataclass(frozen=True)
@@ -59,11 +107,21 @@ class ResolvedRun:
     """Every decision of one run (see the module docstring). Built by :func:`resolve_run` only."""
 
     task: str
+    name: str
+    method: str | None
+    seed: int
     args: TrainingArguments
     accumulation_steps: int  # k: micro-batches per group with exact accumulation, else 1
+    contrastive_accumulation: str  # plain or exact
     resume: str | bool | None  # a checkpoint folder, true for the latest complete one, or None
     hub: HubTarget | None
     nonfinite_skips: int
+    data: DataSpec
+    student: ModelSpec
+    teachers: dict[str, ModelSpec]  # the named teachers the mimic jobs read (retrieval: beside `teacher`)
+    mimic_jobs: tuple[MimicJob, ...] = ()
+    task_loss: bool = True  # the task's own loss (cross-entropy, the detector's losses) is trained
+    precision: str | None = None  # retrieval: the seed code's fp16 weights (the recipe's `precision:`), or None
     plan: RunPlan | None = None  # retrieval only (the other tasks train their task loss and mimic jobs)
     teacher: TeacherUse = TeacherUse()
     projection_dim: int | None = None  # the teacher's width when a term compares embeddings directly
@@ -79,19 +137,87 @@ class ResolvedRun:
         """Micro-batches per optimizer step: k groups split exactly, or the Trainer's own accumulation."""
         return self.accumulation_steps * self.args.gradient_accumulation_steps
 
+    @property
+    def checkpoint_kept(self) -> str:
+        """Which weights the run keeps as its result."""
+        select = self.plan.select if self.plan is not None else None
+        if select is None:
+            return "the last weights" + (" of the last stage" if self.plan is not None else "")
+        return (f"the epoch of the last stage with the best {select.metric} on {select.split}"
+                + (" (test-set selection, as the original)" if select.split == "test" else ""))
+
     def describe(self) -> dict[str, Any]:
-        """The run-wide decisions as plain data (the per-stage ones are the plan's)."""
-        return {
-            "task": self.task, "output_dir": self.output_dir,
-            "accumulation_steps": self.accumulation_steps,
+        """Every decision as plain JSON data: what ``kd-trainer plan`` prints and ``resolved_run.json``
+        holds. The per-stage tensors are the plan's, bound to the student when it is built; the Hub
+        token is never in it."""
+        a = self.args
+        out: dict[str, Any] = {
+            "name": self.name, "method": self.method, "task": self.task, "seed": self.seed,
+            "output_dir": self.output_dir,
+            "training": {
+                "length": "each stage's own (stages)" if self.plan is not None and any(
+                    s.epochs or s.steps for s in self.plan.stages) else f"{a.max_steps} steps" if a.max_steps > 0
+                else f"{a.num_train_epochs:g} epochs",
+                "per_device_train_batch_size": a.per_device_train_batch_size,
+                "gradient_accumulation_steps": a.gradient_accumulation_steps, "optim": arg_name(a.optim),
+                "learning_rate": a.learning_rate, "weight_decay": a.weight_decay,
+                "lr_scheduler_type": arg_name(a.lr_scheduler_type), "warmup_steps": a.warmup_steps,
+                "max_grad_norm": a.max_grad_norm,
+                "mixed_precision": "bf16" if a.bf16 else "fp16" if a.fp16 else None,
+                "eval_strategy": arg_name(a.eval_strategy), "save_strategy": arg_name(a.save_strategy)},
+            "accumulation": {"mode": self.contrastive_accumulation, "k": self.accumulation_steps,
+                             "micro_batches_per_step": self.micro_batches},
             "resume": self.resume,
             "hub": None if self.hub is None else {"repo_id": self.hub.repo_id, "push": self.hub.push},  # no token
-            "teacher": dataclasses.asdict(self.teacher), "projection_dim": self.projection_dim,
-            "eval_split": self.eval_split, "test_split": self.test_split,
-            "teacher_source": None if self.plan is None else {
-                s.name: (s.teacher_source.message if s.teacher_source is not None else "no teacher")
-                for s in self.plan.stages},
+            "nonfinite_skips": self.nonfinite_skips,
+            "data": dataclasses.asdict(self.data),
+            "student": dataclasses.asdict(self.student),
+            "teachers": {n: dataclasses.asdict(t) for n, t in self.teachers.items()},
+            "task_loss": self.task_loss,
+            "mimic_jobs": [_job(j) for j in self.mimic_jobs],
+            "checkpoint_kept": self.checkpoint_kept,
         }
+        if self.plan is not None:
+            out.update({
+                "precision": {"mode": self.precision or "fp32 weights",
+                              "mixed": out["training"]["mixed_precision"]},
+                "teacher": dataclasses.asdict(self.teacher), "projection_dim": self.projection_dim,
+                "eval_split": self.eval_split, "test_split": self.test_split,
+                "select": None if self.plan.select is None else self.plan.select.model_dump(),
+                "stages": [_stage(s) for s in self.plan.stages]})
+        return json.loads(json.dumps(out))  # plain data: tuples as lists, as the saved file reads back
+
+
+def arg_name(value: Any) -> str:
+    """An enum field of ``TrainingArguments`` (optim, lr_scheduler_type) as the string a recipe gives."""
+    return str(getattr(value, "value", value))
+
+
+def _schedule(value: Any) -> Any:
+    """A weight or alpha: a number, or its schedule as data."""
+    return value if value is None or isinstance(value, (int, float)) else value.model_dump()
+
+
+def _job(job: MimicJob) -> dict[str, Any]:
+    """One mimic job as data: its teachers and layers, paired in order with the student's, its loss,
+    its weight after the warm-up, the warm-up in global steps, how teachers combine, its adapters."""
+    return {"name": job.name, "student": list(job.student),
+            "teachers": {t: list(taps) for t, taps in job.teachers.items()},
+            "loss": job.loss.type, "loss_kwargs": job.loss.kwargs, "weight": job.loss_weight,
+            "warm_up_iters": job.warm_up_iters, "reduce": job.reduce, "adapter": job.adapter}
+
+
+def _stage(s: Stage) -> dict[str, Any]:
+    """One stage's decisions before a model exists (the trainable tensors are bound to the student later)."""
+    return {
+        "name": s.name, "epochs": s.epochs, "steps": s.steps, "trains": s.trainable,
+        "terms": [{"key": t.key, "side": t.config.side, "temperature": t.temperature, "group": t.group,
+                   "weight": _schedule(t.config.weight), "kwargs": t.config.kwargs} for t in s.terms],
+        "alpha": _schedule(s.alpha), "learning_rate": s.learning_rate,
+        "optimiser": "trainer" if s.optim is None else {"preset": "original", **dataclasses.asdict(s.optim)},
+        "eval_hybrids": list(s.eval_hybrids),
+        "teacher_source": s.teacher_source.message if s.teacher_source is not None else "no teacher",
+    }
 
 
 def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[TrainingArguments, int]:
@@ -107,7 +233,7 @@ def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[
         "per_device_eval_batch_size": 256,
     }
     training, k = dict(recipe.training), 1
-    if recipe.contrastive_accumulation == "exact":  # the DataLoader yields whole groups; the trainer splits them
+    if recipe.task == "retrieval" and recipe.contrastive_accumulation == "exact":  # the DataLoader yields whole groups; the trainer splits them
         training, k = exact_group_arguments(training)
     args = {**defaults, **training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in the recipe)
@@ -121,6 +247,37 @@ def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[
     return TrainingArguments(**args), k
 
 
+def resolve_data(recipe: Recipe) -> DataSpec:
+    """The data set of the recipe's task, and the generator that writes it when it is generated."""
+    cfg = recipe.data
+    if recipe.task == "retrieval":
+        name = canonical_dataset_name(cfg.name)
+        generator = cfg.synth.model_dump() if cfg.synth is not None else None
+        checks = {"verify_images": cfg.verify_images, "skip_unreadable": cfg.skip_unreadable,
+                  "duplicates": cfg.duplicates}
+        return DataSpec(name, cfg.root, str(Path(cfg.root) / GENERATED[name][1])
+                        if generator is not None and name in GENERATED else None,
+                        generator, image_size=tuple(cfg.image_size), context_length=cfg.context_length,
+                        checks=checks)
+    block, folder = GENERATED[cfg.name]  # the schema gave classification synth_shapes, detection synth_det
+    generator = getattr(cfg, block).model_dump()
+    return DataSpec(cfg.name, cfg.root, str(Path(cfg.root) / folder), generator,
+                    num_classes=generator["num_classes"], image_size=generator["image_size"])
+
+
+def resolve_teachers(recipe: Recipe) -> dict[str, ModelSpec]:
+    """The named teachers the mimic jobs read: ``teachers:`` (their checkpoints with UP's
+    ``teacher_weight`` applied by the schema), and for classification ``teacher:`` as ``"teacher"``
+    when a job names it (a retrieval run's ``teacher:`` is :class:`TeacherUse`'s; a detection recipe
+    has none)."""
+    named = {name: ModelSpec.of(cfg) for name, cfg in (recipe.teachers or {}).items()}
+    jobs = recipe.mimic.jobs if recipe.mimic is not None else []
+    one = getattr(recipe, "teacher", None) if recipe.task != "retrieval" else None
+    if one is not None and any("teacher" in j.teachers for j in jobs):
+        named["teacher"] = ModelSpec.of(one)
+    return named
+
+
 def resolve_run(recipe: Recipe, *, describe_only: bool = False) -> ResolvedRun:
     """Decide everything the recipe leaves to the run, once (``describe_only``: for ``kd-trainer
     plan``, on a machine that need not be the run's; see :func:`training_arguments`)."""
@@ -130,23 +287,29 @@ def resolve_run(recipe: Recipe, *, describe_only: bool = False) -> ResolvedRun:
     if training.get("hub_model_id"):
         hub = HubTarget(training["hub_model_id"], bool(training.get("push_to_hub")), training.get("hub_token"),
                         training.get("hub_private_repo"), training.get("hub_revision"))
-    common = dict(task=recipe.task, args=args, accumulation_steps=k,
+    mimic = recipe.mimic
+    jobs = tuple(j.model_copy(deep=True) for j in mimic.jobs) if mimic is not None else ()
+    common = dict(task=recipe.task, name=recipe.name, method=recipe.method, seed=recipe.seed, args=args,
+                  accumulation_steps=k, contrastive_accumulation="plain",
                   resume=training.get("resume_from_checkpoint") or None, hub=hub,
-                  nonfinite_skips=recipe.nonfinite_skips)
-    if recipe.task != "retrieval":
+                  nonfinite_skips=recipe.nonfinite_skips, data=resolve_data(recipe),
+                  student=ModelSpec.of(recipe.student), teachers=resolve_teachers(recipe), mimic_jobs=jobs,
+                  task_loss=mimic.task_loss if mimic is not None else True)
+    if recipe.task != "retrieval":  # the keys below are a retrieval recipe's
         return ResolvedRun(**common)
+    common["contrastive_accumulation"] = recipe.contrastive_accumulation
     plan = RunPlan.from_recipe(recipe)
     cfg = recipe.teacher
-    jobs = recipe.mimic.jobs if recipe.mimic is not None else []
     live = cfg is not None and any("teacher" in job.teachers for job in jobs)
     in_training = cfg is not None and (plan.wants_teacher or live)
     inherits = recipe.student.inherit is not None and recipe.student.inherit.source == "teacher"
     teacher = TeacherUse(load=in_training or (cfg is not None and inherits), in_training=in_training, live=live,
-                         cache=cfg.cache if in_training and cfg.cache is not None else None)
+                         cache=cfg.cache if in_training and cfg.cache is not None else None,
+                         model=ModelSpec.of(cfg) if cfg is not None else None)
     plan.place_teacher(cache=teacher.cache is not None, live=live)
     projection = None
     if teacher.load and plan.direct_compare:  # the built teacher has its architecture's width
         projection = int(get_architecture(cfg.architecture())["embed_dim"])
-    return ResolvedRun(**common, plan=plan, teacher=teacher, projection_dim=projection,
+    return ResolvedRun(**common, precision=recipe.precision, plan=plan, teacher=teacher, projection_dim=projection,
                        eval_split=recipe.split_evaluated_during_training,
                        test_split=recipe.data.test_split)
