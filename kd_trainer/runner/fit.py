@@ -1,5 +1,5 @@
-"""Training shared by every task: record the recipe and the run's setting, train (resuming when
-asked), keep the selected evaluation, save the model and the log history."""
+"""Training shared by every task: record the recipe, the resolved run and the run's setting, train
+(resuming when asked), keep the selected evaluation, save the model and the log history."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from kd_trainer.distill.resolved import ResolvedRun
+from kd_trainer.distill.resolved import RESOLVED_RUN_FILE, ResolvedRun
 from kd_trainer.recipe import Recipe
 from kd_trainer.runner.resume import record_recipe, resume_changes
 
@@ -33,8 +33,9 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
 
 
 def fit(trainer: Trainer, recipe: Recipe, run: ResolvedRun) -> None:
-    """Record the resolved recipe and where the run runs, train (resuming when the recipe says so),
-    and save the final model and the whole log history (trainer_state.json) in output_dir."""
+    """Record the resolved recipe, what the run decided (``resolved_run.json``: ``run.describe()``,
+    no Hub token) and where the run runs, train (resuming when the recipe says so), and save the
+    final model and the whole log history (trainer_state.json) in output_dir."""
     out = trainer.args.output_dir
     # Checked on every process, so each refuses alike: a damaged or foreign checkpoint, a recipe
     # that changed what the run trains (runner/resume.py).
@@ -43,6 +44,7 @@ def fit(trainer: Trainer, recipe: Recipe, run: ResolvedRun) -> None:
     if trainer.is_world_process_zero():
         os.makedirs(out, exist_ok=True)
         record_recipe(recipe, out, checkpoint, changes)
+        Path(out, RESOLVED_RUN_FILE).write_text(json.dumps(run.describe(), indent=2) + "\n")
         Path(out, "run_info.json").write_text(json.dumps(run_info(trainer), indent=2))
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.restore_selected()  # with `select:`, the best evaluation of the last stage is the result

@@ -1,0 +1,244 @@
+"""The resolved run of every task (issue 23): the data set and its generator, the student and the
+named teachers with their checkpoints, the mimic jobs and the task loss are decided once, in the
+resolved run; the classification and detection runners build from it and have no other path to
+them; every run saves it as ``resolved_run.json``; ``kd-trainer plan`` prints it.
+
+Each object test changes one recipe key and checks the decision it drives in the resolved run. Each
+runner test hands the runner a resolved run that disagrees with its recipe, and checks that the
+models, data and trainer follow the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kd_trainer.runner.classification as classification
+import kd_trainer.runner.detection as detection
+from kd_trainer.distill.resolved import RESOLVED_RUN_FILE, ModelSpec, resolve_run
+from kd_trainer.plan_view import format_plan, plan_report
+from kd_trainer.recipe import load_recipe, parse_recipe
+from kd_trainer.runner import run as run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CLS = ROOT / "recipes" / "cls_res50_to_res18_kd.yaml"
+DET = ROOT / "recipes" / "det_frcnn_r50_to_r18_fpn_mimic.yaml"
+TINY_SHAPES = "data.shapes={num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32, seed: 0}"
+TINY_DET = "data.det={num_classes: 3, train_images: 8, test_images: 5, image_size: 64, max_objects: 3, seed: 0}"
+
+
+def cls(tmp_path: Path, *over: str):
+    return load_recipe(CLS, [f"data.root={tmp_path / 'data'}", TINY_SHAPES,
+                             f"training.output_dir={tmp_path / 'out'}", *over])
+
+
+def det(tmp_path: Path, *over: str):
+    return load_recipe(DET, [f"data.root={tmp_path / 'data'}", TINY_DET,
+                             f"training.output_dir={tmp_path / 'out'}", *over])
+
+
+# --------------------------------------------------------------------------- the object
+
+
+def test_a_classification_recipe_s_teachers_jobs_task_loss_and_data_are_in_the_resolved_run(tmp_path):
+    base = resolve_run(cls(tmp_path))
+    assert base.teachers == {"teacher0": ModelSpec("resnet50", "runs/cls/teacher_res50")}
+    assert base.student == ModelSpec("resnet18", None)
+    (job,) = base.mimic_jobs
+    assert (job.teachers, job.student, job.loss_weight, job.warm_up_iters) == ({"teacher0": ["net.fc"]}, ["net.fc"],
+                                                                               1.0, 20)
+    assert base.task_loss is True
+    assert base.data.generated == str(tmp_path / "data" / "SynthShapes") and base.data.num_classes == 4
+    assert base.data.generator == {"num_classes": 4, "train_per_class": 8, "test_per_class": 4, "image_size": 32,
+                                   "seed": 0}
+    moved = resolve_run(cls(tmp_path, "teachers.teacher0.checkpoint=/elsewhere/t0", "teachers.teacher0.arch=resnet34"))
+    assert moved.teachers["teacher0"] == ModelSpec("resnet34", "/elsewhere/t0")
+    weighed = resolve_run(cls(tmp_path, "mimic.loss_weight=0.25", "mimic.warm_up_iters=7", "mimic.task_loss=false"))
+    assert (weighed.mimic_jobs[0].loss_weight, weighed.mimic_jobs[0].warm_up_iters, weighed.task_loss) == (0.25, 7, False)
+    more = resolve_run(cls(tmp_path, "data.shapes.num_classes=6", "data.root=/d"))
+    assert (more.data.num_classes, more.data.generated, more.data.generator["num_classes"]) == (6, "/d/SynthShapes", 6)
+    # UP's teacher_weight is the teacher's checkpoint, resolved once by the schema, read from here.
+    up = resolve_run(cls(tmp_path, "teachers.teacher0.checkpoint=null", "mimic.teacher0.teacher_weight=/up/t0.pth"))
+    assert up.teachers["teacher0"].checkpoint == "/up/t0.pth"
+
+
+def test_a_classification_job_may_read_the_recipe_s_teacher_by_its_name(tmp_path):
+    raw = {"name": "c", "task": "classification",
+           "data": {"name": "synth_shapes", "root": str(tmp_path), "shapes": {"num_classes": 4}},
+           "student": {"arch": "resnet18"}, "teacher": {"arch": "resnet34", "checkpoint": "/t"},
+           "mimic": {"teacher": {"mimic_name": ["net.fc"]}, "student": {"mimic_name": ["net.fc"]}}}
+    assert resolve_run(parse_recipe(raw)).teachers == {"teacher": ModelSpec("resnet34", "/t")}
+    raw["mimic"] = {"teacher0": {"mimic_name": ["net.fc"]}, "student": {"mimic_name": ["net.fc"]}}
+    raw["teachers"] = {"teacher0": {"arch": "resnet50"}}
+    assert set(resolve_run(parse_recipe(raw)).teachers) == {"teacher0"}  # a teacher no job reads is not built
+
+
+def test_a_detection_recipe_s_teachers_jobs_and_data_are_in_the_resolved_run(tmp_path):
+    base = resolve_run(det(tmp_path))
+    assert base.teachers["teacher0"].checkpoint == "runs/det/teacher_r50"
+    assert base.teachers["teacher0"].arch["depth"] == 50 and base.student.arch["depth"] == 18
+    assert (base.data.num_classes, base.data.image_size, base.data.generated) == (3, 64, str(tmp_path / "data" / "SynthDet"))
+    assert [len(j.student) for j in base.mimic_jobs] == [5] and base.mimic_jobs[0].warm_up_iters == 50
+    changed = resolve_run(det(tmp_path, "teachers.teacher0.checkpoint=/t/r50", "teachers.teacher0.arch.depth=101",
+                              "mimic.loss_weight=3.0", "data.det.image_size=96"))
+    assert changed.teachers["teacher0"].checkpoint == "/t/r50" and changed.teachers["teacher0"].arch["depth"] == 101
+    assert changed.mimic_jobs[0].loss_weight == 3.0 and changed.data.image_size == 96
+
+
+def test_a_retrieval_recipe_s_models_jobs_and_data_are_in_the_resolved_run(tmp_path):
+    block = "clip.visual.transformer.resblocks.0"
+    raw = {"name": "r", "data": {"name": "synth_pedes", "root": str(tmp_path), "image_size": [32, 16],
+                                 "synth": {"num_identities": 24}},
+           "student": {"arch": "micro"}, "teacher": {"arch": "micro", "checkpoint": "/t"},
+           "teachers": {"teacher0": {"arch": "micro", "checkpoint": "/t0"}},
+           "mimic": [{"loss": {"type": "cosine"}, "teachers": {"teacher0": [block]}, "student": [block],
+                      "loss_weight": 0.5}],
+           "loss": {"terms": [{"name": "itc"}]}}
+    run = resolve_run(parse_recipe(raw))
+    assert run.teachers == {"teacher0": ModelSpec("micro", "/t0")} and run.mimic_jobs[0].loss_weight == 0.5
+    assert run.teacher.model == ModelSpec("micro", "/t") and not run.teacher.load  # no term and no job reads it
+    assert run.data.generated == str(tmp_path / "SynthPEDES") and run.data.generator["num_identities"] == 24
+    raw["teachers"]["teacher0"]["checkpoint"] = "/t1"
+    raw["mimic"][0]["loss_weight"] = 2.0
+    again = resolve_run(parse_recipe(raw))
+    assert again.teachers["teacher0"].checkpoint == "/t1" and again.mimic_jobs[0].loss_weight == 2.0
+
+
+def test_the_resolved_run_is_decided_once_and_does_not_follow_later_changes_to_the_recipe(tmp_path):
+    recipe = det(tmp_path)
+    run = resolve_run(recipe)
+    recipe.mimic.jobs[0].loss_weight = 9.0
+    recipe.teachers["teacher0"].arch["depth"] = 152
+    assert run.mimic_jobs[0].loss_weight == 1.0 and run.teachers["teacher0"].arch["depth"] == 50
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.teachers = {}
+
+
+# --------------------------------------------------------------------------- the runners read it
+
+
+class Stop(Exception):
+    """Raised by the recording trainer: the run stops once the runner has built everything."""
+
+
+def record(monkeypatch, module: Any, loader: str, trainer: str) -> dict[str, Any]:
+    """Replace the module's model loader and trainer with recorders (models are tags, never built)."""
+    seen: dict[str, Any] = {"loads": []}
+
+    def load(*args: Any, **kwargs: Any) -> str:
+        seen["loads"].append((args, kwargs))
+        return f"model{len(seen['loads']) - 1}"
+
+    class Recorder:
+        def __init__(self, model: Any, **kwargs: Any) -> None:
+            seen["model"], seen["trainer"] = model, kwargs
+            raise Stop
+
+    monkeypatch.setattr(module, loader, load)
+    monkeypatch.setattr(module, trainer, Recorder)
+    return seen
+
+
+def test_the_classification_runner_builds_from_the_resolved_run_only(tmp_path, monkeypatch):
+    recipe = cls(tmp_path)
+    resolved = resolve_run(recipe)
+    # A run that disagrees with its recipe in every decision the runner reads.
+    job = resolved.mimic_jobs[0].model_copy(update={"loss_weight": 0.125})
+    data = dataclasses.replace(resolved.data, generated=str(tmp_path / "other"), num_classes=3,
+                               generator={**resolved.data.generator, "num_classes": 3})
+    other = dataclasses.replace(resolved, teachers={"teacherX": ModelSpec("resnet34", "/x")},
+                                student=ModelSpec("resnet50", "/s"), mimic_jobs=(job,), task_loss=False, data=data)
+    seen = record(monkeypatch, classification, "load_classifier", "ClassificationTrainer")
+    with pytest.raises(Stop):
+        classification.run_classification(recipe, other)
+    assert seen["loads"] == [(("resnet34", 3, "/x"), {}), (("resnet50", 3, "/s"), {})]
+    t = seen["trainer"]
+    assert seen["model"] == "model1" and t["teachers"] == {"teacherX": "model0"}
+    assert t["mimic_jobs"] == (job,) and t["task_loss"] is False and t["args"] is other.args
+    assert len(t["train_dataset"]) == 3 * 8  # the run's 3 classes of 8 train images, not the recipe's 4
+    assert (tmp_path / "other" / "train").is_dir() and not (tmp_path / "data").exists()
+
+
+def test_the_detection_runner_builds_from_the_resolved_run_only(tmp_path, monkeypatch):
+    recipe = det(tmp_path)
+    resolved = resolve_run(recipe)
+    job = resolved.mimic_jobs[0].model_copy(update={"warm_up_iters": 3})
+    data = dataclasses.replace(resolved.data, generated=str(tmp_path / "other"), num_classes=2, image_size=48,
+                               generator={**resolved.data.generator, "num_classes": 2, "image_size": 48})
+    arch = {"depth": 18, "fpn_channels": 32}
+    other = dataclasses.replace(resolved, teachers={"t": ModelSpec(arch, "/t")}, student=ModelSpec(arch, None),
+                                mimic_jobs=(job,), task_loss=False, data=data)
+    seen = record(monkeypatch, detection, "load_detector", "DetectionTrainer")
+    with pytest.raises(Stop):
+        detection.run_detection(recipe, other)
+    assert seen["loads"] == [((arch,), {"num_classes": 2, "image_size": 48, "checkpoint": "/t"}),
+                             ((arch,), {"num_classes": 2, "image_size": 48, "checkpoint": None})]
+    t = seen["trainer"]
+    assert seen["model"] == "model1" and t["teachers"] == {"t": "model0"} and t["mimic_jobs"] == (job,)
+    assert t["task_loss"] is False and len(t["train_dataset"]) == 8
+    assert (tmp_path / "other" / "train.json").is_file() and not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------- resolved_run.json
+
+
+def saved(out: Path) -> dict[str, Any]:
+    return json.loads((out / RESOLVED_RUN_FILE).read_text())
+
+
+def test_a_classification_run_saves_its_resolved_run(tmp_path, one_torch_thread):
+    recipe = cls(tmp_path, "teachers.teacher0.checkpoint=null", "training.max_steps=1",
+                 "training.per_device_train_batch_size=8", "training.disable_tqdm=true",
+                 "training.dataloader_num_workers=0", "training.use_cpu=true")
+    run_recipe(recipe)
+    expected = json.loads(json.dumps(resolve_run(recipe).describe()))
+    assert saved(tmp_path / "out") == expected
+    assert expected["teachers"] == {"teacher0": {"arch": "resnet50", "checkpoint": None, "config": None,
+                                                 "inherit": None}}
+    assert expected["mimic_jobs"][0]["weight"] == 1.0 and expected["mimic_jobs"][0]["warm_up_iters"] == 20
+    assert expected["data"]["generated"] == str(tmp_path / "data" / "SynthShapes")
+
+
+@pytest.fixture(scope="module")
+def pedes(tmp_path_factory) -> Path:
+    from kd_trainer.synthetic.pedes import make_synth_pedes
+
+    root = tmp_path_factory.mktemp("pedes")
+    make_synth_pedes(root / "SynthPEDES", num_identities=24, images_per_identity=(2, 3), image_size=(64, 32), seed=3)
+    return root
+
+
+def test_a_retrieval_run_saves_its_resolved_run_without_the_hub_token(tmp_path, pedes):
+    recipe = parse_recipe({
+        "name": "r", "data": {"name": "synth_pedes", "root": str(pedes), "image_size": [32, 16], "context_length": 64,
+                              "test_split": None},
+        "student": {"arch": "micro"}, "teacher": {"arch": "micro"},
+        "loss": {"terms": [{"name": "itc"}, {"name": "cross_kd"}]},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 8,
+                     "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "report_to": "none",
+                     "hub_model_id": "me/student", "hub_token": "hf_secret"}})
+    run_recipe(recipe)
+    text = (tmp_path / "out" / RESOLVED_RUN_FILE).read_text()
+    assert "hf_secret" not in text
+    got = json.loads(text)
+    assert got == json.loads(json.dumps(resolve_run(recipe).describe()))
+    assert got["hub"] == {"repo_id": "me/student", "push": False} and got["teacher"]["in_training"]
+    assert [s["teacher_source"] for s in got["stages"]] == ["stage 'train': no teacher cache: online teacher for "
+                                                           "['cross_kd']"]
+
+
+# --------------------------------------------------------------------------- kd-trainer plan
+
+
+@pytest.mark.parametrize("make", [cls, det], ids=["classification", "detection"])
+def test_plan_of_a_task_recipe_is_its_resolved_run(tmp_path, make):
+    recipe = make(tmp_path, "teachers.teacher0.checkpoint=/ckpt/teacher0", "mimic.loss_weight=0.375")
+    report = plan_report(recipe)
+    assert report == resolve_run(recipe).describe()  # the same on this machine as the run will decide
+    text = format_plan(report)
+    assert "teacher teacher0: " in text and " from /ckpt/teacher0" in text and " x 0.375" in text
+    assert f"data: {report['data']['name']}, generated in {report['data']['generated']}" in text
+    assert f"output folder: {tmp_path / 'out'}" in text
