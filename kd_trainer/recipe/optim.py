@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,19 @@ IRRA = OptimSettings(
 _NUMBERS = tuple(f.name for f in fields(OptimSettings))
 
 
-def read_renamed(key: str, value: Any, old: str, new: str) -> Any:
-    """``value``, with a value's earlier spelling ``old`` read as ``new`` and a one-line FutureWarning
-    that names the new spelling (so a recipe, or a run's saved recipe.yaml, written with the old
-    name still parses, and parses to the same recipe as one written with the new name)."""
-    if value == old:
-        warnings.warn(f"`{key}: {old}` is now spelled `{key}: {new}` (read as {new}); write {new}, as the old "
-                      f"name will stop being read", FutureWarning, stacklevel=2)
-        return new
-    return value
+def renamed(key: str, old: str, new: str) -> BeforeValidator:
+    """A validator that reads a value's earlier spelling ``old`` as ``new``, with a one-line
+    FutureWarning naming the new spelling: a recipe, or a run's saved recipe.yaml, written with the
+    old name still parses, to the same recipe as one written with the new name."""
+
+    def read(value: Any) -> Any:
+        if value == old:
+            warnings.warn(f"`{key}: {old}` is now spelled `{key}: {new}` (read as {new}); write {new}, as the old "
+                          f"name will stop being read", FutureWarning, stacklevel=2)
+            return new
+        return value
+
+    return BeforeValidator(read)
 
 
 class OptimConfig(BaseModel):
@@ -98,7 +102,7 @@ class OptimConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["irra", "trainer"] = Field(
+    preset: Annotated[Literal["irra", "trainer"], renamed("optim.preset", "original", "irra")] = Field(
         description="irra: the Adam, parameter groups and per-epoch warm-up + cosine schedule of IRRA's code, "
                     "which the seed commands ran (every field below overridable; `original`, its earlier name, "
                     "is still read as irra); trainer: transformers.Trainer's optimiser and schedule from the "
@@ -132,11 +136,6 @@ class OptimConfig(BaseModel):
                           "a frozen one runs without autograd and keeps a zero gradient once it has had one, so "
                           "weight decay alone moves it (tensors that never had a gradient stay untouched). "
                           "exclude: only the stage's trained tensors are optimised; frozen ones stay unchanged.")
-
-    @field_validator("preset", mode="before")
-    @classmethod
-    def _renamed(cls, v: Any) -> Any:
-        return read_renamed("optim.preset", v, "original", "irra")  # its name before issue 23
 
     @model_validator(mode="after")
     def _consistent(self) -> "OptimConfig":

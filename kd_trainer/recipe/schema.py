@@ -30,7 +30,7 @@ from kd_trainer.data.tokenizer import check_context_length
 from kd_trainer.losses import get_term
 from kd_trainer.models.derive import DERIVE_KEYS, derive_architecture
 from kd_trainer.models.factory import list_architectures
-from kd_trainer.recipe.optim import OptimConfig, read_renamed
+from kd_trainer.recipe.optim import OptimConfig, renamed
 from kd_trainer.recipe.mimic import MimicConfig, check_exact_accumulation, parse_mimic_config, resolve_mimic_teachers
 from kd_trainer.recipe.schedules import ScheduleLike
 from kd_trainer.synthetic.detection import check_synth_det_args
@@ -398,7 +398,7 @@ class RetrievalRecipe(_RecipeBase):
         None, description="The optimiser and LR schedule: {preset: irra} reproduces the seed commands' IRRA code "
                           "(Adam, eps 1e-3, coupled weight decay, bias/head groups, per-epoch warm-up + cosine); "
                           "null or {preset: trainer}: the Trainer's own, from `training:`. Each stage gets a fresh one.")
-    precision: Literal["irra_fp16"] | None = Field(
+    precision: Annotated[Literal["irra_fp16"] | None, renamed("precision", "original", "irra_fp16")] = Field(
         None, description="irra_fp16: the fp16 weights of IRRA's code (Linear, Conv, attention and projection "
                           "matrices of student and teacher; LayerNorm in fp32), the student trained in them "
                           "(`original`, its earlier name, is still read as irra_fp16). Null: fp32 weights, with "
@@ -412,11 +412,6 @@ class RetrievalRecipe(_RecipeBase):
                              "computes every term over the whole group of k*b and backpropagates it one "
                              "micro-batch at a time (the gradient cache): the update of one batch of k*b, with "
                              "one micro-batch's activations in memory.")
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _renamed(cls, v: Any) -> Any:
-        return read_renamed("precision", v, "original", "irra_fp16")  # its name before issue 23
 
     @model_validator(mode="after")
     def _loss_or_stages(self) -> "RetrievalRecipe":
