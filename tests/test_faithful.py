@@ -5,7 +5,7 @@ are restated below as an independent table: nothing is read from ``kd_trainer.re
 ``kd_trainer.distill.optim``. Each seed recipe's ``plan_report`` (what ``kd-trainer plan`` prints)
 is checked against them: parameter groups with LR and weight decay, the LR and alpha at every one of
 the 60 epochs of every stage, every term with its temperature and group, and the parameter dtypes
-under ``precision: original``. Then two runs on tiny models: a staged run under the original's
+under ``precision: irra_fp16``. Then two runs on tiny models: a staged run under the original's
 optimiser resumes to the same weights as an uninterrupted one, and a run with ``select:`` keeps the
 weights of its best evaluation and records which.
 """
@@ -347,7 +347,7 @@ def trainer_for(recipe, out: Path, callbacks=()) -> RetrievalTrainer:
     student = create_model("micro")
     torch.manual_seed(1)
     teacher = create_model("micro")
-    for model in (student, teacher):  # precision: original, as the run converts both
+    for model in (student, teacher):  # precision: irra_fp16, as the run converts both
         convert_to_irra_fp16(model)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
                              save_strategy="steps", save_steps=1, eval_strategy="no", logging_steps=1, seed=0,

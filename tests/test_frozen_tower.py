@@ -100,7 +100,7 @@ def trainer_for(rec, out, callbacks=(), save_steps=1):
     student = create_model("micro")
     torch.manual_seed(1)
     teacher = create_model("micro")
-    for model in (student, teacher):  # precision: original, as the run converts both
+    for model in (student, teacher):  # precision: irra_fp16, as the run converts both
         convert_to_irra_fp16(model)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,

@@ -427,7 +427,7 @@ def test_each_stage_gets_its_own_schedule_and_resumes_inside_it(tmp_path):
         assert torch.equal(a, b), n
 
 
-# --- precision: original -------------------------------------------------------------------------
+# --- precision: irra_fp16 ------------------------------------------------------------------------
 
 def test_fp16_conversion_converts_exactly_what_clip_converts():
     model = create_model("micro", projection_dim=48)
