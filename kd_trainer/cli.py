@@ -5,7 +5,7 @@
     kd-trainer eval MODEL --dataset NAME --root DIR [--split test] [--teacher T] [--pairings ...]
     kd-trainer demo                               SynthPEDES: teacher, student without/with KD, table
     kd-trainer cache-teacher RECIPE [--out DIR]   embed the train set with the teacher once (teacher.cache)
-    kd-trainer plan RECIPE [key.sub=value ...] [--json]  what each stage will do, without training
+    kd-trainer plan RECIPE [key.sub=value ...] [--json]  the resolved run: every decision, without training
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table (+ cost), loss plots, index.html
     kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
@@ -407,11 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--irra-config", "--teacher-config", dest="irra_config",
                    help="IRRA's configs.yaml of the checkpoint (default: next to it)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p = sub.add_parser("plan", help="print what each stage of a recipe will do (groups, LR and alpha per epoch, "
-                                    "terms, precision, kept checkpoint), without training")
+    p = sub.add_parser("plan", help="print the resolved run of a recipe, without training: its data, models and "
+                                    "checkpoints, mimic jobs, and per stage the groups, LR and alpha per epoch, "
+                                    "terms, precision and kept checkpoint (what resolved_run.json records)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print it as JSON: ResolvedRun.describe(), with each retrieval stage's tensors and "
+                        "optimiser groups bound to the student")
     sub.add_parser("terms", help="list the registered loss terms")
     sub.add_parser("archs", help="list the named architectures")
     p = sub.add_parser("report", help="results table (methods x datasets) and loss-curve plots of finished runs")

@@ -127,3 +127,21 @@ def test_the_raw_training_block_is_read_only_where_the_run_is_resolved():
     readers = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in sorted(PACKAGE.rglob("*.py")) if p not in allowed
                for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\brecipe\.training\b", line)]
     assert not readers, readers
+
+
+def test_the_retrieval_plan_is_the_resolved_run_with_its_stages_bound_to_the_student(tmp_path):
+    """`kd-trainer plan` adds to the resolved run only what needs the student: per stage its tensors,
+    optimiser groups and per-epoch values, bound on a meta-device model (and an inherited layer map)."""
+    r = recipe(tmp_path, teacher={"cache": str(tmp_path / "cache")}, stages=[
+        {"name": "image", "trainable": "image", "epochs": 2, "loss": {"terms": [{"name": "itc"}]}},
+        {"name": "joint", "trainable": "all", "steps": 5, "loss": {"terms": [{"name": "cross_kd"}]}}], loss=None)
+    report, described = plan_report(r), resolve_run(r).describe()
+    assert {k: v for k, v in report.items() if k not in ("stages", "inheritance")} == \
+        {k: v for k, v in described.items() if k != "stages"}
+    bound = {"epochs", "trainable_tensors", "no_autograd_towers", "alpha_per_epoch", "optimiser", "frozen_tower"}
+    for got, want in zip(report["stages"], described["stages"], strict=True):
+        assert {k: v for k, v in got.items() if k not in bound} == {k: v for k, v in want.items() if k not in bound}
+    assert [s["epochs"] for s in report["stages"]] == [2, None]  # a stage in steps has no epochs
+    assert report["stages"][0]["no_autograd_towers"] == ["text"] and report["stages"][1]["no_autograd_towers"] == []
+    first, second = (s["teacher_source"] for s in described["stages"])  # each stage's own source
+    assert "from the cache" not in first and "teacher embeddings from the cache for ['cross_kd']" in second
