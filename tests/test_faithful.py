@@ -21,10 +21,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from kd_trainer.distill.plan import RunPlan
-from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.losses import Features, get_term
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.precision import convert_to_irra_fp16
@@ -34,7 +33,7 @@ from kd_trainer.recipe.schedules import Clock
 from kd_trainer.runner import run
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
-from tiny import batch_items
+from tiny import fp16_micro_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -342,26 +341,11 @@ def staged_recipe():
                      "optim.lr=1.0e-2", *(f"stages.{i}.epochs=2" for i in range(3)))
 
 
-def trainer_for(recipe, out: Path, callbacks=()) -> RetrievalTrainer:
-    torch.manual_seed(0)
-    student = create_model("micro")
-    torch.manual_seed(1)
-    teacher = create_model("micro")
-    for model in (student, teacher):  # precision: irra_fp16, as the run converts both
-        convert_to_irra_fp16(model)
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
-                             save_strategy="steps", save_steps=1, eval_strategy="no", logging_steps=1, seed=0,
-                             data_seed=0, report_to="none", remove_unused_columns=False, use_cpu=True,
-                             disable_tqdm=True)
-    return RetrievalTrainer(model=student, args=args, plan=RunPlan.from_recipe(recipe), teacher=teacher,
-                            train_dataset=batch_items(8), callbacks=list(callbacks))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     rec = LRRecorder()
-    trainer = trainer_for(staged_recipe(), out, [rec])
+    trainer = fp16_micro_trainer(staged_recipe(), out, [rec])
     trainer.train()
     return out, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, rec.lrs
 
@@ -382,7 +366,7 @@ def test_staged_run_uses_the_original_lr_per_epoch_of_each_stage(uninterrupted):
 @pytest.mark.parametrize("stop", [3, 4, 9])  # mid-epoch in stage 1, a stage boundary, mid-epoch in stage 3
 def test_resumed_staged_run_equals_uninterrupted(uninterrupted, stop):
     out, want, _ = uninterrupted
-    resumed = trainer_for(staged_recipe(), out)
+    resumed = fp16_micro_trainer(staged_recipe(), out)
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{stop}"))
     got = {n: p.detach() for n, p in resumed.model.named_parameters()}
     worst = max((want[n].float() - got[n].float()).abs().max().item() for n in want)

@@ -20,19 +20,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from kd_trainer.cli import main
 from kd_trainer.distill.frozen_tower import FrozenGradients
 from kd_trainer.distill.plan import RunPlan
-from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.distill.stages import StageOptimizer
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.plan_view import plan_report
 from kd_trainer.recipe import RecipeError, parse_recipe
 
-from tiny import batch_items
+from tiny import fp16_micro_trainer
 
 LR, WD, EPS, B1, B2 = 1e-3, 4e-5, 1e-3, 0.9, 0.999
 STEPS_PER_EPOCH, EPOCHS = 2, 2  # 8 items, batch 4; each stage 2 epochs: stage 1 = steps 0-3, stage 2 = 4-7
@@ -95,26 +94,11 @@ class Snapshots(TrainerCallback):
         self.after[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def trainer_for(rec, out, callbacks=(), save_steps=1):
-    torch.manual_seed(0)
-    student = create_model("micro")
-    torch.manual_seed(1)
-    teacher = create_model("micro")
-    for model in (student, teacher):  # precision: irra_fp16, as the run converts both
-        convert_to_irra_fp16(model)
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
-                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             eval_strategy="no", logging_steps=1, seed=0, data_seed=0, report_to="none",
-                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-    return RetrievalTrainer(model=student, args=args, plan=RunPlan.from_recipe(rec), teacher=teacher,
-                            train_dataset=batch_items(8), callbacks=list(callbacks))
-
-
 @pytest.fixture(scope="module")
 def original_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("decay")
     snaps = Snapshots()
-    trainer = trainer_for(recipe(), out, [snaps])
+    trainer = fp16_micro_trainer(recipe(), out, [snaps])
     start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     return out, {0: start, **snaps.after}
@@ -164,7 +148,7 @@ def test_never_touched_tower_stays_bit_identical(original_run):
 @pytest.mark.parametrize("stop", [4, 5])  # the stage boundary, and mid-epoch in the decaying stage
 def test_resumed_run_ends_bit_identical(original_run, stop):
     out, snaps = original_run
-    resumed = trainer_for(recipe(), out)
+    resumed = fp16_micro_trainer(recipe(), out)
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{stop}"))
     for n, p in resumed.model.named_parameters():
         assert torch.equal(p.detach(), snaps[8][n]), f"resumed at step {stop}: {n} differs"
@@ -173,7 +157,7 @@ def test_resumed_run_ends_bit_identical(original_run, stop):
 @pytest.mark.slow
 def test_exclude_keeps_the_frozen_tower_out_and_unchanged(tmp_path):
     snaps = Snapshots()
-    trainer = trainer_for(recipe(frozen_tower="exclude"), tmp_path, [snaps], save_steps=0)
+    trainer = fp16_micro_trainer(recipe(frozen_tower="exclude"), tmp_path, [snaps], save_steps=0)
     trainer.train()
     opt = trainer.optimizer
     while not isinstance(opt, StageOptimizer):

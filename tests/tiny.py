@@ -12,17 +12,20 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import TrainerCallback, TrainingArguments
 
 from kd_trainer.cli import main as cli_main
 from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.distill.plan import RunPlan
+from kd_trainer.distill.retrieval import RetrievalTrainer
 from kd_trainer.models.factory import RetrievalModel, create_model
-from kd_trainer.recipe import LossConfig, StageConfig, TermConfig
+from kd_trainer.models.precision import convert_to_irra_fp16
+from kd_trainer.recipe import LossConfig, Recipe, StageConfig, TermConfig
 
 
 def batch_items(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -44,6 +47,23 @@ def micro_pair(seed: int = 0, arch: str = "micro") -> tuple[RetrievalModel, Retr
     torch.manual_seed(seed + 1)
     teacher = create_model(arch)
     return student, teacher
+
+
+def fp16_micro_trainer(recipe: Recipe, out: str | os.PathLike, callbacks: Sequence[TrainerCallback] = (),
+                       save_steps: int = 1) -> RetrievalTrainer:
+    """A ``RetrievalTrainer`` running ``recipe``'s plan on :func:`micro_pair` (seed 0), both models
+    in IRRA's fp16 weights (``precision: irra_fp16``, as the run converts them), over
+    :func:`batch_items` (8) in batches of 4 on the CPU: no gradient clipping, no evaluation, a log
+    line and (``save_steps`` > 0) a checkpoint every ``save_steps`` steps into ``out``."""
+    student, teacher = micro_pair(0)
+    for model in (student, teacher):
+        convert_to_irra_fp16(model)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_grad_norm=0.0,
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                             eval_strategy="no", logging_steps=1, seed=0, data_seed=0, report_to="none",
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    return RetrievalTrainer(model=student, args=args, plan=RunPlan.from_recipe(recipe), teacher=teacher,
+                            train_dataset=batch_items(8), callbacks=list(callbacks))
 
 
 def free_port() -> int:
