@@ -23,7 +23,7 @@ from kd_trainer.distill.plan import Stage
 from kd_trainer.distill.resolved import ModelSpec, ResolvedRun, arg_name, resolve_run
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.inherit import plan_inheritance
-from kd_trainer.models.precision import convert_to_original_fp16
+from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.recipe import Recipe
 from kd_trainer.recipe.schedules import Clock, ScheduleLike, uses_epochs, value_at
 
@@ -61,7 +61,7 @@ def _stage_optimiser(stage: Stage, student: torch.nn.Module, args: TrainingArgum
     groups = param_groups(named, lr=o.lr, weight_decay=o.weight_decay, bias_lr_factor=o.bias_lr_factor,
                           head_lr_factor=o.head_lr_factor, head_keywords=o.head_keywords,
                           bias_weight_decay=o.bias_weight_decay, heads_before_bias=o.heads_before_bias)
-    return {"preset": "original", "type": o.type, "betas": list(o.betas), "eps": o.eps,
+    return {"preset": "irra", "type": o.type, "betas": list(o.betas), "eps": o.eps,
             "groups": [{k: g[k] for k in ("kind", "tensors", "elements", "lr", "weight_decay")}
                        for g in describe_groups(groups)],
             "lr_per_epoch": lr_per_epoch(o, epochs) if epochs else None,
@@ -88,8 +88,8 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
         inheritance = plan_inheritance(student, source, layers=inherit["layers"]).summary()
     elif inherit is not None:
         inheritance = f"from {inherit['source']}, layers {inherit['layers']} (the map is printed when the run loads it)"
-    if run.precision is not None:  # the one precision mode: the seed code's fp16 weights
-        converted = convert_to_original_fp16(student)
+    if run.precision is not None:  # its one mode, irra_fp16: IRRA's fp16 weights
+        converted = convert_to_irra_fp16(student)
         report["precision"].update(student_fp16_tensors=len(converted.converted), student_fp32_tensors=len(converted.kept))
     run_epochs = _run_epochs(args)
     for s, described in zip(plan.stages, report["stages"]):

@@ -121,7 +121,7 @@ class ResolvedRun:
     teachers: dict[str, ModelSpec]  # the named teachers the mimic jobs read (retrieval: beside `teacher`)
     mimic_jobs: tuple[MimicJob, ...] = ()
     task_loss: bool = True  # the task's own loss (cross-entropy, the detector's losses) is trained
-    precision: str | None = None  # retrieval: the seed code's fp16 weights (the recipe's `precision:`), or None
+    precision: str | None = None  # retrieval: irra_fp16 (IRRA's fp16 weights), or None (fp32 weights)
     plan: RunPlan | None = None  # retrieval only (the other tasks train their task loss and mimic jobs)
     teacher: TeacherUse = TeacherUse()
     projection_dim: int | None = None  # the teacher's width when a term compares embeddings directly
@@ -214,7 +214,7 @@ def _stage(s: Stage) -> dict[str, Any]:
         "terms": [{"key": t.key, "side": t.config.side, "temperature": t.temperature, "group": t.group,
                    "weight": _schedule(t.config.weight), "kwargs": t.config.kwargs} for t in s.terms],
         "alpha": _schedule(s.alpha), "learning_rate": s.learning_rate,
-        "optimiser": "trainer" if s.optim is None else {"preset": "original", **dataclasses.asdict(s.optim)},
+        "optimiser": "trainer" if s.optim is None else {"preset": "irra", **dataclasses.asdict(s.optim)},
         "eval_hybrids": list(s.eval_hybrids),
         "teacher_source": s.teacher_source.message if s.teacher_source is not None else "no teacher",
     }
