@@ -29,8 +29,10 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
+
 from kd_trainer.data.digest import file_digest
-from kd_trainer.recipe import dump_recipe, load_recipe
+from kd_trainer.recipe import Recipe, dump_recipe, load_recipe
 from kd_trainer.report.discovery import collect_runs
 from kd_trainer.report.efficiency import Latency, machine
 from kd_trainer.report.inference import run_models
@@ -47,12 +49,32 @@ STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "stu
 PROVENANCE = "demo_provenance.json"  # what a demo run was made from, checked before it is read back
 
 
-def _stale(out: Path, recipe_text: str, provenance: dict[str, object]) -> str | None:
+def _without_nulls(value: object) -> object:
+    """``value`` with every mapping key whose value is null left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _same_recipe(saved: Path, recipe: Recipe) -> bool:
+    """Whether the recipe a run saved is ``recipe``, value by value: key order and keys left null
+    do not count, so a file written by an older layout of the schema (before the recipe became a
+    union of task types it also held ``data.shapes: null``, ``data.det: null``) still matches."""
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return _without_nulls(old) == _without_nulls(recipe.model_dump(mode="json"))
+
+
+def _stale(out: Path, recipe: Recipe, provenance: dict[str, object]) -> str | None:
     """Why the finished run in ``out`` cannot be read back (None: it can; "": there is none)."""
     saved, results = out / "recipe.yaml", out / "test_results.json"
     if not results.is_file() or not saved.is_file():
         return ""
-    if saved.read_text() != recipe_text:
+    if not _same_recipe(saved, recipe):
         return "it was trained by another recipe"
     made = json.loads((out / PROVENANCE).read_text()) if (out / PROVENANCE).is_file() else {}
     if made.get("generator_version") != provenance["generator_version"]:
@@ -77,7 +99,7 @@ def _test_metrics(recipe_file: str, out: Path, overrides: list[str],
                   teacher: Path | None = None) -> dict[str, float]:
     recipe = load_recipe(RECIPE_DIR / recipe_file, [f"training.output_dir={out}", *overrides])
     provenance = made_from(teacher)
-    why = _stale(out, dump_recipe(recipe), provenance)
+    why = _stale(out, recipe, provenance)
     if why is None:
         print(f"{out}: already trained with this recipe; its test results are read back", flush=True)
         metrics = json.loads((out / "test_results.json").read_text())

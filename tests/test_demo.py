@@ -18,7 +18,7 @@ from test_report_html import _hand_count
 from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, made_from, results_table, run_demo, spread_table
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
-from kd_trainer.recipe import load_recipe
+from kd_trainer.recipe import dump_recipe, load_recipe
 from kd_trainer.report import Latency, write_report
 from kd_trainer.runner.retrieval import build_model
 from kd_trainer.synthetic.pedes import GENERATOR_VERSION
@@ -59,13 +59,29 @@ def _finished(out: Path, recipe_text: str, provenance: dict) -> None:
 
 def test_a_finished_run_is_read_back_only_when_recipe_generator_and_teacher_match(tmp_path):
     made = {"generator_version": GENERATOR_VERSION, "teacher": "abc"}
-    assert _stale(tmp_path / "none", "r", made) == ""  # nothing there: train it
-    _finished(tmp_path / "same", "r", made)
-    assert _stale(tmp_path / "same", "r", made) is None
-    assert "another recipe" in _stale(tmp_path / "same", "r2", made)
-    _finished(tmp_path / "old", "r", {**made, "generator_version": GENERATOR_VERSION - 1})
-    assert f"generator version {GENERATOR_VERSION - 1}" in _stale(tmp_path / "old", "r", made)
-    assert "another teacher" in _stale(tmp_path / "same", "r", {**made, "teacher": "def"})
+    recipe = load_recipe(RECIPE_DIR / "student_kd.yaml")
+    longer = load_recipe(RECIPE_DIR / "student_kd.yaml", ["training.num_train_epochs=17"])
+    assert _stale(tmp_path / "none", recipe, made) == ""  # nothing there: train it
+    _finished(tmp_path / "same", dump_recipe(recipe), made)
+    assert _stale(tmp_path / "same", recipe, made) is None
+    assert "another recipe" in _stale(tmp_path / "same", longer, made)
+    _finished(tmp_path / "old", dump_recipe(recipe), {**made, "generator_version": GENERATOR_VERSION - 1})
+    assert f"generator version {GENERATOR_VERSION - 1}" in _stale(tmp_path / "old", recipe, made)
+    assert "another teacher" in _stale(tmp_path / "same", recipe, {**made, "teacher": "def"})
+    _finished(tmp_path / "unreadable", "data: [not, a, recipe\n", made)  # not even YAML
+    assert "another recipe" in _stale(tmp_path / "unreadable", recipe, made)
+
+
+def test_a_run_saved_by_an_older_schema_layout_is_still_the_same_recipe(tmp_path):
+    """recipe.yaml files written before the recipe became a union of task types hold the keys in
+    another order and the other tasks' blocks (data.shapes: null, data.det: null): the same recipe,
+    so a finished demo teacher is read back, not trained again."""
+    recipe = load_recipe(RECIPE_DIR / "teacher.yaml")
+    raw = yaml.safe_load(dump_recipe(recipe))
+    raw["data"].update(shapes=None, det=None)
+    older = {k: raw[k] for k in reversed(list(raw))}  # another key order
+    _finished(tmp_path / "run", yaml.safe_dump(older, sort_keys=False), {"generator_version": GENERATOR_VERSION})
+    assert _stale(tmp_path / "run", recipe, {"generator_version": GENERATOR_VERSION}) is None
 
 
 def test_provenance_records_the_blake2b_digest_of_the_teachers_weights(tmp_path):
