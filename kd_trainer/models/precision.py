@@ -125,10 +125,6 @@ def convert_to_irra_fp16(model: nn.Module, dtype: torch.dtype = torch.float16) -
     return report
 
 
-# The function's name before issue 23, until every caller (plan_view) reads the new one.
-convert_to_original_fp16 = convert_to_irra_fp16
-
-
 def float32_embeddings(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``outputs`` with every fp16/bf16 tensor cast to fp32 (others unchanged), before the losses.
 
