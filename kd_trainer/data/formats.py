@@ -42,7 +42,6 @@ split's ``info.description``. Errors name the recipe keys (``data.skip_unreadabl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from typing import Any, Callable, Iterable
 
 import datasets
 
+from kd_trainer.data.digest import file_digest
 from kd_trainer.data.errors import DatasetFormatError, unwrap_worker_error
 from kd_trainer.data.images import TINY_SIDE, UNREADABLE_KINDS, open_image, scan_images
 
@@ -383,13 +383,9 @@ def _check_caption_text(spec: DatasetFormat, ann: Path, records: list[_Record], 
 
 def _file_digests(paths: Iterable[str]) -> dict[str, str]:
     """``{path: blake2b of its bytes}``, read in parallel (the files were just decoded: they are in the page cache)."""
-    def digest(path: str) -> str:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-
     paths = sorted(set(paths))
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        return dict(zip(paths, pool.map(digest, paths)))
+        return dict(zip(paths, pool.map(file_digest, paths)))
 
 
 def _check_leakage(spec: DatasetFormat, ann: Path, records: list[_Record], *, by_content: bool) -> dict[str, int]:

@@ -21,7 +21,6 @@ records each file's size and blake2b digest at build time, and opening checks th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 import torch
 from torch import nn
 
+from kd_trainer.data.digest import file_digest
 from kd_trainer.data.replay import CACHE_IMAGE_ROW, CACHE_TEXT_ROW, ReplayConfig, TrainRows
 from kd_trainer.distill.cache.fingerprint import FINGERPRINT_PARTS, explain_change, fingerprints
 from kd_trainer.recipe import RecipeError
@@ -67,16 +67,11 @@ class CacheDamagedError(CacheMismatchError):
 
 
 _LAYOUT_KEYS = ("num_texts", "num_images", "num_draws", "embed_dim", "text_file", "image_shards")
-_CHUNK = 1 << 24
 
 
 def _file_record(file: Path) -> dict[str, Any]:
     """Size and blake2b digest of ``file``: what opening the cache checks it against."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(file, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return {"bytes": file.stat().st_size, "blake2b": digest.hexdigest()}
+    return {"bytes": file.stat().st_size, "blake2b": file_digest(file)}
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
