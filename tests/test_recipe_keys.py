@@ -92,9 +92,9 @@ def _plan(overrides: list[tuple[list, object]]) -> dict:
     (["stages", 0, "trainable"], "text"),
     (["stages", 0, "learning_rate"], 0.5),
     (["stages", 0, "eval_hybrids"], []),
-    (["stages", 1, "optim"], {"preset": "original", "lr": 2e-5}),
-    (["optim"], {"preset": "original"}),
-    (["precision"], "original"),
+    (["stages", 1, "optim"], {"preset": "irra", "lr": 2e-5}),
+    (["optim"], {"preset": "irra"}),
+    (["precision"], "irra_fp16"),
     (["select"], {"metric": "mAP", "split": "test"}),
     (["student", "vision_layers"], 2),
     (["student", "inherit"], {"layers": "uniform"}),
@@ -110,8 +110,8 @@ def test_keys_that_shape_training_change_the_plan(path, value):
 
 @pytest.mark.parametrize("overrides, match", [
     ([(["select"], {"metric": "r1"}), (["training", "eval_strategy"], "no")], "must evaluate"),
-    ([(["optim"], {"preset": "original"}), (["stages", 0, "learning_rate"], 1e-4)], "stages.N.optim.lr"),
-    ([(["precision"], "original"), (["training", "bf16"], True)], "drop training.bf16"),
+    ([(["optim"], {"preset": "irra"}), (["stages", 0, "learning_rate"], 1e-4)], "stages.N.optim.lr"),
+    ([(["precision"], "irra_fp16"), (["training", "bf16"], True)], "drop training.bf16"),
     ([(["optim"], {"preset": "trainer", "lr": 1e-3})], "move \\['lr'\\] there"),
     ([(["mimic"], {"jobs": [{"loss": {"type": "l2"}, "teachers": {"teacher": ["clip.visual"]},
                              "student": ["clip.visual"]}], "task_loss": False})], "task_loss: false only"),

@@ -100,7 +100,7 @@ class RetrievalTrainer(ExactAccumulation, DistillationTrainer):
         if source is not None and source.use_cache:
             return self.teacher_cache.lookup(inputs, embeddings)
         self.teacher.eval()  # guard against a caller's .train() on everything
-        # Embeddings reach the losses in fp32 whatever the weights' precision (precision: original).
+        # Embeddings reach the losses in fp32 whatever the weights' precision (precision: irra_fp16).
         return float32_embeddings(teacher_embeddings(self.teacher, inputs, embeddings, inference_mode=not for_mimic))
 
     def teacher_tap_forward(self, name: str, teacher: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
