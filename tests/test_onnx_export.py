@@ -28,7 +28,7 @@ from kd_trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 from kd_trainer.models.export import CARD_END, CARD_START, export_open_clip, update_model_card
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import model_from_checkpoint
-from kd_trainer.models.onnx import OnnxDualEncoder, OnnxFolderError, at_image_size, export_onnx
+from kd_trainer.models.onnx import OnnxDualEncoder, OnnxFolderError, at_image_size, export_onnx, verify_onnx_export
 from kd_trainer.models.onnx import export as onnx_export
 from kd_trainer.synthetic.pedes import make_synth_pedes
 from tiny import run_cli
@@ -457,3 +457,98 @@ def test_bad_eval_and_export_arguments_are_usage_errors(command, args, says, mic
     assert says in ran.stderr, ran.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing is written"
     assert not list(micro_folder.glob("eval_*.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# INT8 schemes: which one keeps PyTorch's rankings (issue 26: the same top-1 file for >= 99% of queries)
+
+
+@pytest.fixture(scope="module")
+def schemes(tmp_path_factory, student) -> dict[str, Path]:
+    """The fixture student exported with each named INT8 scheme (Python API; the CLI's default is dynamic)."""
+    model = model_from_checkpoint(student).eval()
+    out = {}
+    for scheme in ("dynamic", "weight-only"):
+        out[scheme] = tmp_path_factory.mktemp("int8") / scheme
+        export_onnx(model, out[scheme], int8=True, int8_scheme=scheme)
+    return out
+
+
+def _top1_agreement(folder: Path, model, raw) -> tuple[int, int]:
+    """Captions whose most similar gallery image is the same under the INT8 graphs (bare onnxruntime, PIL +
+    numpy preprocessing) as under PyTorch (torchvision's transform), and how many captions there are."""
+    gallery, queries = raw["test_gallery"], raw["test_queries"]
+    spec = json.loads((folder / "preprocess.json").read_text())
+    pixels = _pil_numpy_pixels(list(gallery["image_path"]), (32, 16), spec["image"]["mean"], spec["image"]["std"])
+    ids = tokenize(list(queries["caption"]), 77).numpy()
+    img = ort.InferenceSession(str(folder / "image_encoder.int8.onnx"), providers=["CPUExecutionProvider"])
+    txt = ort.InferenceSession(str(folder / "text_encoder.int8.onnx"), providers=["CPUExecutionProvider"])
+    got = np.argmax(txt.run(None, {"input_ids": ids})[0] @ img.run(None, {"pixel_values": pixels})[0].T, axis=1)
+    views = with_retrieval_transforms(raw, image_size=(32, 16), augment=False, context_length=77)
+    with torch.no_grad():
+        g = model.encode_image(torch.stack([views["test_gallery"][i]["pixel_values"] for i in range(len(gallery))]))
+        q = model.encode_text(torch.from_numpy(ids))
+    ref = np.argmax((q @ g.T).numpy(), axis=1)
+    return int((got == ref).sum()), len(ref)
+
+
+@pytest.mark.slow
+def test_weight_only_int8_keeps_the_top1_file_at_least_as_often_as_dynamic(schemes, student, data_root):
+    model = model_from_checkpoint(student).eval()
+    raw = load_pedes(DATASET, data_root, splits=["test"])
+    assert len(raw["test_gallery"]) > len(set(raw["test_gallery"]["pid"])), "the gallery needs several images a person"
+    dynamic, n = _top1_agreement(schemes["dynamic"], model, raw)
+    weight_only, _ = _top1_agreement(schemes["weight-only"], model, raw)
+    print(f"same top-1 file as PyTorch: weight-only {weight_only}/{n}, dynamic {dynamic}/{n}")
+    assert weight_only >= dynamic, (weight_only, dynamic, n)
+    report = verify_onnx_export(schemes["weight-only"], model, dataset=DATASET, root=data_root)
+    assert report["passed"], report["failures"]
+    assert json.loads((schemes["weight-only"] / "preprocess.json").read_text())["int8_scheme"] == "weight-only"
+
+
+@pytest.mark.slow
+def test_the_schemes_write_the_graphs_they_name(schemes, student):
+    """dynamic: integer products of activations quantised per call; weight-only: MatMulNBits with 8-bit
+    blocks of 32 whose dequantised values are the fp32 weights rounded to the nearest of 256 levels."""
+    import onnx
+    from onnx import numpy_helper
+
+    ops = {s: {n.op_type for n in onnx.load(str(f / "image_encoder.int8.onnx")).graph.node} for s, f in schemes.items()}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops["dynamic"] and "MatMulNBits" not in ops["dynamic"]
+    assert "MatMulNBits" in ops["weight-only"] and not {"DynamicQuantizeLinear", "MatMulInteger"} & ops["weight-only"]
+
+    for tower in ("image", "text"):
+        fp32 = onnx.load(str(schemes["weight-only"] / f"{tower}_encoder.onnx")).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in fp32.initializer}
+        # every constant matrix of the fp32 graph as (K, N): MatMul's as stored, Gemm's (transB=1) transposed
+        originals = [inits[n.input[1]] if n.op_type == "MatMul" else inits[n.input[1]].T
+                     for n in fp32.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+        graph = onnx.load(str(schemes["weight-only"] / f"{tower}_encoder.int8.onnx")).graph
+        qinits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        matched = []
+        for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attrs["bits"], attrs["block_size"]) == (8, 32)
+            k, n_out, blocks = attrs["K"], attrs["N"], -(-attrs["K"] // 32)
+            q = qinits[node.input[1]].reshape(n_out, blocks, 32).astype(np.float64)
+            scale = qinits[node.input[2]].reshape(n_out, blocks, 1).astype(np.float64)
+            zero = (qinits[node.input[3]].reshape(n_out, blocks, 1).astype(np.float64)
+                    if len(node.input) > 3 and node.input[3] else 128.0)  # MatMulNBits' default: 2^(bits-1)
+            deq = ((q - zero) * scale).reshape(n_out, -1)[:, :k].T  # (K, N), as the fp32 MatMul multiplies
+            half_step = np.repeat(scale[:, :, 0], 32, axis=1)[:, :k].T / 2
+            # rounded to the nearest level: within half a step of exactly one fp32 matrix
+            hits = [i for i, w in enumerate(originals) if w.shape == deq.shape and np.all(np.abs(w - deq) <= half_step + 1e-7)]
+            assert len(hits) == 1, (tower, node.name, hits)
+            matched += hits
+        assert sorted(matched) == list(range(len(originals))), f"{tower}: every matrix quantised, once"
+
+
+def test_an_unknown_int8_scheme_or_block_size_is_refused_before_anything_is_written(tmp_path):
+    from kd_trainer.models.onnx import OnnxExportError
+    from kd_trainer.models.onnx.quantize import weight_only_int8
+
+    with pytest.raises(OnnxExportError, match=r"unknown INT8 scheme 'int4': expected one of \['dynamic', 'weight-only'\]"):
+        export_onnx(create_model("micro"), tmp_path / "out", int8=True, int8_scheme="int4")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(OnnxExportError, match="power of two >= 16, got 24"):
+        weight_only_int8(block_size=24)

@@ -2,11 +2,9 @@
 ``preprocess.json`` that says how to make their inputs. What the folder holds is described in
 :mod:`kd_trainer.models.onnx`; whether the graphs still are the model is :mod:`.verify`'s job.
 
-INT8: ONNX Runtime's dynamic quantisation (weights int8 ahead of time, activations quantised per call)
-of the matrix products only: every ``MatMul`` and ``Gemm`` with a constant weight, with one scale per
-output channel. Measured on SynthPEDES (docs/results.md, "Which INT8"): per-tensor scales, or also
-quantising the token embedding (``Gather``, which would make the text graph 4x smaller) or the patch
-convolution, cost up to 1-2 R@1 points where this choice costs none.
+INT8: the schemes are in :mod:`.quantize`; by default ONNX Runtime's dynamic quantisation of the matrix
+products (int8 weights with one scale per output channel, activations quantised per call). Measured on
+SynthPEDES (docs/results.md, "Which INT8").
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -46,6 +44,7 @@ from kd_trainer.models.onnx.folder import (
     require_deploy,
     write_json,
 )
+from kd_trainer.models.onnx.quantize import DEFAULT_INT8_SCHEME, Int8Scheme, resolve_int8_scheme
 
 __all__ = [
     "PROBE_CAPTIONS",
@@ -217,14 +216,7 @@ def _quiet_exporter_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _quantize_int8(fp32: Path, out: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The quantiser rewrites the exporter's Gemm nodes (attention output projections) as MatMul first.
-    quantize_dynamic(fp32, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
-
-
-def _convert_fp16(fp32: Path, out: Path) -> None:
+def _convert_fp16(fp32: Path, out: Path, tower: str) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -240,12 +232,15 @@ def export_onnx(
     int8: bool = False,
     fp16: bool = False,
     image_size: Sequence[int] | None = None,
+    int8_scheme: Union[str, Int8Scheme] = DEFAULT_INT8_SCHEME,
 ) -> OnnxExport:
     """Write ``model``'s two towers as ONNX graphs into ``out_dir`` with ``preprocess.json``.
 
     ``image_size`` ``(H, W)`` exports at another input size (see :func:`at_image_size`); by default the
-    model's own. ``int8`` adds dynamically quantised graphs, ``fp16`` half-precision ones (for GPU and NPU
-    runtimes; float32 inputs and outputs). The training-only projections are not exported.
+    model's own. ``int8`` adds INT8 graphs quantised by ``int8_scheme`` (a name in
+    :data:`~kd_trainer.models.onnx.quantize.INT8_SCHEMES`, by default ``dynamic``, or a callable; the name
+    is recorded in ``preprocess.json``), ``fp16`` half-precision ones (for GPU and NPU runtimes; float32
+    inputs and outputs). The training-only projections are not exported.
 
     A model with non-finite weights is refused before anything is traced or written. The folder changes
     only when the export is complete (:func:`kd_trainer.models.onnx.folder.install_export`): an export
@@ -253,6 +248,7 @@ def export_onnx(
     model checker: :func:`verify_onnx_export` does that.
     """
     require_deploy()
+    quantize_int8 = resolve_int8_scheme(int8_scheme)
     require_finite_weights(model.clip, name="the model", refused="exported")
     was_training = model.training
     traced = at_image_size(model, image_size).eval()
@@ -265,13 +261,15 @@ def export_onnx(
             _trace(_ImageTower(traced), torch.zeros(2, 3, h, w), files["fp32"]["image"], IMAGE_INPUT, IMAGE_OUTPUT)
             _trace(_TextTower(traced), tokenize(list(PROBE_CAPTIONS[:2]), traced.context_length),
                    files["fp32"]["text"], TEXT_INPUT, TEXT_OUTPUT)
-            for variant, wanted, convert in (("int8", int8, _quantize_int8), ("fp16", fp16, _convert_fp16)):
+            for variant, wanted, convert in (("int8", int8, quantize_int8), ("fp16", fp16, _convert_fp16)):
                 if wanted:
                     files[variant] = {t: stage / graph_file_name(t, variant) for t in ("image", "text")}
                     for tower in ("image", "text"):
-                        convert(files["fp32"][tower], files[variant][tower])
+                        convert(files["fp32"][tower], files[variant][tower], tower)
         spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
         spec["source"]["model_image_size"] = list(model.image_size)
+        if int8:
+            spec["int8_scheme"] = int8_scheme if isinstance(int8_scheme, str) else "custom"
         spec["sha256"] = {p.name: file_sha256(p) for f in files.values() for p in f.values()}
         write_json(stage / PREPROCESS_FILE, spec)
         install_export(stage, out)

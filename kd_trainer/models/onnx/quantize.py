@@ -1,0 +1,91 @@
+"""INT8 graphs from the fp32 ones: the quantisation schemes :func:`~kd_trainer.models.onnx.export_onnx` can
+apply, by name, and the builders they come from (``bench/int8_candidates.py`` measures more of them).
+
+* ``dynamic`` (the default): ONNX Runtime's dynamic quantisation of every ``MatMul`` with a constant
+  weight (the quantiser rewrites the exporter's ``Gemm`` attention projections as ``MatMul`` first): weights
+  int8 ahead of time with one scale per output channel, activations quantised to uint8 per call with one
+  scale per tensor, integer matrix products. The fastest on CPU (docs/results.md, "Which INT8").
+* ``weight-only``: the same matrices (``Gemm`` rewritten as ``MatMul`` + ``Add`` the same way) stored as 8-bit blocks (``com.microsoft.MatMulNBits``, 32 weights
+  per block along the input axis, each block with its own scale and zero point), activations and the
+  products in float32. No activation is rounded, so rankings move about half as often as under
+  ``dynamic``; it is no faster than fp32 on CPU (it saves memory and file size, not time).
+
+Measured against each other on the SynthPEDES val split: docs/results.md, "Which INT8". Neither keeps the
+demo models' top-1 file for 99% of the queries: about 1% of their queries have a best and second-best
+image within 1e-4 in cosine similarity, closer than int8 weights can keep them.
+
+A scheme is any callable ``(fp32_path, out_path, tower)`` (``tower``: ``"image"`` or ``"text"``) that writes
+the INT8 graph of one tower; a name picks one of :data:`INT8_SCHEMES`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from kd_trainer.models.onnx.folder import OnnxExportError
+
+__all__ = ["INT8_SCHEMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme", "weight_only_int8"]
+
+Int8Scheme = Callable[[Path, Path, str], None]
+
+
+def dynamic_int8(*, per_channel: bool = True, reduce_range: bool = False,
+                 exclude: Sequence[str] = ()) -> Int8Scheme:
+    """ONNX Runtime's ``quantize_dynamic`` of the constant-weight ``MatMul`` nodes (int8 weights, one scale
+    per output channel when ``per_channel``; ``reduce_range``: 7-bit weights, for CPUs without VNNI).
+    ``exclude`` names nodes left in float32 (``node_matmul`` is the exporter's name for the final
+    projection of both towers)."""
+
+    def quantize(fp32: Path, out: Path, tower: str) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(fp32, out, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+
+    return quantize
+
+
+def weight_only_int8(*, block_size: int = 32, symmetric: bool = False,
+                     accuracy_level: int | None = None) -> Int8Scheme:
+    """8-bit weight-only quantisation (``MatMulNBits``): the constant-weight ``MatMul`` weights in blocks of
+    ``block_size`` along the input axis (a power of two >= 16), each block rounded to the nearest of 256
+    levels (``symmetric``: around zero, else with a zero point); ``accuracy_level`` None (0) computes in
+    float32, 4 quantises the activations to int8 per block for integer products."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OnnxExportError(f"weight-only INT8 needs a block size that is a power of two >= 16, got {block_size}")
+
+    def quantize(fp32: Path, out: Path, tower: str) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        graph = ONNXModel(onnx.load(str(fp32)))
+        graph.replace_gemm_with_matmul()  # as quantize_dynamic does: the attention output projections too
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=8,
+                                              accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(graph.model, bits=8, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), False)
+
+    return quantize
+
+
+DEFAULT_INT8_SCHEME = "dynamic"
+INT8_SCHEMES: dict[str, Int8Scheme] = {
+    "dynamic": dynamic_int8(),
+    "weight-only": weight_only_int8(),
+}
+
+
+def resolve_int8_scheme(scheme: Union[str, Int8Scheme]) -> Int8Scheme:
+    """The quantiser a name (one of :data:`INT8_SCHEMES`) or a callable stands for."""
+    if callable(scheme):
+        return scheme
+    if scheme not in INT8_SCHEMES:
+        raise OnnxExportError(f"unknown INT8 scheme {scheme!r}: expected one of {sorted(INT8_SCHEMES)}")
+    return INT8_SCHEMES[scheme]
