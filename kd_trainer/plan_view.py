@@ -2,10 +2,11 @@
 
 It prints :meth:`~kd_trainer.distill.resolved.ResolvedRun.describe` for every task: the data set
 and its generator, the student and the named teachers with their checkpoints, the mimic jobs,
-whether the task loss is kept, the training arguments and the output folder. Users read it to check a recipe against a paper: per stage, which towers train and which
-parameter groups the optimiser gets (each with its LR and weight decay), the LR and alpha at
-every epoch, every term with its side, temperature and group, the precision of the weights, and
-which checkpoint the run keeps. Models are built on the ``meta`` device (no weights, no memory),
+whether the task loss is kept, the training arguments and the output folder. Users read it to
+check a recipe against a paper: per stage, which towers train and which parameter groups the
+optimiser gets (each with its LR and weight decay), the LR and alpha at every epoch, every term
+with its side, temperature and group, the precision of the weights, and which checkpoint the run
+keeps. Models are built on the ``meta`` device (no weights, no memory),
 so the real ViT-B/16 plan prints in a second.
 """
 
@@ -90,7 +91,8 @@ def plan_report(recipe: Recipe) -> dict[str, Any]:
         inheritance = f"from {inherit['source']}, layers {inherit['layers']} (the map is printed when the run loads it)"
     if run.precision is not None:  # its one mode, irra_fp16: IRRA's fp16 weights
         converted = convert_to_irra_fp16(student)
-        report["precision"].update(student_fp16_tensors=len(converted.converted), student_fp32_tensors=len(converted.kept))
+        report["precision"].update(student_fp16_tensors=len(converted.converted),
+                                   student_fp32_tensors=len(converted.kept))
     run_epochs = _run_epochs(args)
     for s, described in zip(plan.stages, report["stages"]):
         epochs = s.epochs or (run_epochs if s.steps is None else None) or 0
@@ -192,7 +194,8 @@ def _job_lines(jobs: list[dict[str, Any]], indent: str = "  ") -> list[str]:
     lines = []
     for j in jobs:
         warm = f", warm-up {j['warm_up_iters']} steps" if j["warm_up_iters"] > 0 else ""
-        lines.append(f"{indent}mimic job {j['name']}: loss {j['loss']}" + (f" {j['loss_kwargs']}" if j["loss_kwargs"] else "")
+        lines.append(f"{indent}mimic job {j['name']}: loss {j['loss']}"
+                     + (f" {j['loss_kwargs']}" if j["loss_kwargs"] else "")
                      + f" x {j['weight']:g}{warm}; teachers combined by {j['reduce']}; adapter {j['adapter']}")
         for teacher, taps in j["teachers"].items():
             for student_tap, teacher_tap in zip(j["student"], taps):

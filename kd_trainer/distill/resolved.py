@@ -233,7 +233,8 @@ def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[
         "per_device_eval_batch_size": 256,
     }
     training, k = dict(recipe.training), 1
-    if recipe.task == "retrieval" and recipe.contrastive_accumulation == "exact":  # the DataLoader yields whole groups; the trainer splits them
+    # Exact accumulation (retrieval only): the DataLoader yields whole groups; the trainer splits them.
+    if recipe.task == "retrieval" and recipe.contrastive_accumulation == "exact":
         training, k = exact_group_arguments(training)
     args = {**defaults, **training}
     args["remove_unused_columns"] = False  # transforms need the raw columns (validated in the recipe)
