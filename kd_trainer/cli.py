@@ -28,6 +28,7 @@ from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_ped
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.demo import SEEDS as DEMO_SEEDS
 from kd_trainer.demo import run_demo, train_teacher
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.distill.cache import build_teacher_cache
 from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
@@ -245,17 +246,23 @@ def _export_onnx(ns: argparse.Namespace) -> None:
 def _cache_teacher(ns: argparse.Namespace) -> None:
     """One teacher pass over the recipe's training set: the cache `teacher.cache` then points to."""
     recipe = load_recipe(ns.recipe, ns.overrides)
+    if recipe.task != "retrieval":
+        raise RecipeError(f"{ns.recipe} is a {recipe.task} recipe; cache-teacher caches the embeddings of a "
+                          "retrieval recipe's `teacher:`")
     if recipe.teacher is None:
         raise RecipeError(f"{ns.recipe} has no `teacher:`; there is nothing to cache")
-    out = ns.out or recipe.teacher.cache
+    # Its data, teacher and draws as the run resolves them (its TrainingArguments are not used here,
+    # so they are built as for `kd-trainer plan`, on any machine).
+    run = resolve_run(recipe, describe_only=True)
+    out = ns.out or run.teacher.model.cache.path
     if not out:
         raise RecipeError("say where the cache goes: --out DIR, or teacher.cache in the recipe")
-    data = prepare_data(recipe)
-    teacher = build_model(recipe.teacher, recipe)
-    cfg = replay_config(recipe)
+    data = prepare_data(run)
+    teacher = build_model(run.teacher.model, run)
+    cfg = replay_config(run)
     path = build_teacher_cache(teacher, data.raw_train, out, image_size=cfg.image_size, augment=cfg.augment,
                                context_length=cfg.context_length, num_draws=cfg.num_draws, seed=cfg.seed,
-                               batch_size=ns.batch_size, dataset_name=canonical_dataset_name(recipe.data.name),
+                               batch_size=ns.batch_size, dataset_name=run.data.name,
                                progress=True, num_workers=ns.num_workers, precision=ns.precision)
     print(f"wrote the teacher cache to {path}; train from it with teacher.cache={path}")
 

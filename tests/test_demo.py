@@ -16,6 +16,7 @@ from test_report import metrics_json
 from test_report_html import _hand_count
 
 from kd_trainer.demo import PROVENANCE, RECIPE_DIR, _stale, made_from, results_table, run_demo, spread_table
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.models.factory import create_model
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config
 from kd_trainer.recipe import dump_recipe, load_recipe
@@ -30,7 +31,8 @@ def test_both_students_start_from_the_same_weights_at_each_seed(tmp_path):
         recipe = load_recipe(RECIPE_DIR / file, [f"seed={seed}", *no_teacher,
                                                  f"training.output_dir={tmp_path / file / str(seed)}"])
         assert recipe.student.arch == "tiny-student" and recipe.student.inherit is None
-        return build_model(recipe.student, recipe).state_dict()
+        run = resolve_run(recipe)
+        return build_model(run.student, run).state_dict()
 
     alone, distilled, other_seed = student("student_nokd.yaml", 1), student("student_kd.yaml", 1), \
         student("student_nokd.yaml", 2)

@@ -255,11 +255,12 @@ def test_cache_teacher_then_train_from_the_cache(tmp_path: Path, teacher_run: Pa
         metrics = run(load_recipe(path))
     assert "test_r1" in metrics
     # Same replayed items, teacher online vs cached: identical term values.
+    from kd_trainer.distill.resolved import resolve_run
     from kd_trainer.runner.retrieval import build_model, open_teacher_cache, prepare_data
 
-    recipe = load_recipe(path)
-    teacher = build_model(recipe.teacher, recipe)
-    cached, train = open_teacher_cache(recipe, teacher, prepare_data(recipe).raw_train)
+    resolved = resolve_run(load_recipe(path))
+    teacher = build_model(resolved.teacher.model, resolved)
+    cached, train = open_teacher_cache(resolved, teacher, prepare_data(resolved).raw_train)
     train.set_epoch(1)
     batch = collate([train[i] for i in range(6)])
     student = load_model(out)

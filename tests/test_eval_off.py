@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kd_trainer.cli import main
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.recipe import load_recipe
 from kd_trainer.runner.retrieval import prepare_data
 from kd_trainer.synthetic.pedes import make_synth_pedes
@@ -34,11 +35,11 @@ def _recipe(tmp_path: Path, root: Path, **training) -> Path:
 
 
 def test_the_eval_split_is_loaded_only_when_evaluating(tmp_path, no_val):
-    data = prepare_data(load_recipe(_recipe(tmp_path, no_val)))
+    data = prepare_data(resolve_run(load_recipe(_recipe(tmp_path, no_val))))
     assert set(data.splits) == {"train", "test_gallery", "test_queries"}
     with pytest.raises(ValueError, match=r"the val \(gallery/queries\) split is empty: no record in the file has "
                                          r"split 'val'"):
-        prepare_data(load_recipe(_recipe(tmp_path, no_val, eval_strategy="epoch")))
+        prepare_data(resolve_run(load_recipe(_recipe(tmp_path, no_val, eval_strategy="epoch"))))
 
 
 @pytest.mark.slow

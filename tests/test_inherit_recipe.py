@@ -22,8 +22,9 @@ def _recipe(tmp_path, student: dict, **extra):
 def test_explicit_layers_copy_exactly_those_teacher_layers(tmp_path):
     recipe = _recipe(tmp_path, {"arch": "micro", "inherit": {"layers": {"vision": [2], "text": "uniform_last"}}})
     torch.manual_seed(0)
-    teacher = build_model(recipe.teacher, recipe)
-    student = build_model(recipe.student, recipe, teacher=teacher, output_dir=resolve_run(recipe).output_dir)
+    run = resolve_run(recipe)
+    teacher = build_model(run.teacher.model, run)
+    student = build_model(run.student, run, teacher=teacher, output_dir=run.output_dir)
     t, s = teacher.clip.state_dict(), student.clip.state_dict()
     for k, v in s.items():
         if k.startswith("visual.transformer.resblocks.0."):
@@ -38,8 +39,9 @@ def test_explicit_layers_copy_exactly_those_teacher_layers(tmp_path):
 
 def test_same_shape_inheritance_reproduces_the_source(tmp_path):
     recipe = _recipe(tmp_path, {"arch": "micro", "vision_layers": 3, "text_layers": 3, "inherit": {}})
-    teacher = build_model(recipe.teacher, recipe)
-    student = build_model(recipe.student, recipe, teacher=teacher)
+    run = resolve_run(recipe)
+    teacher = build_model(run.teacher.model, run)
+    student = build_model(run.student, run, teacher=teacher)
     x = torch.randn(2, 3, 32, 16)
     ids = torch.randint(300, 4000, (2, 77))
     assert torch.equal(student.encode_image(x), teacher.encode_image(x))

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import kd_trainer.runner.classification as classification
 import kd_trainer.runner.detection as detection
-from kd_trainer.distill.resolved import RESOLVED_RUN_FILE, ModelSpec, resolve_run
+import kd_trainer.runner.retrieval as retrieval
+from kd_trainer.distill.resolved import RESOLVED_RUN_FILE, CacheSpec, ModelSpec, TeacherUse, resolve_run
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import load_recipe, parse_recipe
 from kd_trainer.runner import run as run_recipe
@@ -101,12 +103,20 @@ def test_a_retrieval_recipe_s_models_jobs_and_data_are_in_the_resolved_run(tmp_p
            "loss": {"terms": [{"name": "itc"}]}}
     run = resolve_run(parse_recipe(raw))
     assert run.teachers == {"teacher0": ModelSpec("micro", "/t0")} and run.mimic_jobs[0].loss_weight == 0.5
-    assert run.teacher.model == ModelSpec("micro", "/t") and not run.teacher.load  # no term and no job reads it
+    assert run.teacher.model == ModelSpec("micro", "/t", cache=CacheSpec(None, 8, 0))  # the schema's draws and seed
+    assert not run.teacher.load  # no term and no job reads it
+    assert run.data.augment is True and run.seed == 42  # the schema's default seed
     assert run.data.generated == str(tmp_path / "SynthPEDES") and run.data.generator["num_identities"] == 24
     raw["teachers"]["teacher0"]["checkpoint"] = "/t1"
     raw["mimic"][0]["loss_weight"] = 2.0
+    raw["teacher"].update(cache="/c", cache_draws=3, cache_seed=5, embed_dim=16)
+    raw["data"].update(augment=False)
+    raw["seed"] = 4
     again = resolve_run(parse_recipe(raw))
     assert again.teachers["teacher0"].checkpoint == "/t1" and again.mimic_jobs[0].loss_weight == 2.0
+    assert again.teacher.model.cache == CacheSpec("/c", 3, 5) and again.teacher.model.arch["embed_dim"] == 16
+    assert again.teachers["teacher0"].cache is None and again.student.cache is None  # the `teacher:`'s only
+    assert again.data.augment is False and again.seed == 4
 
 
 def test_the_resolved_run_is_decided_once_and_does_not_follow_later_changes_to_the_recipe(tmp_path):
@@ -184,6 +194,111 @@ def test_the_detection_runner_builds_from_the_resolved_run_only(tmp_path, monkey
     assert (tmp_path / "other" / "train.json").is_file() and not (tmp_path / "data").exists()
 
 
+@pytest.fixture(scope="module")
+def pedes(tmp_path_factory) -> Path:
+    from kd_trainer.synthetic.pedes import make_synth_pedes
+
+    root = tmp_path_factory.mktemp("pedes")
+    make_synth_pedes(root / "SynthPEDES", num_identities=24, images_per_identity=(2, 3), image_size=(64, 32), seed=3)
+    return root
+
+
+BLOCK = "clip.visual.transformer.resblocks.0"
+
+
+def retrieval_recipe(tmp_path: Path):
+    """A recipe whose data folder does not exist: a runner that reads the recipe's data fails."""
+    return parse_recipe({
+        "name": "r", "seed": 0,
+        "data": {"name": "synth_pedes", "root": str(tmp_path / "no-data"), "image_size": [32, 16],
+                 "context_length": 64},
+        "student": {"arch": "micro"}, "teacher": {"arch": "micro", "checkpoint": "/t"},
+        "teachers": {"teacher0": {"arch": "micro", "checkpoint": "/t0"}},
+        "mimic": [{"loss": {"type": "cosine"}, "teachers": {"teacher0": [BLOCK]}, "student": [BLOCK],
+                   "loss_weight": 0.5}],
+        "loss": {"terms": [{"name": "itc"}, {"name": "cross_kd"}]},
+        "training": {"output_dir": str(tmp_path / "out"), "use_cpu": True}})
+
+
+def test_the_retrieval_runner_builds_from_the_resolved_run_only(tmp_path, pedes, monkeypatch):
+    recipe = retrieval_recipe(tmp_path)
+    resolved = resolve_run(recipe)
+    assert resolved.teacher.load and resolved.teacher.cache is None and resolved.eval_split is None
+    # A run that disagrees with its recipe in every decision the runner reads: seed, data (another
+    # folder, image size, caption length), evaluation split, the teacher (another checkpoint, a cache
+    # with other draws), the student, the named teachers, the mimic job, the projection width.
+    job = resolved.mimic_jobs[0].model_copy(update={"loss_weight": 0.125, "teachers": {"teacherX": [BLOCK]}})
+    data = dataclasses.replace(resolved.data, root=str(pedes), image_size=(48, 24), context_length=32)
+    teacher = TeacherUse(load=True, in_training=True, cache="/run/cache",
+                         model=ModelSpec("micro", "/T", cache=CacheSpec("/recipe/cache", 3, 11)))
+    other = dataclasses.replace(resolved, seed=7, data=data, eval_split="test", teacher=teacher,
+                                student=ModelSpec("micro", "/s"), teachers={"teacherX": ModelSpec("micro", "/x")},
+                                mimic_jobs=(job,), projection_dim=24)
+    seen: dict[str, Any] = {"created": [], "loaded": [], "opened": []}
+
+    def create(arch: Any, **kwargs: Any) -> str:  # the seed in force is the run's (build_model seeds it)
+        seen["created"].append((arch, kwargs, torch.initial_seed()))
+        return f"model{len(seen['created']) - 1}"
+
+    class Recorder:
+        def __init__(self, model: Any, **kwargs: Any) -> None:
+            seen["model"], seen["trainer"] = model, kwargs
+            raise Stop
+
+    monkeypatch.setattr(retrieval, "create_model", create)
+    monkeypatch.setattr(retrieval, "load_weights", lambda model, path, irra_config: seen["loaded"].append(
+        (model, path, irra_config)))
+    monkeypatch.setattr(retrieval.TeacherCache, "open", lambda path, **kw: seen["opened"].append((path, kw)) or "cache")
+    monkeypatch.setattr(retrieval, "RetrievalTrainer", Recorder)
+    with pytest.raises(Stop):
+        retrieval.run_retrieval(recipe, other)
+    size = {"image_size": (48, 24), "context_length": 32}
+    # The teacher is built first, then the student (with the run's projection), then the named teachers.
+    alone, projected = {**size, "projection_dim": None}, {**size, "projection_dim": 24}
+    assert seen["created"] == [("micro", alone, 7), ("micro", projected, 7), ("micro", alone, 7)]
+    assert seen["loaded"] == [("model0", "/T", None), ("model1", "/s", None), ("model2", "/x", None)]
+    ((path, opened),) = seen["opened"]
+    assert path == "/run/cache" and opened["teacher"] == "model0"
+    assert (opened["transform_cfg"].num_draws, opened["transform_cfg"].seed) == (3, 11)
+    assert opened["transform_cfg"].image_size == (48, 24) and opened["transform_cfg"].context_length == 32
+    t = seen["trainer"]
+    assert seen["model"] == "model1" and t["teacher"] == "model0" and t["teacher_cache"] == "cache"
+    assert t["mimic_teachers"] == {"teacherX": "model2"} and t["mimic_jobs"] == (job,)
+    assert t["args"] is other.args and t["plan"] is other.plan
+    assert t["train_dataset"].config == opened["transform_cfg"] and len(t["train_dataset"]) == len(
+        opened["dataset_raw"])
+    assert t["eval_dataset"].name == "test"
+    gallery = t["eval_dataset"].gallery[0]["pixel_values"]
+    assert tuple(gallery.shape) == (3, 48, 24) and len(t["eval_dataset"].queries[0]["input_ids"]) == 32
+    assert not (tmp_path / "no-data").exists()
+
+
+def test_the_retrieval_runner_builds_only_the_models_the_run_loads(tmp_path, pedes, monkeypatch):
+    """No teacher model when the run does not load one, whatever the recipe's terms; the student
+    alone, seeded by the run."""
+    recipe = retrieval_recipe(tmp_path)
+    resolved = resolve_run(recipe)
+    data = dataclasses.replace(resolved.data, root=str(pedes))
+    other = dataclasses.replace(resolved, data=data, teacher=TeacherUse(), teachers={}, mimic_jobs=(), seed=3)
+    seen = record(monkeypatch, retrieval, "build_model", "RetrievalTrainer")
+    with pytest.raises(Stop):
+        retrieval.run_retrieval(recipe, other)
+    assert seen["loads"] == [((other.student, other), {"teacher": None, "projection_dim": None,
+                                                       "output_dir": str(tmp_path / "out")})]
+    t = seen["trainer"]
+    assert seen["model"] == "model0" and t["teacher"] is None and t["mimic_teachers"] == {} and t["mimic_jobs"] == ()
+    assert t["teacher_cache"] is None and t["eval_dataset"] is None
+    # The train images are augmented with the run's seed (3), not the recipe's (0).
+    from kd_trainer.data import load_pedes, with_retrieval_transforms
+
+    raw = load_pedes("synth_pedes", str(pedes), splits={"train"})
+    first = {seed: with_retrieval_transforms(raw, image_size=(32, 16), augment=True, context_length=64,
+                                             dataset_name="synth_pedes", seed=seed)["train"][0]["pixel_values"]
+             for seed in (0, 3)}
+    assert not torch.equal(first[0], first[3])
+    assert torch.equal(t["train_dataset"][0]["pixel_values"], first[3])
+
+
 # --------------------------------------------------------------------------- resolved_run.json
 
 
@@ -199,18 +314,9 @@ def test_a_classification_run_saves_its_resolved_run(tmp_path, one_torch_thread)
     expected = json.loads(json.dumps(resolve_run(recipe).describe()))
     assert saved(tmp_path / "out") == expected
     assert expected["teachers"] == {"teacher0": {"arch": "resnet50", "checkpoint": None, "config": None,
-                                                 "inherit": None}}
+                                                 "inherit": None, "cache": None}}
     assert expected["mimic_jobs"][0]["weight"] == 1.0 and expected["mimic_jobs"][0]["warm_up_iters"] == 20
     assert expected["data"]["generated"] == str(tmp_path / "data" / "SynthShapes")
-
-
-@pytest.fixture(scope="module")
-def pedes(tmp_path_factory) -> Path:
-    from kd_trainer.synthetic.pedes import make_synth_pedes
-
-    root = tmp_path_factory.mktemp("pedes")
-    make_synth_pedes(root / "SynthPEDES", num_identities=24, images_per_identity=(2, 3), image_size=(64, 32), seed=3)
-    return root
 
 
 def test_a_retrieval_run_saves_its_resolved_run_without_the_hub_token(tmp_path, pedes):

@@ -7,8 +7,9 @@ it holds, each decided here and nowhere else:
 - the task (retrieval, classification, detection), the run's name and seed;
 - the data set the task runs on, and the generator (with its arguments) that writes it
   (:class:`DataSpec`);
-- the student and the named teachers the task loads, each an architecture and a checkpoint
-  (:class:`ModelSpec`; ``teachers:``, and for classification ``teacher:`` when a job names it);
+- the student and the named teachers the task loads, each an architecture (derived keys applied)
+  and a checkpoint (:class:`ModelSpec`; ``teachers:``, and for classification ``teacher:`` when a
+  job names it), and a retrieval ``teacher:``'s cache settings (:class:`CacheSpec`);
 - the mimic jobs (which teacher, which layers, the loss, the weight and warm-up as parsed) and
   whether the task loss is kept;
 - the ``TrainingArguments`` (built once: the raw ``training:`` block is not read after this),
@@ -39,14 +40,24 @@ from kd_trainer.distill.plan import RunPlan, Stage
 from kd_trainer.models.factory import get_architecture
 from kd_trainer.recipe import MimicJob, ModelConfig, Recipe
 
-__all__ = ["RESOLVED_RUN_FILE", "DataSpec", "HubTarget", "ModelSpec", "ResolvedRun", "TeacherUse", "arg_name",
-           "resolve_data", "resolve_run", "resolve_teachers", "training_arguments"]
+__all__ = ["RESOLVED_RUN_FILE", "CacheSpec", "DataSpec", "HubTarget", "ModelSpec", "ResolvedRun", "TeacherUse",
+           "arg_name", "resolve_data", "resolve_run", "resolve_teachers", "training_arguments"]
 
 RESOLVED_RUN_FILE = "resolved_run.json"  # describe(), saved in the output folder when a run starts
 
 # The generated data sets: data.name -> (the recipe's block of generator arguments, the folder under data.root).
 GENERATED = {"synth_pedes": ("synth", "SynthPEDES"), "synth_shapes": ("shapes", "SynthShapes"),
              "synth_det": ("det", "SynthDet")}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A retrieval ``teacher:``'s cache settings: the folder (``teacher.cache``; None: none named),
+    and the augmentation draws per image it holds and their seed (``cache_draws``, ``cache_seed``)."""
+
+    path: str | None
+    draws: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,15 @@ class ModelSpec:
     arch: str | dict[str, Any]
     checkpoint: str | None = None
     config: str | None = None  # IRRA's configs.yaml beside an IRRA checkpoint (retrieval only)
-    inherit: dict[str, Any] | None = None  # the student's weight inheritance: source and layers
+    inherit: dict[str, Any] | None = None  # the student's weight inheritance: source, config and layers
+    cache: CacheSpec | None = None  # a retrieval `teacher:`'s cache settings (None for every other model)
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> ModelSpec:
+    def of(cls, cfg: ModelConfig, *, cache: bool = False) -> ModelSpec:
+        """The recipe's model block, copied (``cache``: with its cache settings, a retrieval ``teacher:``)."""
         return cls(copy.deepcopy(cfg.architecture()), cfg.checkpoint, cfg.config,
-                   cfg.inherit.model_dump() if cfg.inherit is not None else None)
+                   cfg.inherit.model_dump() if cfg.inherit is not None else None,
+                   CacheSpec(cfg.cache, cfg.cache_draws, cfg.cache_seed) if cache else None)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class DataSpec:
     image_size: int | tuple[int, int] | None = None  # (height, width) for retrieval; a square side otherwise
     context_length: int | None = None  # caption tokens (retrieval)
     checks: dict[str, Any] | None = None  # retrieval: verify_images, skip_unreadable, duplicates
+    augment: bool | None = None  # retrieval: IRRA's augmentation of the train images (and of a cache's draws)
 
 
 @dataclass(frozen=True)
@@ -259,7 +274,7 @@ def resolve_data(recipe: Recipe) -> DataSpec:
         return DataSpec(name, cfg.root, str(Path(cfg.root) / GENERATED[name][1])
                         if generator is not None and name in GENERATED else None,
                         generator, image_size=tuple(cfg.image_size), context_length=cfg.context_length,
-                        checks=checks)
+                        checks=checks, augment=cfg.augment)
     block, folder = GENERATED[cfg.name]  # the schema gave classification synth_shapes, detection synth_det
     generator = getattr(cfg, block).model_dump()
     return DataSpec(cfg.name, cfg.root, str(Path(cfg.root) / folder), generator,
@@ -306,7 +321,7 @@ def resolve_run(recipe: Recipe, *, describe_only: bool = False) -> ResolvedRun:
     inherits = recipe.student.inherit is not None and recipe.student.inherit.source == "teacher"
     teacher = TeacherUse(load=in_training or (cfg is not None and inherits), in_training=in_training, live=live,
                          cache=cfg.cache if in_training and cfg.cache is not None else None,
-                         model=ModelSpec.of(cfg) if cfg is not None else None)
+                         model=ModelSpec.of(cfg, cache=True) if cfg is not None else None)
     plan.place_teacher(cache=teacher.cache is not None, live=live)
     projection = None
     if teacher.load and plan.direct_compare:  # the built teacher has its architecture's width

@@ -1,12 +1,14 @@
 """A retrieval run: data -> teacher -> student -> distillation -> test metrics -> open_clip export.
 
-1. resolve the recipe's plan (every term, stage and weight looked up once);
-2. load the data;
-3. build the frozen teacher (when a term, a hybrid evaluation or a mimic job needs one) and the
-   student, with their checkpoints;
-4. train with the plan's stages (resuming when the recipe says so);
+Everything is built from the resolved run (:class:`ResolvedRun`, decided once from the recipe):
+
+1. log each stage's teacher source (the run's plan);
+2. load the run's data (``run.data``, its splits and seed);
+3. build the frozen teacher (when the run loads one: a term, a hybrid evaluation, a mimic job or
+   inheritance needs it), then the student, then the named teachers, each from its ``ModelSpec``;
+4. train with the plan's stages (resuming when the run says so);
 5. evaluate on the test split, save the student, its metrics and the resolved recipe, and
-   export it in open_clip's Hub layout (pushed when the recipe asks).
+   export it in open_clip's Hub layout (pushed when the run's Hub target asks).
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from kd_trainer.data import canonical_dataset_name, load_pedes, with_retrieval_transforms
+from kd_trainer.data import load_pedes, with_retrieval_transforms
 from kd_trainer.data.replay import ReplayConfig, ReplayDataset
 from kd_trainer.distill.cache import TeacherCache
-from kd_trainer.distill.resolved import ResolvedRun
+from kd_trainer.distill.resolved import ModelSpec, ResolvedRun
 from kd_trainer.distill.retrieval import RetrievalSplit, RetrievalTrainer
 from kd_trainer.models.factory import RetrievalModel, create_model
 from kd_trainer.models.inherit import inherit_weights
 from kd_trainer.models.loading import load_weights, model_from_checkpoint
 from kd_trainer.models.precision import convert_to_irra_fp16
-from kd_trainer.recipe import ModelConfig, Recipe, RecipeError
+from kd_trainer.recipe import Recipe, RecipeError
 from kd_trainer.runner.export import export_student
 from kd_trainer.runner.fit import fit
 from kd_trainer.synthetic.pedes import make_synth_pedes
@@ -61,70 +63,72 @@ class RunData:
         return RetrievalSplit(which, self.splits[f"{which}_gallery"], self.splits[f"{which}_queries"])
 
 
-def prepare_data(recipe: Recipe) -> RunData:
-    """The dataset with on-the-fly IRRA transforms and tokenised captions."""
-    cfg = recipe.data
-    name = canonical_dataset_name(cfg.name)
-    if cfg.synth is not None:  # the schema allows it for synth_pedes only
+def prepare_data(run: ResolvedRun) -> RunData:
+    """The run's dataset with on-the-fly IRRA transforms and tokenised captions."""
+    data = run.data
+    if data.generator is not None:  # the schema allows it for synth_pedes only
         with PartialState().main_process_first():  # one process writes, the others wait and reuse
-            make_synth_pedes(Path(cfg.root) / "SynthPEDES", **cfg.synth.model_dump())
+            make_synth_pedes(Path(data.generated), **data.generator)
     # Only the splits this run uses are loaded (and their images checked): no evaluation during
     # training, no eval split (a dataset without val records trains with evaluation off).
-    during = recipe.split_evaluated_during_training
-    wanted = {"train"} | ({during} if during else set()) | ({cfg.test_split} if cfg.test_split else set())
-    raw = load_pedes(name, cfg.root, splits=wanted, skip_unreadable=cfg.skip_unreadable,
-                     verify_images=cfg.verify_images, duplicates=cfg.duplicates)
+    wanted = {"train"} | {split for split in (run.eval_split, run.test_split) if split}
+    raw = load_pedes(data.name, data.root, splits=wanted, **data.checks)
     # Seeded augmentation: the images depend only on (seed, epoch, row), so resuming is exact.
-    splits = with_retrieval_transforms(raw, image_size=tuple(cfg.image_size), augment=cfg.augment,
-                                       context_length=cfg.context_length, dataset_name=name, seed=recipe.seed)
+    splits = with_retrieval_transforms(raw, image_size=data.image_size, augment=data.augment,
+                                       context_length=data.context_length, dataset_name=data.name, seed=run.seed)
     return RunData(splits, raw["train"])
 
 
-def replay_config(recipe: Recipe) -> ReplayConfig:
+def replay_config(run: ResolvedRun) -> ReplayConfig:
     """The augmentation a teacher cache replays (its image size, augmentation, caption length, K)."""
-    if recipe.teacher is None:
+    if run.teacher.model is None:
         raise RecipeError("a teacher cache needs a `teacher:`")
-    return ReplayConfig(image_size=tuple(recipe.data.image_size), augment=recipe.data.augment,
-                        context_length=recipe.data.context_length, num_draws=recipe.teacher.cache_draws,
-                        seed=recipe.teacher.cache_seed)
+    cache = run.teacher.model.cache
+    return ReplayConfig(image_size=run.data.image_size, augment=run.data.augment,
+                        context_length=run.data.context_length, num_draws=cache.draws, seed=cache.seed)
 
 
-def open_teacher_cache(recipe: Recipe, teacher: RetrievalModel,
+def open_teacher_cache(run: ResolvedRun, teacher: RetrievalModel,
                        raw_train: datasets.Dataset) -> tuple[TeacherCache, ReplayDataset]:
-    """The recipe's teacher cache, verified, and the train split that replays its augmentation
-    draws. A cache made for another teacher, dataset or transform is refused, naming what changed."""
-    cfg = replay_config(recipe)
-    cache = TeacherCache.open(recipe.teacher.cache, teacher=teacher, dataset_raw=raw_train, transform_cfg=cfg)
-    return cache, ReplayDataset(raw_train, cfg, canonical_dataset_name(recipe.data.name))
+    """The run's teacher cache (``run.teacher.cache``), verified, and the train split that replays its
+    augmentation draws. A cache made for another teacher, dataset or transform is refused, naming what
+    changed."""
+    if run.teacher.cache is None:
+        raise RecipeError("this run opens no teacher cache: it needs `teacher.cache:` and a term that reads "
+                          "the teacher's embeddings")
+    cfg = replay_config(run)
+    cache = TeacherCache.open(run.teacher.cache, teacher=teacher, dataset_raw=raw_train, transform_cfg=cfg)
+    return cache, ReplayDataset(raw_train, cfg, run.data.name)
 
 
-def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None = None,
+def build_model(spec: ModelSpec, run: ResolvedRun, *, projection_dim: int | None = None,
                 teacher: RetrievalModel | None = None, output_dir: str | None = None) -> RetrievalModel:
-    """A model of the recipe's image size and caption length, with its weights: loaded from its
-    checkpoint, or inherited from a source (the recipe's ``teacher``, or any checkpoint). An
-    inherited model's map of where each tensor came from is written into ``output_dir`` (the
-    run's folder) when one is given."""
-    size, length = tuple(recipe.data.image_size), recipe.data.context_length
+    """A model of ``spec``'s architecture for the run's image size and caption length, with its
+    weights: loaded from its checkpoint, or inherited from a source (the run's ``teacher``, or any
+    checkpoint). An inherited model's map of where each tensor came from is written into
+    ``output_dir`` (the run's folder) when one is given."""
+    size, length = run.data.image_size, run.data.context_length
     # A random initialisation depends on the seed and the architecture only, not on which models
     # were built before: a student distilled from a teacher starts where the same student trained
     # alone starts.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        model = create_model(cfg.architecture(), image_size=size, context_length=length,
-                             projection_dim=projection_dim)
-    if cfg.checkpoint:
+        torch.manual_seed(run.seed)
+        model = create_model(spec.arch, image_size=size, context_length=length, projection_dim=projection_dim)
+    if spec.checkpoint:
         # Any known format: a kd_trainer run (continue-from), open_clip/OpenAI/TinyCLIP weights
         # (position embeddings resized to this image size), a HF CLIPModel folder, IRRA's best.pth.
-        load_weights(model, cfg.checkpoint, irra_config=cfg.config)
-    elif cfg.config:
+        load_weights(model, spec.checkpoint, irra_config=spec.config)
+    elif spec.config:
         raise RecipeError("`config:` (IRRA's configs.yaml) is given without the `checkpoint:` it describes")
-    if cfg.inherit is not None:
-        source = teacher if cfg.inherit.source == "teacher" else model_from_checkpoint(
-            cfg.inherit.source, irra_config=cfg.inherit.config, image_size=size, context_length=length)
+    inherit = spec.inherit
+    if inherit is not None:
+        from_teacher = inherit["source"] == "teacher"
+        source = teacher if from_teacher else model_from_checkpoint(
+            inherit["source"], irra_config=inherit["config"], image_size=size, context_length=length)
         if source is None:
             raise RecipeError("student.inherit.source: teacher, but the recipe has no `teacher:`")
-        report = inherit_weights(model, source, layers=cfg.inherit.layers,
-                                 source_name=None if cfg.inherit.source == "teacher" else cfg.inherit.source)
+        report = inherit_weights(model, source, layers=inherit["layers"],
+                                 source_name=None if from_teacher else inherit["source"])
         if output_dir is not None and PartialState().is_main_process:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -133,41 +137,44 @@ def build_model(cfg: ModelConfig, recipe: Recipe, *, projection_dim: int | None 
 
 
 def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
-    """Train (if the recipe has epochs/steps to run) and evaluate; returns the test metrics."""
-    set_seed(recipe.seed)
+    """Train (if the run has epochs/steps to run) and evaluate; returns the test metrics. Everything
+    is built from ``run``; ``recipe`` is only recorded beside the run (:func:`fit`) and named in the
+    exported model card (:func:`export_student`)."""
+    set_seed(run.seed)
     for stage in run.plan.stages:
         stage.teacher_source.log()
-    data = prepare_data(recipe)
+    data = prepare_data(run)
 
-    teacher = build_model(recipe.teacher, recipe) if run.teacher.load else None
-    student = build_model(recipe.student, recipe, teacher=teacher, projection_dim=run.projection_dim,
+    # The teacher is built before the student, as it always was (the student may inherit from it).
+    teacher = build_model(run.teacher.model, run) if run.teacher.load else None
+    student = build_model(run.student, run, teacher=teacher, projection_dim=run.projection_dim,
                           output_dir=run.output_dir)
     if not run.teacher.in_training:
         teacher = None  # it only gave the student its weights
 
-    if recipe.precision == "irra_fp16":  # the fp16 weights of IRRA's code, for both models
+    if run.precision == "irra_fp16":  # the fp16 weights of IRRA's code, for both models
         for role, model in (("teacher", teacher), ("student", student)):
             if model is not None:
                 logger.info("precision irra_fp16, %s: %s", role, convert_to_irra_fp16(model).summary())
 
     cache, train_dataset = None, data.splits["train"]
     if run.teacher.cache is not None:
-        cache, train_dataset = open_teacher_cache(recipe, teacher, data.raw_train)
+        cache, train_dataset = open_teacher_cache(run, teacher, data.raw_train)
 
     trainer = RetrievalTrainer(
         model=student,
         args=run.args,
         plan=run.plan,
         teacher=teacher,
-        mimic_jobs=recipe.mimic.jobs if recipe.mimic is not None else [],
-        mimic_teachers={name: build_model(cfg, recipe) for name, cfg in (recipe.teachers or {}).items()},
+        mimic_jobs=run.mimic_jobs,
+        mimic_teachers={name: build_model(spec, run) for name, spec in run.teachers.items()},
         teacher_cache=cache,
         max_nonfinite_skips=run.nonfinite_skips,
         exact_accumulation_steps=run.accumulation_steps,
         train_dataset=train_dataset,
         eval_dataset=data.split(run.eval_split) if run.eval_split else None,
     )
-    if recipe.precision == "irra_fp16" and trainer.accelerator.mixed_precision != "no":
+    if run.precision == "irra_fp16" and trainer.accelerator.mixed_precision != "no":
         raise RecipeError(f"precision: irra_fp16 trains fp16 weights itself, but the launch asks for "
                           f"{trainer.accelerator.mixed_precision} mixed precision (accelerate config); launch "
                           "with --mixed_precision no")
