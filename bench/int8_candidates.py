@@ -4,6 +4,7 @@ SynthPEDES split (choose on val, never on test).
     python bench/int8_candidates.py runs/demo/student_kd runs/demo/student_nokd runs/demo/teacher \
         --root ./data --split val
 
+Per model: how many captions PyTorch's best two images nearly tie for (any rounding can swap those).
 Per model and candidate: the same top-1 file (and person) as PyTorch for each caption of the split, by
 ``kd-trainer index`` + ``search`` (bench/int8_agreement.py); R@1 and mAP change against PyTorch
 (``verify_onnx_export``); both graphs' size; median CPU latency at batch 1 (one thread, image and caption).
@@ -33,6 +34,9 @@ from kd_trainer.data import open_image  # noqa: E402
 from kd_trainer.models.loading import model_from_checkpoint  # noqa: E402
 from kd_trainer.models.onnx import ExportVerificationError, OnnxDualEncoder, export_onnx, verify_onnx_export  # noqa: E402
 from kd_trainer.models.onnx.quantize import INT8_SCHEMES, Int8Scheme, dynamic_int8, weight_only_int8  # noqa: E402
+from kd_trainer.search.encoders import load_encoder  # noqa: E402
+from kd_trainer.search.index import load_index  # noqa: E402
+from kd_trainer.search.query import Searcher  # noqa: E402
 
 INPUTS = {"image": "pixel_values", "text": "input_ids"}
 
@@ -110,6 +114,10 @@ def measure(run: str, ns: argparse.Namespace, work: Path, gallery: Path, caption
     export_onnx(model, base / "fp32")
     calibration = train_calibration(base / "fp32", ns.root, ns.calibration_samples, ns.seed)
     ref = top1_files(run, None, gallery, captions, base)
+    hits = Searcher(load_index(base / "torch.index"), load_encoder(run)).search(captions, top=2)
+    gaps = np.array([h[0].score - h[1].score for h in hits])
+    print(f"<!-- {Path(run).name}: PyTorch's best and second-best image within 1e-4 cosine for {int((gaps < 1e-4).sum())}"
+          f"/{len(gaps)} captions, within 3e-4 for {int((gaps < 3e-4).sum())} -->", flush=True)
     probe = OnnxDualEncoder(base / "fp32")
     image = probe.preprocess_images([open_image(str(sorted(gallery.iterdir())[0]), "synth_pedes")])
     text = probe.tokenize(captions[:1])
