@@ -32,7 +32,12 @@ from int8_agreement import agreement, split_gallery, top1_files  # noqa: E402
 
 from kd_trainer.data import open_image  # noqa: E402
 from kd_trainer.models.loading import model_from_checkpoint  # noqa: E402
-from kd_trainer.models.onnx import ExportVerificationError, OnnxDualEncoder, export_onnx, verify_onnx_export  # noqa: E402
+from kd_trainer.models.onnx import (  # noqa: E402
+    ExportVerificationError,
+    OnnxDualEncoder,
+    export_onnx,
+    verify_onnx_export,
+)
 from kd_trainer.models.onnx.quantize import INT8_SCHEMES, Int8Scheme, dynamic_int8, weight_only_int8  # noqa: E402
 from kd_trainer.search.encoders import load_encoder  # noqa: E402
 from kd_trainer.search.index import load_index  # noqa: E402
@@ -116,7 +121,8 @@ def measure(run: str, ns: argparse.Namespace, work: Path, gallery: Path, caption
     ref = top1_files(run, None, gallery, captions, base)
     hits = Searcher(load_index(base / "torch.index"), load_encoder(run)).search(captions, top=2)
     gaps = np.array([h[0].score - h[1].score for h in hits])
-    print(f"<!-- {Path(run).name}: PyTorch's best and second-best image within 1e-4 cosine for {int((gaps < 1e-4).sum())}"
+    print(f"<!-- {Path(run).name}: PyTorch's best and second-best image within 1e-4 cosine for "
+          f"{int((gaps < 1e-4).sum())}"
           f"/{len(gaps)} captions, within 3e-4 for {int((gaps < 3e-4).sum())} -->", flush=True)
     probe = OnnxDualEncoder(base / "fp32")
     image = probe.preprocess_images([open_image(str(sorted(gallery.iterdir())[0]), "synth_pedes")])

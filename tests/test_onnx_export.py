@@ -537,7 +537,8 @@ def test_the_schemes_write_the_graphs_they_name(schemes, student):
             deq = ((q - zero) * scale).reshape(n_out, -1)[:, :k].T  # (K, N), as the fp32 MatMul multiplies
             half_step = np.repeat(scale[:, :, 0], 32, axis=1)[:, :k].T / 2
             # rounded to the nearest level: within half a step of exactly one fp32 matrix
-            hits = [i for i, w in enumerate(originals) if w.shape == deq.shape and np.all(np.abs(w - deq) <= half_step + 1e-7)]
+            hits = [i for i, w in enumerate(originals)
+                    if w.shape == deq.shape and np.all(np.abs(w - deq) <= half_step + 1e-7)]
             assert len(hits) == 1, (tower, node.name, hits)
             matched += hits
         assert sorted(matched) == list(range(len(originals))), f"{tower}: every matrix quantised, once"
@@ -547,7 +548,8 @@ def test_an_unknown_int8_scheme_or_block_size_is_refused_before_anything_is_writ
     from kd_trainer.models.onnx import OnnxExportError
     from kd_trainer.models.onnx.quantize import weight_only_int8
 
-    with pytest.raises(OnnxExportError, match=r"unknown INT8 scheme 'int4': expected one of \['dynamic', 'weight-only'\]"):
+    with pytest.raises(OnnxExportError,
+                       match=r"unknown INT8 scheme 'int4': expected one of \['dynamic', 'weight-only'\]"):
         export_onnx(create_model("micro"), tmp_path / "out", int8=True, int8_scheme="int4")
     assert not (tmp_path / "out").exists()
     with pytest.raises(OnnxExportError, match="power of two >= 16, got 24"):

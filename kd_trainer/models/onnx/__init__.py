@@ -11,7 +11,8 @@ The folder:
   ``image_embeds (batch, D)`` and ``input_ids (batch, L) int64`` -> ``text_embeds (batch, D)``, both
   outputs L2-normalised, so a similarity is a dot product. The batch axis is dynamic; H, W and L are fixed.
 * ``image_encoder.int8.onnx`` ... (``int8=True``) and ``*.fp16.onnx`` (``fp16=True``): the same graphs,
-  weights quantised / stored in half precision, inputs and outputs unchanged.
+  weights quantised (by a scheme of :mod:`.quantize`, ``dynamic`` unless ``int8_scheme`` names another) /
+  stored in half precision, inputs and outputs unchanged.
 * ``preprocess.json``: everything a serving stack needs to make those inputs (squash resize to (H, W),
   bilinear with antialiasing as PIL does it, /255, mean/std; CLIP BPE with the start/end/pad ids and the
   context length), read back here by :class:`OnnxDualEncoder`, which preprocesses only from it; and the
@@ -31,7 +32,7 @@ captions preprocessed from ``preprocess.json``) against the PyTorch model at its
 (:func:`kd_trainer.evaluation.evaluate_retrieval`); a drop of R@1 or mAP by more than ``tolerance``
 points fails the export.
 
-One module per job: :mod:`.folder` (the layout, ``preprocess.json``, the errors), :mod:`.export`,
+One module per job: :mod:`.folder` (the layout, ``preprocess.json``, the errors), :mod:`.export`, :mod:`.quantize`,
 :mod:`.runtime` (:class:`OnnxDualEncoder`), :mod:`.verify`. The model-card section an export adds is
 written by :func:`kd_trainer.models.export.update_model_card`, beside the rest of the model card.
 """

@@ -5,14 +5,16 @@ apply, by name, and the builders they come from (``bench/int8_candidates.py`` me
   weight (the quantiser rewrites the exporter's ``Gemm`` attention projections as ``MatMul`` first): weights
   int8 ahead of time with one scale per output channel, activations quantised to uint8 per call with one
   scale per tensor, integer matrix products. The fastest on CPU (docs/results.md, "Which INT8").
-* ``weight-only``: the same matrices (``Gemm`` rewritten as ``MatMul`` + ``Add`` the same way) stored as 8-bit blocks (``com.microsoft.MatMulNBits``, 32 weights
-  per block along the input axis, each block with its own scale and zero point), activations and the
-  products in float32. No activation is rounded, so rankings move about half as often as under
-  ``dynamic``; it is no faster than fp32 on CPU (it saves memory and file size, not time).
+* ``weight-only``: the same matrices (``Gemm`` rewritten as ``MatMul`` + ``Add`` the same way) stored as
+  8-bit blocks (``com.microsoft.MatMulNBits``, 32 weights per block along the input axis, each block with
+  its own scale and zero point), activations and the products in float32. No activation is rounded, so
+  the top-1 file moves 3 to 10 times less often than under ``dynamic`` on the demo models; it is slower
+  than the fp32 graphs on CPU (it saves size, not time).
 
-Measured against each other on the SynthPEDES val split: docs/results.md, "Which INT8". Neither keeps the
-demo models' top-1 file for 99% of the queries: about 1% of their queries have a best and second-best
-image within 1e-4 in cosine similarity, closer than int8 weights can keep them.
+Measured against each other and against static (calibrated) quantisation on the SynthPEDES val split:
+docs/results.md, "Which INT8". Neither keeps the demo models' top-1 file for 99% of the queries reliably
+(``weight-only`` 98.5% to 99.6%): for 0.6% to 1.1% of their queries the best and second-best image are within
+1e-4 in cosine similarity, closer than 8-bit weights keep them.
 
 A scheme is any callable ``(fp32_path, out_path, tower)`` (``tower``: ``"image"`` or ``"text"``) that writes
 the INT8 graph of one tower; a name picks one of :data:`INT8_SCHEMES`.
@@ -25,7 +27,8 @@ from typing import Callable, Sequence, Union
 
 from kd_trainer.models.onnx.folder import OnnxExportError
 
-__all__ = ["INT8_SCHEMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme", "weight_only_int8"]
+__all__ = ["INT8_SCHEMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme",
+           "weight_only_int8"]
 
 Int8Scheme = Callable[[Path, Path, str], None]
 
