@@ -4,6 +4,9 @@ file first for each caption of a split? (issue 26's bar: the same top-1 file for
     kd-trainer export-onnx runs/demo/student_kd --out /tmp/sk_onnx --int8
     python bench/int8_agreement.py runs/demo/student_kd /tmp/sk_onnx --root ./data --split val
 
+(``kd-trainer export-onnx`` of a run folder also adds a section to the run's model card, README.md;
+``kd_trainer.models.onnx.export_onnx`` from Python writes only the export folder, and takes ``int8_scheme``.)
+
 The split's images are copied into one gallery folder; both models index it (kd-trainer index) and
 search every caption of the split (kd-trainer search, top 1). Prints how many captions get the same
 top-1 file, and the same person (SynthPEDES file names start with the person id). Choose a scheme on
