@@ -8,7 +8,7 @@
     kd-trainer plan RECIPE [key.sub=value ...] [--json]  the resolved run: every decision, without training
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table (+ cost), loss plots, index.html
-    kd-trainer export-onnx MODEL --out DIR [--int8] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
+    kd-trainer export-onnx MODEL --out DIR [--int8 [--int8-scheme weight-only]] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
     kd-trainer eval --onnx DIR --dataset NAME --root DIR [--onnx-variant int8]   evaluate an exported folder
     kd-trainer index MODEL --gallery DIR --out INDEX [--onnx-variant int8]   embed a folder of images once
     kd-trainer search INDEX "a woman in a red coat" [--top 10] [--html OUT]   rank the folder for a sentence
@@ -36,6 +36,7 @@ from kd_trainer.models.factory import get_architecture, list_architectures
 from kd_trainer.models.finite import require_finite_weights
 from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.export import update_model_card
+from kd_trainer.models.onnx.quantize import DEFAULT_INT8_SCHEME, INT8_SCHEMES
 from kd_trainer.models.onnx import (
     VARIANTS,
     DeployDependencyError,
@@ -223,7 +224,8 @@ def _export_onnx(ns: argparse.Namespace) -> None:
     graphs and the report stay, for a look); bad input exits 2 and writes nothing."""
     model = _load_any(ns.model, ns.arch, None, ns.context_length, ns.irra_config)
     try:
-        export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size)
+        export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size,
+                    int8_scheme=ns.int8_scheme)
         root = (ns.root or "./data") if ns.dataset else None
         report = verify_onnx_export(ns.out, model, dataset=ns.dataset, root=root, split=ns.split,
                                     tolerance=ns.tolerance, atol=ns.atol, batch_size=ns.batch_size)
@@ -400,7 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=_export_folder,
                    help="folder for the graphs, preprocess.json and export_report.json (created; other files in "
                         "it are left alone)")
-    p.add_argument("--int8", action="store_true", help="also dynamically quantised INT8 graphs")
+    p.add_argument("--int8", action="store_true", help="also INT8 graphs, quantised by --int8-scheme")
+    p.add_argument("--int8-scheme", default=DEFAULT_INT8_SCHEME, choices=sorted(INT8_SCHEMES),
+                   help="dynamic (default): int8 weights and activations, the fastest on CPU; weight-only: 8-bit "
+                        "weight blocks, float activations, closer to the fp32 ranking but slower than fp32 on CPU "
+                        "(docs/results.md, 'Which INT8')")
     p.add_argument("--fp16", action="store_true", help="also half-precision graphs (GPU/NPU runtimes)")
     p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"),
                    help="export at this input size (default: the model's; the check compares with the model's)")

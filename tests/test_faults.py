@@ -69,7 +69,7 @@ def test_nonfinite_weights_are_never_exported(tmp_path, tiny_pair, tiny_args):
                                plan=plan_of([TermConfig(name="itc")]),
                                train_dataset=batch_items(8))
     with pytest.raises(RunFault, match="non-finite weights"):
-        export_student(trainer, recipe, resolve_run(recipe).hub)
+        export_student(trainer, resolve_run(recipe))
     assert not (tmp_path / "o" / "open_clip_model.safetensors").exists()
 
 

@@ -554,3 +554,17 @@ def test_an_unknown_int8_scheme_or_block_size_is_refused_before_anything_is_writ
     assert not (tmp_path / "out").exists()
     with pytest.raises(OnnxExportError, match="power of two >= 16, got 24"):
         weight_only_int8(block_size=24)
+
+
+def test_export_onnx_int8_scheme_flag_writes_weight_only_graphs(tmp_path, student):
+    """`--int8-scheme weight-only` reaches the quantiser: the INT8 graphs hold 8-bit weight blocks
+    (MatMulNBits) and no integer MatMul of quantised activations, and preprocess.json names the scheme."""
+    import onnx
+
+    out = tmp_path / "wo"
+    ran = run_cli("export-onnx", str(student), "--out", str(out), "--int8", "--int8-scheme", "weight-only")
+    assert ran.returncode == 0, ran.stderr
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["int8_scheme"] == "weight-only"
+    ops = {n.op_type for f in out.glob("*int8*.onnx") for n in onnx.load(str(f)).graph.node}
+    assert "MatMulNBits" in ops and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops

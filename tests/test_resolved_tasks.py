@@ -300,15 +300,15 @@ def test_the_retrieval_runner_builds_only_the_models_the_run_loads(tmp_path, ped
 
 
 @pytest.mark.parametrize("module", [classification, detection, retrieval], ids=lambda m: m.__name__.split(".")[-1])
-def test_a_runner_passes_its_recipe_only_to_fit_and_the_export(module):
+def test_a_runner_passes_its_recipe_only_to_fit(module):
     """No runner reads a key of its recipe: the name ``recipe`` appears only as an argument of
-    ``fit`` (recorded beside the run) and ``export_student`` (the model card's teacher)."""
+    ``fit`` (recorded beside the run)."""
     import ast
     import inspect
 
     tree = ast.parse(inspect.getsource(module))
     passed = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-              and node.func.id in ("fit", "export_student") for arg in node.args}
+              and node.func.id == "fit" for arg in node.args}
     uses = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == "recipe"
             and id(node) not in passed]
     assert not uses, f"{module.__name__} reads its recipe at lines {uses}"

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from kd_trainer.distill.resolved import HubTarget
+from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.models.export import ModelCardInfo, export_open_clip, push_export_to_hub
 from kd_trainer.models.finite import non_finite_tensors
-from kd_trainer.recipe import Recipe
 from kd_trainer.runner.errors import RunFault
 
 __all__ = ["export_student"]
@@ -18,15 +17,16 @@ __all__ = ["export_student"]
 logger = logging.getLogger("kd_trainer")
 
 
-def export_student(trainer: Trainer, recipe: Recipe, hub: HubTarget | None) -> list[Path]:
+def export_student(trainer: Trainer, run: ResolvedRun) -> list[Path]:
     """Write the student into ``output_dir`` in open_clip's Hub layout (config, safetensors, model
-    card) and push that folder when the run's ``hub`` target says so (``training.push_to_hub``)."""
-    out = trainer.args.output_dir
+    card naming the run's teacher) and push that folder when the run's Hub target says so
+    (``training.push_to_hub``)."""
+    out, hub, spec = trainer.args.output_dir, run.hub, run.teacher.model
     teacher = None
-    if recipe.teacher is not None:
-        teacher = recipe.teacher.arch if isinstance(recipe.teacher.arch, str) else "custom architecture"
-        if recipe.teacher.checkpoint:
-            teacher += f" ({recipe.teacher.checkpoint})"
+    if spec is not None:
+        teacher = spec.arch if isinstance(spec.arch, str) else "custom architecture"
+        if spec.checkpoint:
+            teacher += f" ({spec.checkpoint})"
     repo_id = hub.repo_id if hub is not None else None
     model = trainer.accelerator.unwrap_model(trainer.model)
     bad = non_finite_tensors(model)  # the one rule eval and export-onnx apply too

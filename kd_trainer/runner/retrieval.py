@@ -187,6 +187,6 @@ def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
         if trainer.is_world_process_zero():
             logger.info("test metrics: %s", json.dumps(metrics))
     if trainer.is_world_process_zero():
-        export_student(trainer, recipe, run.hub)
+        export_student(trainer, run)
     trainer.accelerator.wait_for_everyone()
     return metrics
