@@ -34,6 +34,7 @@ from kd_trainer.synthetic.pedes import make_synth_pedes
 from tiny import run_cli
 
 ort = pytest.importorskip("onnxruntime", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
+onnx = pytest.importorskip("onnx", reason="the deploy extra (pip install 'kd_trainer[deploy]')")
 
 DATASET = "synth_pedes"
 WRONG_SIZE = (16, 32)  # micro is 32x16 (H, W): the swapped size is a plausible mistake
@@ -510,21 +511,18 @@ def test_weight_only_int8_keeps_the_top1_file_at_least_as_often_as_dynamic(schem
 def test_the_schemes_write_the_graphs_they_name(schemes, student):
     """dynamic: integer products of activations quantised per call; weight-only: MatMulNBits with 8-bit
     blocks of 32 whose dequantised values are the fp32 weights rounded to the nearest of 256 levels."""
-    import onnx
-    from onnx import numpy_helper
-
     ops = {s: {n.op_type for n in onnx.load(str(f / "image_encoder.int8.onnx")).graph.node} for s, f in schemes.items()}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops["dynamic"] and "MatMulNBits" not in ops["dynamic"]
     assert "MatMulNBits" in ops["weight-only"] and not {"DynamicQuantizeLinear", "MatMulInteger"} & ops["weight-only"]
 
     for tower in ("image", "text"):
         fp32 = onnx.load(str(schemes["weight-only"] / f"{tower}_encoder.onnx")).graph
-        inits = {t.name: numpy_helper.to_array(t) for t in fp32.initializer}
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in fp32.initializer}
         # every constant matrix of the fp32 graph as (K, N): MatMul's as stored, Gemm's (transB=1) transposed
         originals = [inits[n.input[1]] if n.op_type == "MatMul" else inits[n.input[1]].T
                      for n in fp32.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
         graph = onnx.load(str(schemes["weight-only"] / f"{tower}_encoder.int8.onnx")).graph
-        qinits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        qinits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
         matched = []
         for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -559,8 +557,6 @@ def test_an_unknown_int8_scheme_or_block_size_is_refused_before_anything_is_writ
 def test_export_onnx_int8_scheme_flag_writes_weight_only_graphs(tmp_path, student):
     """`--int8-scheme weight-only` reaches the quantiser: the INT8 graphs hold 8-bit weight blocks
     (MatMulNBits) and no integer MatMul of quantised activations, and preprocess.json names the scheme."""
-    import onnx
-
     out = tmp_path / "wo"
     ran = run_cli("export-onnx", str(student), "--out", str(out), "--int8", "--int8-scheme", "weight-only")
     assert ran.returncode == 0, ran.stderr

@@ -9,7 +9,9 @@ models, data and trainer follow the run."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -303,9 +305,6 @@ def test_the_retrieval_runner_builds_only_the_models_the_run_loads(tmp_path, ped
 def test_a_runner_passes_its_recipe_only_to_fit(module):
     """No runner reads a key of its recipe: the name ``recipe`` appears only as an argument of
     ``fit`` (recorded beside the run)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(module))
     passed = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
               and node.func.id == "fit" for arg in node.args}
