@@ -29,10 +29,8 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
-
 from kd_trainer.data.digest import file_digest
-from kd_trainer.recipe import Recipe, dump_recipe, load_recipe
+from kd_trainer.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from kd_trainer.report.discovery import collect_runs
 from kd_trainer.report.efficiency import Latency, machine
 from kd_trainer.report.inference import run_models
@@ -49,24 +47,13 @@ STUDENTS = (("student, no KD", "student_nokd.yaml", False), ("student, KD", "stu
 PROVENANCE = "demo_provenance.json"  # what a demo run was made from, checked before it is read back
 
 
-def _without_nulls(value: object) -> object:
-    """``value`` with every mapping key whose value is null left out, at every depth."""
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
 def _same_recipe(saved: Path, recipe: Recipe) -> bool:
-    """Whether the recipe a run saved is ``recipe``, value by value: key order and keys left null
-    do not count, so a file written by an older layout of the schema (before the recipe became a
-    union of task types it also held ``data.shapes: null``, ``data.det: null``) still matches."""
+    """Whether the recipe a run saved is ``recipe``, both read by today's schema: a file written by an
+    older layout of it (every task's keys, mostly null; old spellings) reads as the recipe it ran."""
     try:
-        old = yaml.safe_load(saved.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return dump_recipe(load_recipe(saved)) == dump_recipe(recipe)
+    except RecipeError:  # not YAML, or a recipe this toolkit no longer runs
         return False
-    return _without_nulls(old) == _without_nulls(recipe.model_dump(mode="json"))
 
 
 def _stale(out: Path, recipe: Recipe, provenance: dict[str, object]) -> str | None:
