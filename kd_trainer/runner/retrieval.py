@@ -138,8 +138,7 @@ def build_model(spec: ModelSpec, run: ResolvedRun, *, projection_dim: int | None
 
 def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     """Train (if the run has epochs/steps to run) and evaluate; returns the test metrics. Everything
-    is built from ``run``; ``recipe`` is only recorded beside the run (:func:`fit`) and named in the
-    exported model card (:func:`export_student`)."""
+    is built from ``run``; ``recipe`` is only recorded beside the run (:func:`fit`)."""
     set_seed(run.seed)
     for stage in run.plan.stages:
         stage.teacher_source.log()
