@@ -8,7 +8,7 @@
     kd-trainer plan RECIPE [key.sub=value ...] [--json]  the resolved run: every decision, without training
     kd-trainer terms | archs                      list the loss terms / named architectures
     kd-trainer report RUN_OR_DIR [...] [--out reports/] [--minp]   results table (+ cost), loss plots, index.html
-    kd-trainer export-onnx MODEL --out DIR [--int8 [--int8-scheme weight-only]] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
+    kd-trainer export-onnx MODEL --out DIR [--int8 [--int8-scheme weight-only|calibrated]] [--fp16] [--dataset NAME --root DIR]   ONNX graphs, checked
     kd-trainer eval --onnx DIR --dataset NAME --root DIR [--onnx-variant int8]   evaluate an exported folder
     kd-trainer index MODEL --gallery DIR --out INDEX [--onnx-variant int8]   embed a folder of images once
     kd-trainer search INDEX "a woman in a red coat" [--top 10] [--html OUT]   rank the folder for a sentence
@@ -36,7 +36,8 @@ from kd_trainer.models.factory import get_architecture, list_architectures
 from kd_trainer.models.finite import require_finite_weights
 from kd_trainer.models.loading import model_from_checkpoint
 from kd_trainer.models.export import update_model_card
-from kd_trainer.models.onnx.quantize import DEFAULT_INT8_SCHEME, INT8_SCHEMES
+from kd_trainer.models.onnx.calibrated import calibrated_int8, calibration_sample
+from kd_trainer.models.onnx.quantize import CALIBRATED_INT8_SCHEMES, DEFAULT_INT8_SCHEME, INT8_SCHEME_NAMES
 from kd_trainer.models.onnx import (
     VARIANTS,
     DeployDependencyError,
@@ -127,6 +128,11 @@ def _check_arguments(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
     elif ns.command == "export-onnx":
         if ns.root is not None and ns.dataset is None:
             parser.error("--root needs --dataset (the split to check retrieval on)")
+        if ns.int8_scheme != DEFAULT_INT8_SCHEME and not ns.int8:
+            parser.error(f"--int8-scheme {ns.int8_scheme} needs --int8 (it says how the INT8 graphs are made)")
+        if ns.int8_scheme in CALIBRATED_INT8_SCHEMES and ns.dataset is None:
+            parser.error(f"--int8-scheme {ns.int8_scheme} needs --dataset NAME (and --root DIR): its calibration "
+                         f"images and captions are drawn from that dataset's train split")
         try:
             check_limits(tolerance=ns.tolerance, atol=ns.atol)
         except OnnxExportError as e:
@@ -224,9 +230,11 @@ def _export_onnx(ns: argparse.Namespace) -> None:
     graphs and the report stay, for a look); bad input exits 2 and writes nothing."""
     model = _load_any(ns.model, ns.arch, None, ns.context_length, ns.irra_config)
     try:
-        export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size,
-                    int8_scheme=ns.int8_scheme)
         root = (ns.root or "./data") if ns.dataset else None
+        scheme = ns.int8_scheme
+        if ns.int8 and scheme in CALIBRATED_INT8_SCHEMES:
+            scheme = calibrated_int8(*calibration_sample(ns.dataset, root, n=ns.calibration_samples))
+        export_onnx(model, ns.out, int8=ns.int8, fp16=ns.fp16, image_size=ns.image_size, int8_scheme=scheme)
         report = verify_onnx_export(ns.out, model, dataset=ns.dataset, root=root, split=ns.split,
                                     tolerance=ns.tolerance, atol=ns.atol, batch_size=ns.batch_size)
     except DeployDependencyError as e:
@@ -403,10 +411,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="folder for the graphs, preprocess.json and export_report.json (created; other files in "
                         "it are left alone)")
     p.add_argument("--int8", action="store_true", help="also INT8 graphs, quantised by --int8-scheme")
-    p.add_argument("--int8-scheme", default=DEFAULT_INT8_SCHEME, choices=sorted(INT8_SCHEMES),
+    p.add_argument("--int8-scheme", default=DEFAULT_INT8_SCHEME, choices=INT8_SCHEME_NAMES,
                    help="dynamic (default): int8 weights and activations, the fastest on CPU; weight-only: 8-bit "
-                        "weight blocks, float activations, closer to the fp32 ranking but slower than fp32 on CPU "
-                        "(docs/results.md, 'Which INT8')")
+                        "weight blocks, float activations, closer to the fp32 ranking but slower than fp32 on CPU; "
+                        "calibrated: weight-only blocks chosen by GPTQ on --dataset's train split, the MatMuls that "
+                        "move the ranking most kept in float32, the closest to the fp32 ranking (for search "
+                        "indexes; docs/results.md, 'Which INT8')")
+    p.add_argument("--calibration-samples", type=_positive_int, default=256,
+                   help="with --int8-scheme calibrated: train images and captions drawn (seed 0; default 256)")
     p.add_argument("--fp16", action="store_true", help="also half-precision graphs (GPU/NPU runtimes)")
     p.add_argument("--image-size", type=_positive_int, nargs=2, metavar=("H", "W"),
                    help="export at this input size (default: the model's; the check compares with the model's)")

@@ -202,7 +202,9 @@ def _quiet_exporter_logs() -> Iterator[None]:
     (onnxruntime.quantization, on the root logger) write hundreds of lines per graph; the quantiser also
     warns to run its pre-processing (``quant_pre_process``), whose symbolic shape inference fails on these
     graphs. Errors still show; what the export did is in the report."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    # the weight-only quantiser logs on its own logger (onnxruntime.quantization.matmul_nbits_quantizer),
+    # whose records reach the root logger's handlers without passing the root logger's filters
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "onnxruntime.quantization")]
     levels = [lg.level for lg in loggers]
     quantizer = _BelowErrorFrom(os.path.join("onnxruntime", "quantization"))
     for lg in loggers:
@@ -269,7 +271,10 @@ def export_onnx(
         spec = preprocess_spec(traced, {v: {t: p.name for t, p in f.items()} for v, f in files.items()})
         spec["source"]["model_image_size"] = list(model.image_size)
         if int8:
-            spec["int8_scheme"] = int8_scheme if isinstance(int8_scheme, str) else "custom"
+            spec["int8_scheme"] = (int8_scheme if isinstance(int8_scheme, str)
+                                   else getattr(int8_scheme, "name", "custom"))
+            if callable(getattr(quantize_int8, "describe", None)):  # what a calibrated scheme decided
+                spec["int8_plan"] = quantize_int8.describe()
         spec["sha256"] = {p.name: file_sha256(p) for f in files.values() for p in f.values()}
         write_json(stage / PREPROCESS_FILE, spec)
         install_export(stage, out)

@@ -27,7 +27,7 @@ from typing import Callable, Sequence, Union
 
 from kd_trainer.models.onnx.folder import OnnxExportError
 
-__all__ = ["INT8_SCHEMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme",
+__all__ = ["CALIBRATED_INT8_SCHEMES", "INT8_SCHEMES", "INT8_SCHEME_NAMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme",
            "weight_only_int8"]
 
 Int8Scheme = Callable[[Path, Path, str], None]
@@ -85,10 +85,22 @@ INT8_SCHEMES: dict[str, Int8Scheme] = {
 }
 
 
+#: Schemes that need calibration data, so have no ready-made callable: ``calibrated``
+#: (:func:`kd_trainer.models.onnx.calibrated.calibrated_int8`).
+CALIBRATED_INT8_SCHEMES = ("calibrated",)
+#: Every scheme name the CLI takes.
+INT8_SCHEME_NAMES = tuple(sorted([*INT8_SCHEMES, *CALIBRATED_INT8_SCHEMES]))
+
+
 def resolve_int8_scheme(scheme: Union[str, Int8Scheme]) -> Int8Scheme:
     """The quantiser a name (one of :data:`INT8_SCHEMES`) or a callable stands for."""
     if callable(scheme):
         return scheme
+    if scheme in CALIBRATED_INT8_SCHEMES:
+        raise OnnxExportError(f"the {scheme!r} INT8 scheme needs calibration data: pass "
+                              f"kd_trainer.models.onnx.calibrated.calibrated_int8(images, captions) as int8_scheme "
+                              f"(Python), or --dataset NAME --root DIR (kd-trainer export-onnx draws it from the "
+                              f"train split)")
     if scheme not in INT8_SCHEMES:
-        raise OnnxExportError(f"unknown INT8 scheme {scheme!r}: expected one of {sorted(INT8_SCHEMES)}")
+        raise OnnxExportError(f"unknown INT8 scheme {scheme!r}: expected one of {list(INT8_SCHEME_NAMES)}")
     return INT8_SCHEMES[scheme]
