@@ -20,6 +20,7 @@ from kd_trainer.recipe import (
     dump_recipe,
     parse_recipe,
 )
+from kd_trainer.distill.resolved import resolve_run
 from kd_trainer.runner.resume import resume_changes
 
 SHAPES = {"num_classes": 4, "train_per_class": 2, "test_per_class": 2, "image_size": 32}
@@ -155,9 +156,10 @@ def test_a_recipe_yaml_saved_before_the_split_reads_as_the_same_recipe(raw):
         assert "`data.image_size` is not a key" in _error({**old, "data": {**old["data"], "image_size": [64, 64]}})
 
 
-def test_a_detection_recipe_reads_plain_accumulation_without_the_key():
+def test_a_detection_recipe_resolves_to_plain_accumulation_without_the_key():
     det = parse_recipe(_recipe("detection", {"name": "synth_det", "det": DET}))
-    assert det.contrastive_accumulation == "plain" and "contrastive_accumulation" not in det.model_dump()
+    assert "contrastive_accumulation" not in det.model_dump() and not hasattr(det, "contrastive_accumulation")
+    assert resolve_run(det, describe_only=True).contrastive_accumulation == "plain"
 
 
 # --- `original` renamed: precision: irra_fp16, optim.preset: irra -----------------------------

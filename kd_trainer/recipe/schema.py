@@ -495,13 +495,8 @@ class RetrievalRecipe(_RecipeBase):
 
 class _MimicTaskRecipe(_RecipeBase):
     """A task that trains with its own task loss plus the recipe's ``mimic:`` jobs, in one stage with
-    the Trainer's optimiser and schedule (``training:``)."""
-
-    @property
-    def contrastive_accumulation(self) -> Literal["plain"]:
-        """Always plain: a task loss plus mimic jobs has no batch-dependent term to compute over a
-        whole group (not a key of these recipes; read by the code every task shares)."""
-        return "plain"
+    the Trainer's optimiser and schedule (``training:``; accumulation is always plain: a task loss plus
+    mimic jobs has no batch-dependent term to compute over a whole group, and the resolved run says so)."""
 
 
 class ClassificationRecipe(_MimicTaskRecipe):
