@@ -547,7 +547,7 @@ def test_an_unknown_int8_scheme_or_block_size_is_refused_before_anything_is_writ
     from kd_trainer.models.onnx.quantize import weight_only_int8
 
     with pytest.raises(OnnxExportError,
-                       match=r"unknown INT8 scheme 'int4': expected one of \['dynamic', 'weight-only'\]"):
+                       match=r"unknown INT8 scheme 'int4': expected one of \['calibrated', 'dynamic', 'weight-only'\]"):
         export_onnx(create_model("micro"), tmp_path / "out", int8=True, int8_scheme="int4")
     assert not (tmp_path / "out").exists()
     with pytest.raises(OnnxExportError, match="power of two >= 16, got 24"):
