@@ -8,7 +8,8 @@ Per model: how many captions PyTorch's best two images nearly tie for (any round
 Per model and candidate: the same top-1 file (and person) as PyTorch for each caption of the split, by
 ``kd-trainer index`` + ``search`` (bench/int8_agreement.py); R@1 and mAP change against PyTorch
 (``verify_onnx_export``); both graphs' size; median CPU latency at batch 1 (one thread, image and caption).
-Static candidates are calibrated on the TRAIN split: a seeded sample of its images and captions.
+Static candidates and ``calibrated`` are calibrated on the TRAIN split: a seeded sample of its images and
+captions (``calibrated`` draws its own, as ``kd-trainer export-onnx --int8-scheme calibrated`` does).
 Nothing is written into the run folders (the model is exported by the Python API, not the CLI, which
 would add a section to the run's model card).
 """
@@ -38,6 +39,7 @@ from kd_trainer.models.onnx import (  # noqa: E402
     export_onnx,
     verify_onnx_export,
 )
+from kd_trainer.models.onnx.calibrated import calibrated_int8, calibration_sample  # noqa: E402
 from kd_trainer.models.onnx.quantize import INT8_SCHEMES, Int8Scheme, dynamic_int8, weight_only_int8  # noqa: E402
 from kd_trainer.search.encoders import load_encoder  # noqa: E402
 from kd_trainer.search.index import load_index  # noqa: E402
@@ -84,8 +86,9 @@ def train_calibration(fp32_folder: Path, root: str, n: int, seed: int, batch: in
             "text": [ids[i:i + batch] for i in range(0, len(ids), batch)]}
 
 
-def candidates(calibration: dict[str, list[np.ndarray]]) -> dict[str, Int8Scheme | None]:
-    """Every scheme measured (None: the fp32 graphs, the baseline)."""
+def candidates(calibration: dict[str, list[np.ndarray]], sample: tuple[list[str], list[str]]) -> dict[str, Int8Scheme | None]:
+    """Every scheme measured (None: the fp32 graphs, the baseline); ``sample``: the calibrated scheme's train
+    images and captions (as ``kd-trainer export-onnx --int8-scheme calibrated`` draws them)."""
     return {
         "fp32 (no INT8)": None,
         "dynamic, per channel (`dynamic`)": INT8_SCHEMES["dynamic"],
@@ -98,6 +101,7 @@ def candidates(calibration: dict[str, list[np.ndarray]]) -> dict[str, Int8Scheme
         "weight-only, block 32, int8 products (accuracy_level 4)": weight_only_int8(accuracy_level=4),
         "static QDQ, MinMax, s8 activations": static_int8(calibration, "MinMax"),
         "static QDQ, Percentile, s8 activations": static_int8(calibration, "Percentile"),
+        "calibrated: GPTQ blocks of 32, sensitive MatMuls fp32 (`calibrated`)": calibrated_int8(*sample),
     }
 
 
@@ -128,7 +132,8 @@ def measure(run: str, ns: argparse.Namespace, work: Path, gallery: Path, caption
     image = probe.preprocess_images([open_image(str(sorted(gallery.iterdir())[0]), "synth_pedes")])
     text = probe.tokenize(captions[:1])
     rows = []
-    for name, scheme in candidates(calibration).items():
+    sample = calibration_sample("synth_pedes", ns.root, n=ns.calibration_samples, seed=ns.seed)
+    for name, scheme in candidates(calibration, sample).items():
         if ns.only and not any(s in name for s in ns.only):
             continue
         folder = base / f"c{len(rows)}"

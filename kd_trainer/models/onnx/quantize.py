@@ -11,13 +11,22 @@ apply, by name, and the builders they come from (``bench/int8_candidates.py`` me
   the top-1 file moves 3 to 10 times less often than under ``dynamic`` on the demo models; it is slower
   than the fp32 graphs on CPU (it saves size, not time).
 
-Measured against each other and against static (calibrated) quantisation on the SynthPEDES val split:
-docs/results.md, "Which INT8". Neither keeps the demo models' top-1 file for 99% of the queries reliably
-(``weight-only`` 98.5% to 99.6%): for 0.6% to 1.1% of their queries the best and second-best image are within
-1e-4 in cosine similarity, closer than 8-bit weights keep them.
+* ``calibrated`` (:mod:`kd_trainer.models.onnx.calibrated`): the ``weight-only`` graph with its weights
+  chosen on calibration data (GPTQ), and the MatMuls whose rounding moves the ranking most kept in float32.
+  It needs calibration images and captions, so it has no entry in :data:`INT8_SCHEMES`; the name is in
+  :data:`CALIBRATED_INT8_SCHEMES` and the CLI builds it from ``--dataset``'s train split.
+
+Measured against each other and against static (activation-calibrated) quantisation on the SynthPEDES val
+split, and on ten galleries no demo model has seen: docs/results.md, "Which INT8". On those galleries
+``calibrated`` keeps the demo models' top-1 search result for 99.6% to 99.8% of the queries
+(``weight-only`` 98.6% to 99.3%, ``dynamic`` 95% to 97%): for about 1% of the queries the best and
+second-best image are within 1e-4 in cosine similarity, and rounding every weight to its nearest level
+moves scores by more.
 
 A scheme is any callable ``(fp32_path, out_path, tower)`` (``tower``: ``"image"`` or ``"text"``) that writes
-the INT8 graph of one tower; a name picks one of :data:`INT8_SCHEMES`.
+the INT8 graph of one tower (the export writes both fp32 graphs first, side by side, so a scheme may read
+the other tower's); a name picks one of :data:`INT8_SCHEMES`. A scheme with a ``name`` attribute is
+recorded under it in ``preprocess.json``, and one with ``describe()`` has what it returns recorded too.
 """
 
 from __future__ import annotations

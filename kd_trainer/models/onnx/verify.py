@@ -196,8 +196,12 @@ def verify_onnx_export(
         if report["export_image_size"] != report["model"]["image_size"]:
             size_note = (f" (the graphs take {tuple(report['export_image_size'])} images, the model was "
                          f"trained at {tuple(report['model']['image_size'])})")
+        hint = ""
+        if any(f.startswith("int8:") for f in failures) and spec.get("int8_scheme") != "calibrated":
+            hint = (f" The INT8 graphs were made by the {spec.get('int8_scheme', 'dynamic')!r} scheme: "
+                    "--int8-scheme calibrated keeps the fp32 ranking closest (docs/deployment.md, 'The INT8 scheme').")
         raise ExportVerificationError(f"the ONNX export in {str(folder)!r} is not the model{size_note}: "
-                                      + "; ".join(failures) + f". Details: {folder / REPORT_FILE}", report)
+                                      + "; ".join(failures) + f". Details: {folder / REPORT_FILE}.{hint}", report)
     return report
 
 
