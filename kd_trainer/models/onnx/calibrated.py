@@ -183,7 +183,8 @@ class CalibratedInt8:
                                   f">= 2, got {sensitivity_samples}")
         self.keep_share, self.max_kept_share, self.batch_size = keep_share, max_kept_share, batch_size
         self.sensitivity_samples = sensitivity_samples
-        self._plans: dict[Path, dict[str, Any]] = {}
+        self._plans: dict[Path, dict[str, Any]] = {}  # the export in progress: graphs and Hessians
+        self._decided: dict[str, Any] | None = None  # what the last finished plan decided (describe())
 
     name = "calibrated"  # what preprocess.json records as the export's int8_scheme
 
@@ -195,17 +196,21 @@ class CalibratedInt8:
         if folder not in self._plans:
             self._plans[folder] = self._plan(folder)
         plan = self._plans[folder]
-        self.last_plan = plan
         self._write(plan["towers"][tower], plan["kept"][tower], plan["hessians"][tower], Path(out))
+        plan["written"].add(tower)
+        self._decided = {"kept": plan["kept"], "kept_share": plan["kept_share"],
+                         "quantised": {t: len(tw.matmuls) - len(plan["kept"][t]) for t, tw in plan["towers"].items()},
+                         "sensitivity": plan["sensitivity"]}
+        if plan["written"] == set(TOWER_FILES):  # both towers written: let the graphs and Hessians go
+            del self._plans[folder]
 
     def describe(self) -> dict[str, Any]:
         """What the last export's plan decided, for preprocess.json: the MatMuls kept in float32 (by tower),
         the share of the summed sensitivity they hold, and the settings."""
-        plan = getattr(self, "last_plan", None)
+        plan = self._decided
         return {"kept_float32": plan["kept"] if plan else None,
                 "kept_sensitivity_share": round(plan["kept_share"], 4) if plan else None,
-                "quantised_matmuls": ({t: len(tw.matmuls) - len(plan["kept"][t]) for t, tw in plan["towers"].items()}
-                                      if plan else None),
+                "quantised_matmuls": plan["quantised"] if plan else None,
                 "calibration": {"images": len(self.images), "captions": len(self.captions),
                                 "sensitivity_samples": self.sensitivity_samples},
                 "block_size": self.block_size, "damp": self.damp, "top_k": self.top_k,
@@ -229,7 +234,7 @@ class CalibratedInt8:
         kept: dict[str, list[str]] = {t: [n for tt, n in chosen if tt == t] for t in towers}
         total = sum(sensitivity.values()) or 1.0
         hessians = {t: self._hessians(towers[t], set(kept[t])) for t in towers}
-        return {"towers": towers, "kept": kept, "hessians": hessians,
+        return {"towers": towers, "kept": kept, "hessians": hessians, "written": set(),
                 "sensitivity": {f"{t}:{n}": v / total for (t, n), v in sensitivity.items()},
                 "kept_share": sum(sensitivity[k] for k in chosen) / total}
 
