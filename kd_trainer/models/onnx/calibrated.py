@@ -176,11 +176,11 @@ class CalibratedInt8:
         if not 0 <= keep_share < 1 or not 0 <= max_kept_share < 1:
             raise OnnxExportError("keep_share and max_kept_share are shares in [0, 1), got "
                                   f"{keep_share} and {max_kept_share}")
-        self.images, self.captions = list(images), list(captions)
-        self.block_size, self.damp, self.top_k = block_size, damp, top_k
         if sensitivity_samples < 2:
             raise OnnxExportError(f"calibrated INT8 ranks captions against images: sensitivity_samples must be "
                                   f">= 2, got {sensitivity_samples}")
+        self.images, self.captions = list(images), list(captions)
+        self.block_size, self.damp, self.top_k = block_size, damp, top_k
         self.keep_share, self.max_kept_share, self.batch_size = keep_share, max_kept_share, batch_size
         self.sensitivity_samples = sensitivity_samples
         self._plans: dict[Path, dict[str, Any]] = {}  # the export in progress: graphs and Hessians
