@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from kd_trainer.data import build_image_transform, canonical_dataset_name, load_pedes, open_image, tokenize
 from kd_trainer.models.onnx.folder import IMAGE_ENCODER, TEXT_ENCODER, OnnxExportError
+from kd_trainer.models.onnx.quantize import check_block_size, matmul_nbits
 
 __all__ = ["CalibratedInt8", "calibrated_int8", "calibration_sample", "choose_kept", "dequantize", "gptq_blocks",
            "pack_matmul_nbits"]
@@ -171,8 +172,7 @@ class CalibratedInt8:
         if not images or not captions:
             raise OnnxExportError("calibrated INT8 needs calibration images and captions, got "
                                   f"{len(images)} images and {len(captions)} captions")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise OnnxExportError(f"calibrated INT8 needs a block size that is a power of two >= 16, got {block_size}")
+        check_block_size(block_size, "calibrated")
         if not 0 <= keep_share < 1 or not 0 <= max_kept_share < 1:
             raise OnnxExportError("keep_share and max_kept_share are shares in [0, 1), got "
                                   f"{keep_share} and {max_kept_share}")
@@ -332,19 +332,10 @@ class CalibratedInt8:
     # -- the graph ----------------------------------------------------------------------------------------
     def _write(self, tw: _Tower, kept: list[str], hessians: dict[str, np.ndarray], out: Path) -> None:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
 
         model = onnx.ModelProto()
         model.CopyFrom(tw.model)
-        config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=False, bits=8,
-                                              op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=self.block_size, is_symmetric=False,
-                                         nodes_to_exclude=list(kept), algo_config=config)
-        quantizer.process()
-        graph = quantizer.model.model
+        graph = matmul_nbits(model, block_size=self.block_size, exclude=kept).model  # then its weights are replaced
         inits = {i.name: i for i in graph.graph.initializer}
         written = set()
         for node in graph.graph.node:

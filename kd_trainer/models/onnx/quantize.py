@@ -36,8 +36,8 @@ from typing import Callable, Sequence, Union
 
 from kd_trainer.models.onnx.folder import OnnxExportError
 
-__all__ = ["CALIBRATED_INT8_SCHEMES", "INT8_SCHEMES", "INT8_SCHEME_NAMES", "DEFAULT_INT8_SCHEME", "Int8Scheme", "dynamic_int8", "resolve_int8_scheme",
-           "weight_only_int8"]
+__all__ = ["CALIBRATED_INT8_SCHEMES", "INT8_SCHEMES", "INT8_SCHEME_NAMES", "DEFAULT_INT8_SCHEME", "Int8Scheme",
+           "check_block_size", "dynamic_int8", "matmul_nbits", "resolve_int8_scheme", "weight_only_int8"]
 
 Int8Scheme = Callable[[Path, Path, str], None]
 
@@ -64,27 +64,43 @@ def weight_only_int8(*, block_size: int = 32, symmetric: bool = False,
     ``block_size`` along the input axis (a power of two >= 16), each block rounded to the nearest of 256
     levels (``symmetric``: around zero, else with a zero point); ``accuracy_level`` None (0) computes in
     float32, 4 quantises the activations to int8 per block for integer products."""
-    if block_size < 16 or block_size & (block_size - 1):
-        raise OnnxExportError(f"weight-only INT8 needs a block size that is a power of two >= 16, got {block_size}")
+    check_block_size(block_size, "weight-only")
 
     def quantize(fp32: Path, out: Path, tower: str) -> None:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
         from onnxruntime.quantization.onnx_model import ONNXModel
 
         graph = ONNXModel(onnx.load(str(fp32)))
         graph.replace_gemm_with_matmul()  # as quantize_dynamic does: the attention output projections too
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=8,
-                                              accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(graph.model, bits=8, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, algo_config=config)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(out), False)
+        quantised = matmul_nbits(graph.model, block_size=block_size, symmetric=symmetric,
+                                 accuracy_level=accuracy_level)
+        quantised.save_model_to_file(str(out), False)
 
     return quantize
+
+
+def check_block_size(block_size: int, scheme: str) -> None:
+    """``MatMulNBits`` blocks: a power of two >= 16 weights along the input axis."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OnnxExportError(f"{scheme} INT8 needs a block size that is a power of two >= 16, got {block_size}")
+
+
+def matmul_nbits(model: "onnx.ModelProto", *, block_size: int, symmetric: bool = False,
+                 accuracy_level: int | None = None, exclude: Sequence[str] = ()) -> "ONNXModel":
+    """ONNX Runtime's 8-bit weight-only quantiser on ``model`` (its ``Gemm`` nodes already rewritten as
+    ``MatMul``): every constant-weight ``MatMul`` but the nodes named in ``exclude`` becomes a
+    ``MatMulNBits`` (node ``<name>_Q8``, weight ``<weight>_Q8`` N x blocks x ``block_size``, with
+    ``_scales`` and ``_zero_points``), each weight rounded to the nearest of its block's 256 levels.
+    Returns ONNX Runtime's graph wrapper (``.model`` is the graph)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=8,
+                                          accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
+                                     algo_config=config)
+    quantizer.process()
+    return quantizer.model
 
 
 DEFAULT_INT8_SCHEME = "dynamic"

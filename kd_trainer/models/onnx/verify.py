@@ -34,6 +34,7 @@ from kd_trainer.models.onnx.folder import (
     read_spec,
     write_json,
 )
+from kd_trainer.models.onnx.quantize import CALIBRATED_INT8_SCHEMES
 from kd_trainer.models.onnx.runtime import OnnxDualEncoder
 
 __all__ = [
@@ -197,7 +198,7 @@ def verify_onnx_export(
             size_note = (f" (the graphs take {tuple(report['export_image_size'])} images, the model was "
                          f"trained at {tuple(report['model']['image_size'])})")
         hint = ""
-        if any(f.startswith("int8:") for f in failures) and spec.get("int8_scheme") != "calibrated":
+        if any(f.startswith("int8:") for f in failures) and spec.get("int8_scheme") not in CALIBRATED_INT8_SCHEMES:
             hint = (f" The INT8 graphs were made by the {spec.get('int8_scheme', 'dynamic')!r} scheme: "
                     "--int8-scheme calibrated keeps the fp32 ranking closest (docs/deployment.md, 'The INT8 scheme').")
         raise ExportVerificationError(f"the ONNX export in {str(folder)!r} is not the model{size_note}: "
