@@ -12,6 +12,7 @@ KD; untrained, so their rankings differ), each with its test results written by 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from html.parser import HTMLParser
 from pathlib import Path
@@ -217,9 +218,20 @@ def test_galleries_show_the_eval_ranking(report: dict, runs: dict[str, Path], re
 
 
 @SLOW
+def test_the_contents_list_links_to_every_section_once(report: dict) -> None:
+    html = report["html"].read_text(encoding="utf-8")
+    nav = re.search(r'<nav class="toc">(.*?)</nav>', html, re.S).group(1)
+    links = re.findall(r'href="#([^"]+)"', nav)
+    ids = re.findall(r'<h[1-4] id="([^"]+)"', html)
+    assert links == ids, "each section heading listed once, in page order"
+    assert links[0] == "results" and "galleries" in links and "loss-curves" not in links  # plots=False here
+    assert any(a.startswith("gallery-") for a in links) and any(a.startswith("changed-") for a in links)
+
+
+@SLOW
 def test_the_same_sampled_captions_side_by_side_in_role_order(report: dict, runs: dict[str, Path]) -> None:
     html = report["html"].read_text(encoding="utf-8")
-    gallery = html[html.index("Retrieval galleries"):html.index("Where distillation changed")]
+    gallery = html[html.index('<h2 id="galleries">'):html.index('<h3 id="changed-')]  # past the contents list
     first = _parse_fragment(gallery)
     assert [_folder_of(c["run"], runs) for c in first.cells[:3]] == ["teacher", "nokd", "kd"]
     per_role = {}

@@ -2,7 +2,9 @@
 
 The page holds the results tables (the cells of ``results.md``, cost columns included), the loss
 curves, each dataset's retrieval galleries (one column per run, teacher / no KD / KD side by side,
-the same sampled captions in every column), and where distillation changed the rank-1 answer.
+the same sampled captions in every column), and where distillation changed the rank-1 answer,
+under a contents list that links to each section. A gallery row holds each run's k images side by
+side; a table wider than the window scrolls sideways inside its box, with the caption column fixed.
 
 Self-contained: no script, no stylesheet or font from elsewhere; every image is a file beside the
 page (the loss-curve PNGs, and the gallery images copied under ``gallery/<dataset>/``), referenced
@@ -45,14 +47,22 @@ th { background: #eee; }
 table.results td { text-align: center; white-space: nowrap; }
 table.results td:first-child { text-align: left; }
 p.note { font-size: 0.9em; white-space: pre-line; max-width: 70em; }
-td.caption { max-width: 18em; font-size: 0.85em; }
+td.caption { min-width: 12em; max-width: 18em; font-size: 0.85em; }
+div.scroll { overflow-x: auto; max-width: 100%; }
+div.scroll td.caption { position: sticky; left: 0; background: #fff; z-index: 1; }
+td.ranking { white-space: nowrap; }
+nav.toc { font-size: 0.9em; margin: 0 0 1em; }
+nav.toc ul { margin: 0.2em 0; padding-left: 1.4em; }
+div.curves { display: flex; flex-wrap: wrap; gap: 0 1.5em; }
+div.curves > div { flex: 1 1 36em; max-width: 56em; }
+div.curves h3 { font-size: 1em; }
 figure.hit { display: inline-block; margin: 2px; text-align: center; font-size: 0.75em; }
 figure.hit img { display: block; height: 96px; border: 4px solid; }
 figure.correct img { border-color: #1a9641; }
 figure.wrong img { border-color: #d7191c; border-style: dashed; }
 figure.correct figcaption { color: #1a9641; }
 figure.wrong figcaption { color: #d7191c; }
-img.curve { max-width: 100%; }
+img.curve { width: 100%; }
 .role { font-weight: normal; font-size: 0.85em; color: #555; }
 """
 
@@ -128,7 +138,8 @@ def _gallery_table(images: _Images, split: TestSplit, runs: Sequence[RunGallery]
         rows.append(f'<tr class="query" data-query="{q}"><td class="caption">{_e(split.captions[q])} '
                     f"<small>(#{q}, person {int(split.query_pids[q])})</small></td>"
                     + "".join(_ranking_cell(images, split, g, q) for g in runs) + "</tr>")
-    return '<table class="gallery">' + head + "".join(rows) + "</table>"
+    # One row of k images per ranking; the table scrolls sideways inside its box, caption column fixed.
+    return '<div class="scroll"><table class="gallery">' + head + "".join(rows) + "</table></div>"
 
 
 def _results_table(task: str, cells: TableCells) -> str:
@@ -154,6 +165,20 @@ def _changed_section(images: _Images, split: TestSplit, c: ChangedAnswers) -> st
     return "".join(parts) + "</section>"
 
 
+def _contents(toc: Sequence[tuple[int, str, str]]) -> str:
+    """The page's contents as nested links: level 0 = a section, level 1 = an entry inside the section before."""
+    sections: list[tuple[str, list[str]]] = []
+    for level, anchor, title in toc:
+        link = f'<a href="#{_e(anchor)}">{_e(title)}</a>'
+        if level == 0 or not sections:
+            sections.append((link, []))
+        else:
+            sections[-1][1].append(link)
+    items = "".join(f"<li>{link}" + (f"<ul>{''.join(f'<li>{s}</li>' for s in sub)}</ul>" if sub else "") + "</li>"
+                    for link, sub in sections)
+    return f'<nav class="toc"><b>Contents</b><ul>{items}</ul></nav>'
+
+
 def write_html(
     out: Path,
     *,
@@ -167,35 +192,45 @@ def write_html(
     """Write ``out/index.html`` (and the gallery images under ``out/gallery/``); return its path.
     ``notes``: lines about what the page lacks and why (runs without weights or data)."""
     images = _Images(out)
-    body = ["<h1>Results</h1>"]
+    toc: list[tuple[int, str, str]] = [(0, "results", "Results")]  # (level, anchor, title)
+    body = ['<h2 id="results">Results</h2>']
     for task, cells in tables.items():
         if len(tables) > 1:
-            body.append(f"<h2>{_e(task.capitalize())}</h2>")
+            body.append(f"<h3>{_e(task.capitalize())}</h3>")
         body.append(_results_table(task, cells))
     if plots:
-        body.append("<h2>Loss curves</h2>")
+        toc.append((0, "loss-curves", "Loss curves"))
+        body.append('<h2 id="loss-curves">Loss curves</h2><div class="curves">')
         by_folder = {str(r.folder): r for r in runs}
         for folder, path in plots.items():
             r = by_folder.get(folder)
             title = f"{r.label} ({display_folder(r.folder)})" if r is not None else folder
-            body.append(f"<h3>{_e(title)}</h3><img class=\"curve\" src=\"{_e(path.name)}\" alt=\"loss curves of "
-                        f"{_e(title)}\">")
+            body.append(f"<div><h3>{_e(title)}</h3><img class=\"curve\" src=\"{_e(path.name)}\" "
+                        f"alt=\"loss curves of {_e(title)}\"></div>")
+        body.append("</div>")
     if galleries and options is not None:
-        body.append("<h2>Retrieval galleries</h2>")
+        toc.append((0, "galleries", "Retrieval galleries"))
+        body.append('<h2 id="galleries">Retrieval galleries</h2>')
         body.append(f"<p>For {options.queries} test captions drawn with seed {options.seed} (the same in every "
                     f"column), each run's top {options.k} gallery images, rank 1 first, ranked as "
                     "<code>kd-trainer eval</code> ranks them. A solid green frame (✓) is the caption's person, "
                     f"a dashed red frame (✗) another person. {ROLE_RULE}</p>")
         for g in galleries:
-            body.append(f"<h3>{_e(dataset_display_name(g.split.dataset))}</h3>")
+            name = dataset_display_name(g.split.dataset)
+            anchor = "gallery-" + re.sub(r"[^A-Za-z0-9_-]+", "-", g.split.dataset)
+            toc.append((1, anchor, name))
+            body.append(f'<h3 id="{_e(anchor)}">{_e(name)}</h3>')
             body.append(_gallery_table(images, g.split, g.runs, g.queries))
             if g.changed:
-                body.append(f"<h3>Where distillation changed the answer ({_e(dataset_display_name(g.split.dataset))})"
+                toc.append((1, f"changed-{anchor}", f"Where distillation changed the answer ({name})"))
+                body.append(f'<h3 id="changed-{_e(anchor)}">Where distillation changed the answer ({_e(name)})'
                             "</h3><p>Each KD student against the student without KD on this dataset (the one with "
                             "its seed, else the first), over every test caption.</p>")
                 body += [_changed_section(images, g.split, c) for c in g.changed]
     if notes:
-        body.append("<h2>Not shown</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        toc.append((0, "not-shown", "Not shown"))
+        body.append('<h2 id="not-shown">Not shown</h2><ul>' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    body[:0] = ["<h1>kd_trainer report</h1>", _contents(toc)]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>kd_trainer report</title>"
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path = out / "index.html"
