@@ -44,13 +44,16 @@ def _code_without_declarations() -> str:
 
 
 CODE = _code_without_declarations()
-FIELDS = sorted({(m.__name__, f) for m in MODELS for f in m.model_fields})
+FIELDS = sorted({(m.__name__, f) for m in MODELS for f in m.model_fields if f not in READ_IN_SCHEMA})
+
+
+def test_the_keys_read_at_parse_time_are_recipe_keys():
+    """Left out of the check below; a name that is no longer a field would hide nothing, so it must go."""
+    assert READ_IN_SCHEMA <= {f for m in MODELS for f in m.model_fields}
 
 
 @pytest.mark.parametrize("model, field", FIELDS, ids=[f"{m}.{f}" for m, f in FIELDS])
 def test_every_recipe_key_is_read_by_the_code_that_runs_it(model, field):
-    if field in READ_IN_SCHEMA:
-        pytest.skip("read while the recipe is parsed")
     # Attribute access (cfg.field), a keyword of a call (field=...), a dict key, or a dump passed
     # on whole (**cfg.model_dump(), as the data generators take their blocks).
     patterns = [rf"\.{field}\b", rf"\b{field}=", rf"[\"']{field}[\"']"]
