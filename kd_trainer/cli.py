@@ -54,7 +54,8 @@ from kd_trainer.models.onnx import (
 )
 from kd_trainer.plan_view import format_plan, plan_report
 from kd_trainer.recipe import RecipeError, load_recipe
-from kd_trainer.search import SearchIndexError, build_index, load_encoder, open_searcher, write_search_page
+from kd_trainer.search import (SearchIndexError, build_index, gallery_images, load_encoder, open_searcher,
+                                 write_search_page)
 from kd_trainer.report import (
     GalleryOptions,
     Latency,
@@ -329,6 +330,7 @@ def _positive_int(text: str) -> int:
 def _index(ns: argparse.Namespace) -> None:
     """Embed every image of a folder once with a model; the index records the files and the model."""
     try:
+        gallery_images(ns.gallery)  # a missing, empty or one-file gallery: said before a model is loaded
         encoder = load_encoder(ns.model, onnx_variant=ns.onnx_variant)
         index = build_index(encoder, ns.gallery, ns.out, batch_size=ns.batch_size)
     except (SearchIndexError, DeployDependencyError) as e:

@@ -178,8 +178,88 @@ def test_a_stale_index_is_refused_with_one_line(tmp_path, plain, gallery, change
     assert done.returncode == 2 and done.stdout == ""
     line = done.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert f"is stale" in line and f"files were 1 {change} ({'new.png' if change == 'added' else first})" in line
+    named = "new.png" if change == "added" else first
+    assert f"is stale: in its gallery {str(photos)!r}, 1 file was {change} since it was built ({named}); " in line
+    assert "files were" not in line
     assert "kd-trainer index" in line  # says how to rebuild it
+
+
+def test_a_stale_index_counts_files_in_words_one_file_and_several(tmp_path, plain, gallery):
+    photos = _small_copy(gallery, tmp_path / "photos", n=8)
+    out = tmp_path / "photos.index"
+    build_index(load_encoder(plain), photos, out)
+    names = sorted(os.listdir(photos))
+    for name in names[:7]:
+        (photos / name).unlink()
+    shutil.copy2(gallery / sorted(os.listdir(gallery))[-1], photos / "new2.png")
+    done = run_cli("search", str(out), "a man in a blue shirt")
+    assert done.returncode == 2 and done.stdout == ""
+    line = done.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    # The first kind found says since when; more than five names end in "...".
+    assert (f"in its gallery {str(photos)!r}, 1 file was added since it was built (new2.png); "
+            f"7 files were removed ({', '.join(names[:5])}, ...); rebuild it with `kd-trainer index ") in line
+    assert "1 files" not in line and "file were" not in line and "files was" not in line
+    # One of each kind, in the order added, removed, changed; "since it was built" said once.
+    kept = names[7]
+    build_index(load_encoder(plain), photos, out)
+    with open(photos / kept, "ab") as f:
+        f.write(b"\0")
+    (photos / "new2.png").rename(photos / "new3.png")
+    line = run_cli("search", str(out), "a man").stderr.strip()
+    assert (f"1 file was added since it was built (new3.png); 1 file was removed (new2.png); "
+            f"1 file was changed ({kept}); rebuild") in line
+    assert line.count("since it was built") == 1
+
+
+def test_a_gallery_that_holds_no_images_now_is_named_with_the_folder_expected(tmp_path, plain, gallery):
+    photos = _small_copy(gallery, tmp_path / "photos", n=3)
+    out = tmp_path / "photos.index"
+    build_index(load_encoder(plain), photos, out)
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    # Given with --gallery: an empty folder is not the gallery; rebuilding from it is not the fix.
+    done = run_cli("search", str(out), "a man", "--gallery", str(empty))
+    assert done.returncode == 2 and done.stdout == ""
+    line = done.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert f"the gallery folder {str(empty)!r} holds no images now" in line
+    assert f"expected a folder of images, the one the index was built from ({str(photos.resolve())!r}" in line
+    assert "kd-trainer index" not in line and "stale" not in line and "removed" not in line
+    # The recorded folder emptied: the same, naming it.
+    for name in os.listdir(photos):
+        (photos / name).unlink()
+    done = run_cli("search", str(out), "a man")
+    line = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in line
+    assert f"the gallery folder {str(photos.resolve())!r} holds no images now (the index" in line
+    assert "lists 3)" in line and "kd-trainer index" not in line
+
+
+def test_index_checks_the_gallery_before_it_loads_the_model(tmp_path, plain, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_file = tmp_path / "one.png"
+    one_file.write_bytes(b"\x89PNG")
+    cases = {"empty": (empty, "has no images"), "absent": (tmp_path / "absent", "is not a folder"),
+             "a file": (one_file, "is not a folder")}
+    no_model = tmp_path / "no_such_model"  # loading it would fail with a message about the model
+    for what, (folder, says) in cases.items():
+        done = run_cli("index", str(no_model), "--gallery", str(folder), "--out", str(tmp_path / "i"))
+        assert done.returncode == 2, what
+        line = done.stderr.strip()
+        assert f"gallery {str(folder)!r} {says}" in line and "\n" not in line, (what, line)
+        assert "no_such_model" not in line, (what, line)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the gallery was checked")
+
+    monkeypatch.setattr("kd_trainer.cli.load_encoder", no_loading)
+    for what, (folder, says) in cases.items():
+        done = run_cli("index", str(plain), "--gallery", str(folder), "--out", str(tmp_path / "i"))
+        assert done.returncode == 2 and says in done.stderr, (what, done.stderr)
+    assert not (tmp_path / "i").exists()
 
 
 def test_a_foreign_index_is_refused_and_the_same_model_moved_is_not(tmp_path, plain, gallery):

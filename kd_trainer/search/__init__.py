@@ -15,6 +15,7 @@ from kd_trainer.search.index import (
     GalleryFile,
     GalleryIndex,
     build_index,
+    gallery_images,
     load_index,
     scan_gallery,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "StaleIndexError",
     "TorchEncoder",
     "build_index",
+    "gallery_images",
     "is_onnx_export",
     "load_encoder",
     "load_index",

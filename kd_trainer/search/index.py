@@ -40,7 +40,7 @@ from kd_trainer.search.encoders import Encoder
 from kd_trainer.search.errors import SearchIndexError, StaleIndexError
 
 __all__ = ["EMBEDDINGS_FILE", "IMAGE_EXTENSIONS", "INDEX_FILE", "INDEX_FORMAT", "GalleryFile", "GalleryIndex",
-           "SearchIndexError", "StaleIndexError", "build_index", "load_index", "scan_gallery"]
+           "SearchIndexError", "StaleIndexError", "build_index", "gallery_images", "load_index", "scan_gallery"]
 
 INDEX_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -73,8 +73,23 @@ def scan_gallery(folder: str | os.PathLike) -> list[GalleryFile]:
     return sorted(found, key=lambda f: f.path)
 
 
+def gallery_images(folder: str | os.PathLike) -> list[GalleryFile]:
+    """:func:`scan_gallery`, refusing a folder with no images (:class:`SearchIndexError`): what an index
+    can be built from. Cheap (no image is read), so ``kd-trainer index`` checks it before loading a model."""
+    files = scan_gallery(folder)
+    if not files:
+        raise SearchIndexError(f"gallery {str(folder)!r} has no images; expected files ending in "
+                               f"{', '.join(IMAGE_EXTENSIONS)} (in it or its sub-folders)")
+    return files
+
+
 def _listed(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+
+
+def _files_were(names: list[str], what: str) -> str:
+    """``1 file was added (a.png)``, ``3 files were removed (a.png, b.png, c.png)``."""
+    return f"{len(names)} {'file was' if len(names) == 1 else 'files were'} {what}"
 
 
 @dataclass
@@ -93,15 +108,22 @@ class GalleryIndex:
         folder = Path(gallery) if gallery is not None else self.gallery
         now = {f.path: f for f in scan_gallery(folder)}
         then = {f.path: f for f in self.files}
+        if not now:  # rebuilding from it would be refused: say which folder was expected instead
+            raise SearchIndexError(f"the gallery folder {str(folder)!r} holds no images now (the index "
+                                   f"{str(self.path)!r} lists {len(then)}); expected a folder of images, the one "
+                                   f"the index was built from ({str(self.gallery)!r}; if it moved, give its new "
+                                   "place with --gallery DIR)")
         added = sorted(set(now) - set(then))
         removed = sorted(set(then) - set(now))
         changed = sorted(p for p in set(now) & set(then) if (now[p].size, now[p].mtime_ns) != (then[p].size,
                                                                                               then[p].mtime_ns))
         if added or removed or changed:
-            parts = [f"{len(names)} {what} ({_listed(names)})"
-                     for what, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
-            raise StaleIndexError(f"the index {str(self.path)!r} is stale: in {str(folder)!r} since it was built, "
-                                  f"files were {'; '.join(parts)}; rebuild it with `kd-trainer index "
+            found = [(what, names) for what, names in (("added", added), ("removed", removed), ("changed", changed))
+                     if names]
+            parts = [f"{_files_were(names, what)}{' since it was built' if i == 0 else ''} ({_listed(names)})"
+                     for i, (what, names) in enumerate(found)]
+            raise StaleIndexError(f"the index {str(self.path)!r} is stale: in its gallery {str(folder)!r}, "
+                                  f"{'; '.join(parts)}; rebuild it with `kd-trainer index "
                                   f"{self.model['path']} --gallery {folder} --out {self.path}`")
 
     def check_model(self, encoder: Encoder) -> None:
@@ -145,11 +167,8 @@ def build_index(encoder: Encoder, gallery: str | os.PathLike, out: str | os.Path
     decoded (listed with what is wrong with each: the index would silently lack them)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SearchIndexError(f"batch size must be a positive int, got {batch_size!r}")
+    files = gallery_images(gallery)  # messages name the folder as given
     root = Path(gallery).resolve()
-    files = scan_gallery(root)
-    if not files:
-        raise SearchIndexError(f"gallery {str(gallery)!r} has no images; expected files ending in "
-                               f"{', '.join(IMAGE_EXTENSIONS)} (in it or its sub-folders)")
     paths = [str(root / f.path) for f in files]
     bad = find_unreadable(paths)
     if bad:
