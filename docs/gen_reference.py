@@ -31,6 +31,7 @@ from kd_trainer.losses import TERMS
 from kd_trainer.losses.mimic import MIMIC_LOSSES
 from kd_trainer.models.factory import CONFIG_DIR, get_architecture, list_architectures
 from kd_trainer.recipe import RECIPE_TYPES, Recipe
+from kd_trainer.recipe.schema import OWN_TRAINING_KEYS
 
 GENERATED_NOTE = ("*Generated from the code when the docs are built (`docs/gen_reference.py`); "
                   "do not edit by hand.*")
@@ -134,7 +135,10 @@ def recipe_page() -> str:
         "line as `key.sub=value`; list items by index (`loss.terms.0.weight=0.5`), and named entries by "
         "name (`teachers.teacher0.checkpoint=...`).", "",
         "`training:` is not listed here: it is `transformers.TrainingArguments`, field for field, "
-        "checked against that class when the recipe is read.", "",
+        "checked against that class when the recipe is read, plus kd_trainer's own "
+        + ", ".join(f"`training.{k}` ({t.__name__})" for k, t in OWN_TRAINING_KEYS.items())
+        + ": a run refuses an `output_dir` that already holds another run's weights, state, results or "
+        "checkpoints unless it resumes that run or this key is true.", "",
         "A recipe is one of three types, chosen by its `task:` key. Each type holds only the keys its "
         "task reads, so a key of another task (`loss:` in a detection recipe, `data.det` in a retrieval "
         "one) is refused, naming the key and both tasks.", "",

@@ -93,7 +93,9 @@ def _test_metrics(recipe_file: str, out: Path, overrides: list[str],
     else:
         if why:
             print(f"{out}: {why}: training it again", flush=True)
-        metrics = run(recipe)
+        # The demo owns its folders: what is there is stale (above) or an interrupted run. (Not as a
+        # recipe key: the saved recipe stays the one compared above.)
+        metrics = run(recipe, overwrite=True)
         (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     return {m: metrics[f"test_{m}"] for m in METRICS}
 
@@ -140,13 +142,21 @@ def spread_table(runs: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _step(number: int, what: str) -> None:
+    """Say which of the demo's four steps starts (the training logs alone do not tell)."""
+    print(f"\n== demo step {number}/4: {what}", flush=True)
+
+
 def train_teacher(root: str = "./data", runs: str = "./runs/demo",
                   overrides: list[str] | None = None) -> dict[str, float]:
     """Pre-train the teacher on the corpus, fine-tune it on the target set (each step only when its
     run is missing or stale), and return its test metrics on the target set."""
     out = Path(runs)
     pretrained = out / "teacher_pretrain"
+    _step(1, f"the teacher, pre-trained on the generated corpus ({Path(root) / 'corpus'}, generated first when "
+             f"missing) -> {pretrained}")
     _test_metrics("teacher_pretrain.yaml", pretrained, [f"data.root={Path(root) / 'corpus'}", *(overrides or [])])
+    _step(2, f"the teacher, fine-tuned on the target set, SynthPEDES ({root}) -> {out / 'teacher'}")
     return _test_metrics("teacher.yaml", out / "teacher",
                          [f"data.root={root}", *(overrides or []), f"student.checkpoint={pretrained}"],
                          teacher=pretrained)
@@ -162,10 +172,12 @@ def run_demo(root: str = "./data", runs: str = "./runs/demo", overrides: list[st
     teacher_dir = out / "teacher"
     results = {"teacher": [train_teacher(root, runs, overrides)]}
     first_dirs = {"teacher": teacher_dir}  # the run folder of each row of the seed-42 table
-    for label, file, distils in STUDENTS:
+    for step, (label, file, distils) in enumerate(STUDENTS, start=3):
         results[label] = []
         for seed in SEEDS[:seeds]:
             run_dir = out / (Path(file).stem + ("" if seed == SEEDS[0] else f"_seed{seed}"))
+            _step(step, f"the student {'distilled from the teacher' if distils else 'trained alone'}, "
+                        f"seed {seed} -> {run_dir}")
             first_dirs.setdefault(label, run_dir)
             extra = [f"seed={seed}", *([f"teacher.checkpoint={teacher_dir}"] if distils else [])]
             results[label].append(_test_metrics(file, run_dir, [*base, *extra],

@@ -147,7 +147,7 @@ def test_spread_table_gives_mean_and_sample_std():
 
 
 @pytest.mark.slow
-def test_demo_runs_two_seeds_against_one_teacher(tmp_path):
+def test_demo_runs_two_seeds_against_one_teacher(tmp_path, capsys):
     small = ["data.synth.num_identities=24", "training.num_train_epochs=1", "training.disable_tqdm=true",
              "training.eval_strategy=no", "training.load_best_model_at_end=false", "training.save_strategy=no"]
     results = run_demo(root=str(tmp_path / "data"), runs=str(tmp_path / "runs"), overrides=small, seeds=2)
@@ -166,5 +166,21 @@ def test_demo_runs_two_seeds_against_one_teacher(tmp_path):
     assert body[1][-3:-1] == body[2][-3:-1] != body[0][-3:-1], "the students share one architecture"
     assert "FlopCounterMode" in text and "torch threads" in text
     # A second call reads every run back: nothing is trained again.
+    said = capsys.readouterr().out
+    for step in ("step 1/4: the teacher, pre-trained", "step 2/4: the teacher, fine-tuned",
+                 "step 3/4: the student trained alone, seed 1",
+                 "step 4/4: the student distilled from the teacher, seed 42"):
+        assert f"== demo {step}" in said, step
     again = run_demo(root=str(tmp_path / "data"), runs=str(tmp_path / "runs"), overrides=small, seeds=2)
     assert again == results
+    assert "training it again" not in capsys.readouterr().out
+    # A stale run is trained again in its own folder, which the demo owns (a plain run would refuse
+    # a folder that holds a finished run).
+    stale = tmp_path / "runs" / "student_nokd_seed1"
+    made = json.loads((stale / PROVENANCE).read_text())
+    (stale / PROVENANCE).write_text(json.dumps({**made, "generator_version": GENERATOR_VERSION - 1}))
+    run_demo(root=str(tmp_path / "data"), runs=str(tmp_path / "runs"), overrides=small, seeds=2)
+    said = capsys.readouterr().out
+    assert f"{stale}: it was trained on SynthPEDES of generator version {GENERATOR_VERSION - 1}" in said, said[:3000]
+    assert said.count("training it again") == 1
+    assert json.loads((stale / PROVENANCE).read_text())["generator_version"] == GENERATOR_VERSION

@@ -278,6 +278,7 @@ def test_cache_teacher_then_train_from_the_cache(tmp_path: Path, teacher_run: Pa
     bad = path.with_name("bad.yaml")
     raw = yaml.safe_load(path.read_text())
     raw["data"]["augment"] = not raw["data"].get("augment", True)
+    raw["training"]["output_dir"] += "_other_augment"  # not the finished run's folder, which is refused
     bad.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "kd_trainer", str(bad)], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from kd_trainer.data import canonical_dataset_name
@@ -129,6 +130,7 @@ class ResolvedRun:
     accumulation_steps: int  # k: micro-batches per group with exact accumulation, else 1
     contrastive_accumulation: str  # plain or exact
     resume: str | bool | None  # a checkpoint folder, true for the latest complete one, or None
+    overwrite: bool  # training.overwrite_output_dir: the run may replace a run already in output_dir
     hub: HubTarget | None
     nonfinite_skips: int
     data: DataSpec
@@ -182,7 +184,7 @@ class ResolvedRun:
                 "eval_strategy": arg_name(a.eval_strategy), "save_strategy": arg_name(a.save_strategy)},
             "accumulation": {"mode": self.contrastive_accumulation, "k": self.accumulation_steps,
                              "micro_batches_per_step": self.micro_batches},
-            "resume": self.resume,
+            "resume": self.resume, "overwrite_output_dir": self.overwrite,
             "hub": None if self.hub is None else {"repo_id": self.hub.repo_id, "push": self.hub.push},  # no token
             "nonfinite_skips": self.nonfinite_skips,
             "data": dataclasses.asdict(self.data),
@@ -235,6 +237,14 @@ def _stage(s: Stage) -> dict[str, Any]:
     }
 
 
+def _has_accelerator() -> bool:
+    """A CUDA GPU, an Ascend NPU (torch_npu registers it) or another accelerator torch can use."""
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
 def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[TrainingArguments, int]:
     """The recipe's ``training:`` block as ``TrainingArguments``, and k (see :func:`exact_group_arguments`).
 
@@ -246,8 +256,11 @@ def training_arguments(recipe: Recipe, *, describe_only: bool = False) -> tuple[
         "seed": recipe.seed,
         "report_to": "none",
         "per_device_eval_batch_size": 256,
+        # Pinned memory speeds copies to an accelerator; without one, torch warns on every DataLoader.
+        "dataloader_pin_memory": _has_accelerator(),
     }
     training, k = dict(recipe.training), 1
+    training.pop("overwrite_output_dir", None)  # kd_trainer's own key (ResolvedRun.overwrite)
     # Exact accumulation (retrieval only): the DataLoader yields whole groups; the trainer splits them.
     if recipe.task == "retrieval" and recipe.contrastive_accumulation == "exact":
         training, k = exact_group_arguments(training)
@@ -308,6 +321,7 @@ def resolve_run(recipe: Recipe, *, describe_only: bool = False) -> ResolvedRun:
     common = dict(task=recipe.task, name=recipe.name, method=recipe.method, seed=recipe.seed, args=args,
                   accumulation_steps=k, contrastive_accumulation="plain",
                   resume=training.get("resume_from_checkpoint") or None, hub=hub,
+                  overwrite=bool(training.get("overwrite_output_dir")),
                   nonfinite_skips=recipe.nonfinite_skips, data=resolve_data(recipe),
                   student=ModelSpec.of(recipe.student), teachers=resolve_teachers(recipe), mimic_jobs=jobs,
                   task_loss=mimic.task_loss if mimic is not None else True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -597,13 +598,26 @@ _RANGES = (
 )
 
 
+def _type_name(hint: Any) -> str:
+    """A type as a user writes it: ``float``, ``int | None``, ``str | IntervalStrategy``."""
+    if isinstance(hint, type):
+        return hint.__name__
+    return re.sub(r"\b(?:typing|transformers\.[\w.]+|builtins)\.", "", str(hint)).replace("NoneType", "None")
+
+
+# Keys of the ``training:`` block that kd_trainer reads itself (transformers 5 has no such field).
+# overwrite_output_dir: a run may write into a folder that already holds a run (see runner.preflight).
+OWN_TRAINING_KEYS: dict[str, Any] = {"overwrite_output_dir": bool}
+
+
 def validate_training_args(training: dict[str, Any]) -> None:
-    """Check each key of the ``training:`` block against ``TrainingArguments``' fields and types.
+    """Check each key of the ``training:`` block against ``TrainingArguments``' fields and types
+    (and :data:`OWN_TRAINING_KEYS`, which kd_trainer reads itself).
 
     ``TrainingArguments`` itself would raise a bare ``TypeError`` on an unknown key and accept
     a string where a float belongs until much later; here both fail at once, naming the key.
     """
-    fields = _training_fields()
+    fields = {**_training_fields(), **OWN_TRAINING_KEYS}
     for key, value in list(training.items()):
         if value is False and "Strategy" in str(fields.get(key)):
             # YAML 1.1 reads an unquoted `no` as false: `eval_strategy: no` means the strategy "no".
@@ -615,7 +629,7 @@ def validate_training_args(training: dict[str, Any]) -> None:
         try:
             coerced = TypeAdapter(fields[key]).validate_python(value, strict=False)
         except ValidationError as e:
-            raise ValueError(f"'training.{key}' = {value!r} has the wrong type (expected {fields[key]}): "
+            raise ValueError(f"'training.{key}' = {value!r} has the wrong type (expected {_type_name(fields[key])}): "
                              f"{e.errors()[0]['msg']}") from None
         except Exception:  # a type pydantic cannot build a validator for: let TrainingArguments judge it
             continue

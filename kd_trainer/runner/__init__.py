@@ -14,6 +14,7 @@ to the trainer. One module per task (:mod:`.retrieval`, :mod:`.classification`,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from kd_trainer.distill.resolved import resolve_run
@@ -30,10 +31,13 @@ __all__ = ["main", "run"]
 TASKS = {"retrieval": run_retrieval, "classification": run_classification, "detection": run_detection}
 
 
-def run(recipe: Recipe) -> dict[str, float]:
+def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, float]:
     """Resolve the run (every decision, once), check what can be checked, hold the output folder,
-    train and evaluate; the test metrics."""
+    train and evaluate; the test metrics. ``overwrite``: as ``training.overwrite_output_dir: true``
+    (the run may replace a run already in its output folder) without writing it into the recipe."""
     resolved = resolve_run(recipe)
+    if overwrite:
+        resolved = dataclasses.replace(resolved, overwrite=True)
     preflight(resolved)
     with output_lock(resolved.output_dir):
         return TASKS[resolved.task](recipe, resolved)

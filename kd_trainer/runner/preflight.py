@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,15 +11,39 @@ from huggingface_hub import get_token
 from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.recipe import RecipeError
 
-__all__ = ["preflight"]
+__all__ = ["preflight", "RUN_MARKERS", "earlier_run"]
+
+logger = logging.getLogger("kd_trainer")
+
+# What a run leaves in its output folder that another run there would replace or mix with.
+RUN_MARKERS = ("model.safetensors", "trainer_state.json", "test_results.json", "all_results.json")
+
+
+def earlier_run(folder: Path) -> list[str]:
+    """The names in ``folder`` that show an earlier run wrote there: its weights, state or results,
+    or its checkpoint-N folders (empty when there are none)."""
+    if not folder.is_dir():
+        return []
+    found = [name for name in RUN_MARKERS if (folder / name).is_file()]
+    checkpoints = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    return found + checkpoints
 
 
 def preflight(run: ResolvedRun) -> None:
-    """What can be checked before any data or model is loaded: the output folder is writable, a
+    """What can be checked before any data or model is loaded: the output folder holds no earlier
+    run (unless the run resumes it or ``training.overwrite_output_dir`` is set) and is writable, a
     resume path is a checkpoint, and a push has a token and a network to go to. All problems are
     reported together, each with its key."""
     problems = []
     out = Path(run.output_dir)
+    earlier = earlier_run(out)
+    if earlier and not run.resume and not run.overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        problems.append(f"training.output_dir: {out} already holds a run ({shown}); give this run another "
+                        "training.output_dir, continue that run with training.resume_from_checkpoint=true, or "
+                        "replace it with training.overwrite_output_dir=true")
+    elif earlier and run.overwrite and not run.resume:
+        logger.warning("training.overwrite_output_dir: this run replaces the run in %s (%s)", out, ", ".join(earlier))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".kd_trainer.write-test.{os.getpid()}"  # one per process: they probe at once

@@ -1,0 +1,91 @@
+"""A run never replaces another run's folder by mistake: an output_dir that holds an earlier run's
+weights, state, results or checkpoints is refused before anything is loaded (one line, exit 2),
+unless the run resumes it or says ``training.overwrite_output_dir: true``. Also: pinned memory only
+with an accelerator (without one torch warns on every DataLoader)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+from kd_trainer.cli import main
+from kd_trainer.distill.resolved import resolve_run
+from kd_trainer.recipe import RecipeError, parse_recipe
+from kd_trainer.runner.preflight import earlier_run, preflight
+
+# Data that is not there: the check must come before any data or model is loaded.
+BASE = {"name": "x", "data": {"name": "synth_pedes", "root": "nowhere"}, "student": {"arch": "micro"},
+        "loss": {"terms": [{"name": "itc"}]}, "training": {"max_steps": 1}}
+
+
+def _recipe(out, **training):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["training"].update(output_dir=str(out), **training)
+    return parse_recipe(raw)
+
+
+@pytest.mark.parametrize("left", ["model.safetensors", "trainer_state.json", "test_results.json", "checkpoint-3/"])
+def test_a_folder_with_an_earlier_run_is_refused_and_kept(tmp_path, capsys, left):
+    out = tmp_path / "teacher"
+    (out / left).parent.mkdir(parents=True, exist_ok=True)
+    if left.endswith("/"):
+        (out / left).mkdir()
+    else:
+        (out / left).write_bytes(b"the earlier run")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**BASE, "training": {"max_steps": 1, "output_dir": str(out)}}))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit) as e:
+        main([str(recipe)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert f"training.output_dir: {out} already holds a run ({left.rstrip('/')})" in err
+    for way in ("another training.output_dir", "training.resume_from_checkpoint=true",
+                "training.overwrite_output_dir=true"):
+        assert way in err
+    assert sorted(p.name for p in out.iterdir()) == before, "nothing is written into the folder"
+    if not left.endswith("/"):
+        assert (out / left).read_bytes() == b"the earlier run"
+
+
+def test_an_empty_folder_or_one_without_a_run_is_used(tmp_path):
+    out = tmp_path / "fresh"
+    preflight(resolve_run(_recipe(out)))  # missing: made
+    (out / "recipe.yaml").write_text("name: x\n")  # a run that stopped before it saved anything
+    assert earlier_run(out) == []
+    preflight(resolve_run(_recipe(out)))
+
+
+def test_resume_or_overwrite_may_write_there(tmp_path, caplog):
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"w")
+    assert earlier_run(out) == ["model.safetensors", "checkpoint-2"]
+    with pytest.raises(RecipeError, match="already holds a run"):
+        preflight(resolve_run(_recipe(out)))
+    preflight(resolve_run(_recipe(out, resume_from_checkpoint=True)))
+    with caplog.at_level(logging.WARNING, logger="kd_trainer"):
+        resolved = resolve_run(_recipe(out, overwrite_output_dir=True))
+        preflight(resolved)
+    assert resolved.overwrite and resolved.describe()["overwrite_output_dir"] is True
+    assert "replaces the run in" in caplog.text and "model.safetensors, checkpoint-2" in caplog.text
+    # kd_trainer's own key: TrainingArguments never sees it.
+    assert not hasattr(resolved.args, "overwrite_output_dir")
+
+
+def test_pinned_memory_only_with_an_accelerator(tmp_path, monkeypatch):
+    import torch
+
+    from kd_trainer.distill import resolved as module
+
+    for has in (False, True):
+        monkeypatch.setattr(module, "_has_accelerator", lambda has=has: has)
+        assert resolve_run(_recipe(tmp_path)).args.dataloader_pin_memory is has
+    monkeypatch.setattr(module, "_has_accelerator", lambda: False)
+    assert resolve_run(_recipe(tmp_path, dataloader_pin_memory=True)).args.dataloader_pin_memory is True, \
+        "the recipe's own setting wins"
+    accelerator = getattr(torch, "accelerator", None)
+    expected = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    assert module._has_accelerator() is bool(expected)
