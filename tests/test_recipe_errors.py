@@ -52,11 +52,11 @@ def test_a_missing_recipe_file_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data.context_length=0"], "data.context_length: Value error, context_length must be at least 2 (start and end "
+    (["data.context_length=0"], "data.context_length: context_length must be at least 2 (start and end "
                                 "tokens), got 0"),
     (["data.context_length=1"], "context_length must be at least 2"),
     # Today these passed the recipe and ended in the generator's ValueError traceback when the data was made.
-    (["data.synth={num_identities: 0}"], "data.synth: Value error, num_identities must be >= 1, got 0"),
+    (["data.synth={num_identities: 0}"], "data.synth: num_identities must be >= 1, got 0"),
     (["data.synth={images_per_identity: [3, 2]}"], "images_per_identity must be (min, max) with 1 <= min <= max"),
     (["data.synth={split_identities: [0.5, 0.5, 0.5]}"], "split_identities must be three non-negative fractions"),
     (["data.synth={disjoint_from: [0, 0]}"], "disjoint_from must be (num_identities >= 1, seed)"),
@@ -125,3 +125,22 @@ def test_a_bad_mimic_tap_in_a_retrieval_recipe_is_one_line_exit_2(tmp_path, caps
                            "use_cpu": True, "report_to": "none", "disable_tqdm": True}}
     err = _run(tmp_path, capsys, yaml.safe_dump(recipe))  # today: a ValueError traceback from the tap
     assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+def test_messages_read_as_the_user_wrote_the_recipe(tmp_path, capsys):
+    """No pydantic or Python wording: no "Value error, " prefix and no <class 'float'>; a type is
+    named as it is written."""
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), "training.learning_rat=0.1")
+    assert "unknown TrainingArguments field 'training.learning_rat'" in err and "Did you mean learning_rate" in err
+    assert "Value error" not in err
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), "training.learning_rate=fast")
+    assert "has the wrong type (expected float)" in err and "<class" not in err and "Value error" not in err
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), "training.overwrite_output_dir=maybe")
+    assert "'training.overwrite_output_dir' = 'maybe' has the wrong type (expected bool)" in err
+
+
+def test_the_tab_hint_only_where_the_file_has_a_tab(tmp_path, capsys):
+    err = _run(tmp_path, capsys, "name: x\nloss: {terms: [\n")  # unclosed flow sequence, no tab
+    assert "is not valid YAML" in err and "tabs" not in err
+    err = _run(tmp_path, capsys, "name: x\ndata:\n\tname: synth_pedes\n")
+    assert "is not valid YAML" in err and "(YAML indents with spaces, never tabs)" in err

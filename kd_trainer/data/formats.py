@@ -262,8 +262,9 @@ def _check_images(spec: DatasetFormat, ann: Path, imgs: Path, records: list[_Rec
         scan = scan_images([r.path for r in todo])
         for pos, problem in scan.unreadable.items():
             problems[todo[pos].index] = problem
-        logger.info("%s: decoded %d images at load in %.1f s (%d unreadable)", spec.display_name, len(todo),
-                    time.perf_counter() - started, sum(r.index in problems for r in todo))
+        logger.info("%s (%s): decoded %d images at load in %.1f s (%d unreadable)", spec.display_name,
+                    Path(imgs).parent, len(todo), time.perf_counter() - started,
+                    sum(r.index in problems for r in todo))
         tiny = _warn_tiny(spec, ann, [(todo[pos], size) for pos, size in sorted(scan.tiny.items())])
     if not problems:
         return records, {}, tiny

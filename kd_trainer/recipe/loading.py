@@ -55,7 +55,7 @@ def _format_errors(e: ValidationError, source: str, root: type[BaseModel]) -> st
     lines = [f"Invalid recipe {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
         if err["type"] == "extra_forbidden":
             msg = _unknown_key(tuple(err["loc"]), root)
         elif "input" in err and err["type"] not in ("missing", "value_error"):
@@ -129,13 +129,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"Recipe {str(path)!r} is not a regular file (a device, socket or pipe); expected the "
                           f"path of one YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem} "
-                          "(YAML indents with spaces, never tabs)") from None
+        tabs = " (YAML indents with spaces, never tabs)" if "\t" in text else ""
+        raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem}{tabs}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"Recipe {str(path)!r} cannot be read: {e}") from None
     if overrides:
