@@ -43,7 +43,7 @@ RECIPE ?=
 ARGS ?=
 train: $(STAMP)
 	@test -n "$(RECIPE)" || (echo "usage: make train RECIPE=recipes/<name>.yaml [ARGS='key=value ...']"; exit 2)
-	$(VENV)/bin/accelerate launch kd_trainer/run.py $(RECIPE) $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet kd_trainer/run.py $(RECIPE) $(ARGS)
 
 MODEL ?=
 DATASET ?=

@@ -288,3 +288,17 @@ def test_the_readme_is_short_keeps_the_test_command_and_links_to_files_that_exis
     assert any(link.startswith("docs/") for link in local), "the README links to no docs page"
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+
+
+# --- a recipe shown in the docs is the file it names --------------------------------------------
+
+def test_the_walked_through_recipe_is_the_file_on_disk():
+    """Getting started walks through recipes/demo/student_kd.yaml: the YAML it shows (comments aside)
+    is that file's, key for key, so the page cannot drift from the demo."""
+    import yaml
+
+    page = (DOCS / "getting-started.md").read_text()
+    name = "recipes/demo/student_kd.yaml"
+    after = page[page.index(f"`{name}`, the distillation step of the demo"):]
+    shown = re.search(r"```yaml\n(.*?)```", after, re.S).group(1)
+    assert yaml.safe_load(shown) == yaml.safe_load((ROOT / name).read_text())
