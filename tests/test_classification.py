@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_single_job_recipe_distils_logits_from_a_trained_teacher(tmp_path):
         assert h["loss"] == pytest.approx(h["loss_ce"] + h["mimic/total"], rel=1e-4)
 
 
-def test_two_jobs_two_teachers_with_adapters_and_warm_up_across_a_resume(tmp_path):
+def test_two_jobs_two_teachers_with_adapters_and_warm_up_across_a_resume(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kd_trainer")
     over = [*common(tmp_path, "two"), "teachers.teacher0.checkpoint=null", "teachers.teacher1.checkpoint=null",
             "training.num_train_epochs=2", "training.save_strategy=steps", "training.save_steps=1",
             "mimic.mimic_job1.warm_up_iters=3"]
@@ -84,6 +86,8 @@ def test_two_jobs_two_teachers_with_adapters_and_warm_up_across_a_resume(tmp_pat
     # Resume from step 1: the ramp continues from the restored global step, not from zero.
     run(load_recipe(recipe, [*over, f"training.resume_from_checkpoint={out / 'checkpoint-1'}",
                              f"training.output_dir={tmp_path / 'resumed'}"]))
+    assert f"resuming from {out / 'checkpoint-1'} at step 1" in caplog.text, "a resume says where it starts"
+    assert 'test metrics: {"test_accuracy": ' in caplog.text and f"(the run: {out})" in caplog.text
     resumed = [h for h in logs(tmp_path / "resumed") if h["step"] > 1]
     assert [h["step"] for h in resumed] == [2, 3, 4]
     check(resumed)

@@ -89,3 +89,38 @@ def test_pinned_memory_only_with_an_accelerator(tmp_path, monkeypatch):
     accelerator = getattr(torch, "accelerator", None)
     expected = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     assert module._has_accelerator() is bool(expected)
+
+
+def test_a_run_folder_is_not_a_checkpoint_to_resume_from(tmp_path):
+    """A finished run's folder holds trainer_state.json too; resuming from it would start past the new
+    run's end and train nothing. Its checkpoints are named instead, in step order."""
+    done = tmp_path / "done"
+    for step in (2, 10):
+        (done / f"checkpoint-{step}").mkdir(parents=True)
+    (done / "trainer_state.json").write_text("{}")
+    (done / "test_results.json").write_text("{}")
+    with pytest.raises(RecipeError) as e:
+        preflight(resolve_run(_recipe(tmp_path / "new", resume_from_checkpoint=str(done))))
+    msg = str(e.value)
+    assert f"{done} is a run folder, not a checkpoint" in msg
+    assert "one of its checkpoint folders (checkpoint-2, checkpoint-10)" in msg
+    assert f"training.output_dir={done} training.resume_from_checkpoint=true" in msg
+    bare = tmp_path / "bare"  # a run that saved no checkpoint
+    bare.mkdir()
+    (bare / "trainer_state.json").write_text("{}")
+    (bare / "test_results.json").write_text("{}")
+    with pytest.raises(RecipeError, match=r"this run saved none: training\.save_strategy"):
+        preflight(resolve_run(_recipe(tmp_path / "new", resume_from_checkpoint=str(bare))))
+    # One of its checkpoints is accepted.
+    (done / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    preflight(resolve_run(_recipe(tmp_path / "new", resume_from_checkpoint=str(done / "checkpoint-10"))))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    from kd_trainer.runner.errors import one_line_errors
+
+    with pytest.raises(SystemExit) as e, one_line_errors():
+        raise KeyboardInterrupt
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted (Ctrl-C)") and err.count("\n") == 1 and "Traceback" not in err

@@ -11,7 +11,7 @@ from kd_trainer.distill.classification import ClassificationTrainer
 from kd_trainer.distill.resolved import ModelSpec, ResolvedRun
 from kd_trainer.models.classifier import Classifier, load_classifier
 from kd_trainer.recipe import Recipe
-from kd_trainer.runner.fit import fit
+from kd_trainer.runner.fit import fit, log_test_metrics
 from kd_trainer.synthetic.shapes import make_synth_shapes
 
 __all__ = ["build_classifier", "run_classification"]
@@ -39,4 +39,5 @@ def run_classification(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     fit(trainer, recipe, run)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)
+    log_test_metrics(trainer, metrics)
     return metrics

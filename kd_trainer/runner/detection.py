@@ -21,7 +21,7 @@ from kd_trainer.distill.detection import DetectionTrainer
 from kd_trainer.distill.resolved import ModelSpec, ResolvedRun
 from kd_trainer.models.detector import Detector, load_detector
 from kd_trainer.recipe import Recipe, RecipeError
-from kd_trainer.runner.fit import fit
+from kd_trainer.runner.fit import fit, log_test_metrics
 from kd_trainer.synthetic.detection import make_synth_det
 
 __all__ = ["build_detector", "run_detection"]
@@ -62,4 +62,5 @@ def run_detection(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     fit(trainer, recipe, run)
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_metrics("test", metrics)
+    log_test_metrics(trainer, metrics)
     return metrics

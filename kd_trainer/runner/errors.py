@@ -35,9 +35,14 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (RecipeError, DatasetFormatError
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input and known faults end in ``error: <message>`` and exit code 2, without a traceback;
-    a data error raised inside a DataLoader worker is unwrapped to its own one line first."""
+    a data error raised inside a DataLoader worker is unwrapped to its own one line first. Ctrl-C
+    ends in one line too, with the shell's code for it (130)."""
     try:
         yield
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); a run resumes from its last complete checkpoint-N with "
+              "training.resume_from_checkpoint=true", file=sys.stderr)
+        raise SystemExit(130) from None
     except INPUT_ERRORS as e:
         _fail(f"error: {unwrap_worker_error(e) or e}")
     except Exception as e:

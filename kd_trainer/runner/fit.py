@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ from transformers import Trainer
 
 from kd_trainer.distill.resolved import RESOLVED_RUN_FILE, ResolvedRun
 from kd_trainer.recipe import Recipe
-from kd_trainer.runner.resume import record_recipe, resume_changes
+from kd_trainer.runner.resume import RESUMES_FILE, record_recipe, resume_changes
 
-__all__ = ["fit", "run_info"]
+__all__ = ["fit", "log_test_metrics", "run_info"]
+
+logger = logging.getLogger("kd_trainer")
 
 
 def run_info(trainer: Trainer) -> dict[str, Any]:
@@ -32,6 +35,12 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def log_test_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:
+    """Say the test metrics and where the run is (once, on the main process), as every task's run ends."""
+    if trainer.is_world_process_zero():
+        logger.info("test metrics: %s (the run: %s)", json.dumps(metrics), trainer.args.output_dir)
+
+
 def fit(trainer: Trainer, recipe: Recipe, run: ResolvedRun) -> None:
     """Record the resolved recipe, what the run decided (``resolved_run.json``: ``run.describe()``,
     no Hub token) and where the run runs, train (resuming when the recipe says so), and save the
@@ -41,6 +50,9 @@ def fit(trainer: Trainer, recipe: Recipe, run: ResolvedRun) -> None:
     # that changed what the run trains (runner/resume.py).
     checkpoint = trainer.resume_checkpoint(run.resume)
     changes = resume_changes(recipe, out, checkpoint) if checkpoint is not None else {}
+    if checkpoint is not None and trainer.is_world_process_zero():
+        step = json.loads(Path(checkpoint, "trainer_state.json").read_text()).get("global_step")
+        logger.info("resuming from %s at step %s (recorded in %s)", checkpoint, step, Path(out, RESUMES_FILE))
     if trainer.is_world_process_zero():
         os.makedirs(out, exist_ok=True)
         record_recipe(recipe, out, checkpoint, changes)

@@ -57,6 +57,14 @@ def preflight(run: ResolvedRun) -> None:
         if not path.is_dir():
             problems.append(f"training.resume_from_checkpoint: {resume} is not a folder (expected a checkpoint-N "
                             "folder written by an earlier run of this recipe, or true for the latest one)")
+        elif (path / "test_results.json").is_file() or any(path.glob("checkpoint-*")):
+            inside = sorted((p.name for p in path.glob("checkpoint-*") if p.is_dir()),
+                            key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else -1)
+            which = (f"one of its checkpoint folders ({', '.join(inside[-3:])})" if inside else
+                     "a checkpoint-N folder (this run saved none: training.save_strategy)")
+            problems.append(f"training.resume_from_checkpoint: {resume} is a run folder, not a checkpoint; give "
+                            f"{which}, or continue that run in its own folder with training.output_dir={resume} "
+                            "training.resume_from_checkpoint=true")
         elif not (path / "trainer_state.json").is_file():
             problems.append(f"training.resume_from_checkpoint: {resume} holds no trainer_state.json, so it is not "
                             "a complete checkpoint-N folder")

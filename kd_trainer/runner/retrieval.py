@@ -13,7 +13,6 @@ Everything is built from the resolved run (:class:`ResolvedRun`, decided once fr
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from kd_trainer.models.loading import load_weights, model_from_checkpoint
 from kd_trainer.models.precision import convert_to_irra_fp16
 from kd_trainer.recipe import Recipe, RecipeError
 from kd_trainer.runner.export import export_student
-from kd_trainer.runner.fit import fit
+from kd_trainer.runner.fit import fit, log_test_metrics
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
 __all__ = ["INHERITANCE_FILE", "RunData", "build_model", "open_teacher_cache", "prepare_data", "replay_config",
@@ -183,8 +182,7 @@ def run_retrieval(recipe: Recipe, run: ResolvedRun) -> dict[str, float]:
     if run.test_split is not None:
         metrics = trainer.evaluate(data.split(run.test_split), metric_key_prefix="test")
         trainer.save_metrics("test", {**metrics, **({"selected": trainer.selected} if trainer.selected else {})})
-        if trainer.is_world_process_zero():
-            logger.info("test metrics: %s", json.dumps(metrics))
+        log_test_metrics(trainer, metrics)
     if trainer.is_world_process_zero():
         export_student(trainer, run)
     trainer.accelerator.wait_for_everyone()
