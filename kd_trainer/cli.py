@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
+from kd_trainer.data.formats import DATASETS
 from kd_trainer.demo import SEEDS as DEMO_SEEDS
 from kd_trainer.demo import run_demo, train_teacher
 from kd_trainer.distill.resolved import resolve_run
@@ -34,7 +35,7 @@ from kd_trainer.evaluation import evaluate_retrieval, format_metrics
 from kd_trainer.losses import TERMS
 from kd_trainer.models.factory import get_architecture, list_architectures
 from kd_trainer.models.finite import require_finite_weights
-from kd_trainer.models.loading import model_from_checkpoint
+from kd_trainer.models.loading import CheckpointError, model_from_checkpoint
 from kd_trainer.models.export import update_model_card
 from kd_trainer.models.onnx.calibrated import calibrated_int8, calibration_sample
 from kd_trainer.models.onnx.quantize import CALIBRATED_INT8_SCHEMES, DEFAULT_INT8_SCHEME, INT8_SCHEME_NAMES
@@ -147,6 +148,51 @@ def _load_any(path: str, arch: str | None, image_size: list[int] | None, context
                                  context_length=context_length, irra_config=config)
 
 
+# Data sets of the other tasks: eval ranks text-to-image retrieval, so it refuses these by name.
+_NON_RETRIEVAL_DATASETS = {"synthshapes": ("synth_shapes", "classification"),
+                           "synthdet": ("synth_det", "detection")}
+
+
+def _eval_dataset(name: str) -> str:
+    """eval --dataset as its canonical retrieval-set name; an unknown name, or a classification or
+    detection set, is a DatasetFormatError (one line, exit 2), raised before any model is loaded."""
+    other = _NON_RETRIEVAL_DATASETS.get("".join(c for c in name.lower() if c.isalnum()))
+    if other is not None:
+        raise DatasetFormatError(f"--dataset {name!r} is a {other[1]} data set: eval ranks text-to-image "
+                                 f"retrieval and needs a retrieval data set, one of {', '.join(DATASETS)}")
+    try:
+        return canonical_dataset_name(name)
+    except ValueError as e:
+        raise DatasetFormatError(str(e)) from None
+
+
+def _refuse_non_retrieval_run(model: str) -> None:
+    """MODEL is a run folder (or a file or checkpoint-N folder in one) whose saved recipe.yaml says a task
+    other than retrieval: refuse it in one line naming the task and where its test metrics are."""
+    import yaml
+
+    path = Path(model)
+    start = path if path.is_dir() else path.parent
+    # a checkpoint-N folder (or a file in one) belongs to the run folder above it
+    for folder in (start, start.parent) if start.name.startswith("checkpoint-") else (start,):
+        recipe = folder / "recipe.yaml"
+        if not recipe.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(recipe.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return  # not a recipe we can read: the loader says what is wrong with the model, if anything
+        task = saved.get("task", "retrieval") if isinstance(saved, dict) else "retrieval"
+        if isinstance(task, str) and task != "retrieval":
+            results = folder / "test_results.json"
+            where = f"its test metrics are in {results}, written at the end of its run"
+            if not results.is_file():
+                where += " (not there yet: the run has not finished)"
+            raise CheckpointError(f"{model!r} is a {task} run ({recipe} says task: {task}); eval ranks text-to-image "
+                                  f"retrieval models only: {where}")
+        return
+
+
 def _eval(ns: argparse.Namespace) -> None:
     """Evaluate a model (and, with --teacher, the teacher and the hybrid pairings) on one split.
 
@@ -154,6 +200,10 @@ def _eval(ns: argparse.Namespace) -> None:
     other's text tower: ``hybrid-image`` = model image x teacher text, ``hybrid-text`` = teacher
     image x model text, the scores a staged run reports for the tower it trains.
     """
+    _refuse_non_retrieval_run(ns.model)
+    if ns.teacher:
+        _refuse_non_retrieval_run(ns.teacher)
+    name = _eval_dataset(ns.dataset)  # a bad name is refused before any model is loaded
     model = _load_any(ns.model, ns.arch, ns.image_size, ns.context_length, ns.irra_config)
     # A NaN weight makes every score it touches NaN: refuse before computing, naming the tensors.
     require_finite_weights(model.clip, name=f"the model {ns.model}", refused="evaluated")  # type: ignore[attr-defined]
@@ -163,7 +213,6 @@ def _eval(ns: argparse.Namespace) -> None:
         require_finite_weights(teacher.clip, name=f"the teacher {ns.teacher}",  # type: ignore[attr-defined]
                                refused="evaluated")
     pairings = ns.pairings or (list(PAIRINGS) if teacher is not None else ["model"])
-    name = canonical_dataset_name(ns.dataset)
     raw = load_pedes(name, ns.root, splits=[ns.split])
     if f"{ns.split}_gallery" not in raw:
         raise DatasetFormatError(f"{ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
@@ -199,6 +248,7 @@ def _eval_onnx(ns: argparse.Namespace) -> None:
     damaged or mixed folder is refused (exit 2) by OnnxDualEncoder; an unverified or failed one is
     evaluated with a warning."""
     variant = ns.onnx_variant or "fp32"
+    name = _eval_dataset(ns.dataset)  # a bad name is refused before the graphs are loaded
     try:
         encoder = OnnxDualEncoder(ns.model, variant)
     except DeployDependencyError as e:
@@ -211,7 +261,6 @@ def _eval_onnx(ns: argparse.Namespace) -> None:
     elif not report.get("passed"):
         print(f"warning: {ns.model}'s export_report.json says the check against the model FAILED: "
               f"{'; '.join(report.get('failures') or ['(no reason recorded)'])}", file=sys.stderr)
-    name = canonical_dataset_name(ns.dataset)
     raw = load_pedes(name, ns.root, splits=[ns.split])
     if f"{ns.split}_gallery" not in raw:
         raise DatasetFormatError(f"{ns.dataset} has no {ns.split!r} split (it has {sorted(raw)})")
