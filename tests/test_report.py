@@ -547,6 +547,40 @@ def test_a_malformed_or_contradictory_selection_names_the_file(tmp_path: Path) -
         collect_runs([run])
 
 
+def test_a_run_shorter_than_an_epoch_records_a_fractional_epoch(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """training.max_steps=2 (or a stage of `steps: 2`) keeps the student of step 2 of 36: the trainer
+    records epoch round(2 / 36, 3) = 0.056, in test_results.json and in stages.json. Shown as is."""
+    chosen = {"metric": "r1", "split": "val", "epoch": 0.056, "step": 2, "stage": "image", "value": 1.5}
+    run = write_run(tmp_path / "runs" / "motis", name="motis", method="MoTIS", dataset="rstpreid",
+                    stages=THREE_STAGES[:1], steps_per_epoch=36, stages_extra={"selected": chosen},
+                    results={**metrics_json(1, 2, 3, 4, 5), "selected": chosen})
+    (found,) = collect_runs([run])
+    assert (found.selected.epoch, found.selected.split) == (0.056, "val")
+    out = tmp_path / "rep"
+    cli_main(["report", str(run), "--out", str(out), "--no-plots", "--no-cost"])
+    assert f"wrote {out / 'results.md'}" in capsys.readouterr().out
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "- checkpoint: epoch 0.056 with the best R@1 on the val split (recorded in test_results.json)\n" in md
+    _, rows = table_rows(md)
+    assert rows["MoTIS"]["Checkpoint"] == "val, best R@1"
+
+
+@pytest.mark.parametrize("epoch", [-1, -0.5, "3", True, float("nan")])
+def test_a_selected_epoch_that_is_no_count_of_epochs_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], epoch: object) -> None:
+    run = write_run(tmp_path / "r", name="r", dataset="rstpreid",
+                    results={**metrics_json(1, 2, 3, 4, 5), "selected": {"metric": "r1", "split": "val",
+                                                                         "epoch": epoch}})
+    with pytest.raises(ReportError, match=r"r/test_results\.json: `selected\.epoch` must be a number of epochs, "
+                                          r"0 or more"):
+        collect_runs([run])
+    with pytest.raises(SystemExit) as e:
+        cli_main(["report", str(run), "--out", str(tmp_path / "rep"), "--no-plots"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "got " in err[0]
+
+
 def test_cli_report_averages_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     written = write_seeded(tmp_path / "runs")
     cli_main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-plots"])

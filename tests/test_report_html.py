@@ -29,6 +29,7 @@ from kd_trainer.data import collate_retrieval, load_pedes, with_retrieval_transf
 from kd_trainer.evaluation import embed_dataset
 from kd_trainer.models.factory import create_model, get_architecture
 from kd_trainer.models.loading import MODEL_CONFIG_NAME, model_config, model_from_checkpoint
+from kd_trainer.recipe import dump_recipe, load_recipe
 from kd_trainer.report import (
     GalleryOptions,
     Latency,
@@ -41,6 +42,7 @@ from kd_trainer.report import (
 from kd_trainer.report.galleries import KD, NO_KD, TEACHER
 from kd_trainer.synthetic.pedes import make_synth_pedes
 
+REPO = Path(__file__).resolve().parents[1]
 SLOW = pytest.mark.slow  # the module's runs: a generated dataset, three saved models, eval and report
 K = 4
 OPTIONS = GalleryOptions(queries=6, k=K, seed=0, changed=3)
@@ -374,3 +376,53 @@ def test_roles_come_from_the_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyP
     runs = collect_runs([tmp_path / "exp" / "runs"])
     assert {r.name: role for r in runs for f, role in run_roles(runs).items() if f == r.folder} == {
         "t": TEACHER, "plain": NO_KD, "kd": KD}
+
+
+# --------------------------------------------------------------------------- detection and classification runs
+IMAGE_TASK_RUNS = {  # run folder -> (the recipe it was trained with, its test_results.json)
+    "cls_kd": ("recipes/cls_res50_to_res18_kd.yaml", {"test_accuracy": 61.5, "epoch": 8.0}),
+    "det_mimic": ("recipes/det_frcnn_r50_to_r18_fpn_mimic.yaml",
+                  {"test_AP": 20.5, "test_AP50": 41.0, "test_AP75": 18.25, "epoch": 4.0}),
+}
+
+
+def _image_task_runs(root: Path) -> list[Path]:
+    """A classification and a detection run folder as their runners leave them, weights aside: the
+    recipe saved fully resolved (read back as a ClassificationRecipe / DetectionRecipe, which have
+    no retrieval loss terms), and test results."""
+    folders = []
+    for name, (recipe, results) in IMAGE_TASK_RUNS.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "recipe.yaml").write_text(dump_recipe(load_recipe(REPO / recipe)))
+        (folder / "test_results.json").write_text(json.dumps(results))
+        folders.append(folder)
+    return folders
+
+
+def test_classification_and_detection_runs_have_no_gallery_and_no_role(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    cls, det = _image_task_runs(tmp_path / "runs")
+    assert run_roles(collect_runs([cls, det])) == {}
+    out = tmp_path / "rep"
+    main(["report", str(cls), str(det), "--out", str(out), "--no-plots", "--latency-iters", "0"])  # galleries on
+    captured = capsys.readouterr()
+    assert f"wrote {out / 'index.html'}" in captured.out
+    assert "galler" not in captured.err, "no retrieval run: nothing to say about galleries"
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert 'id="galleries"' not in html and not _parse(out / "index.html").cells
+    assert 'data-task="classification"' in html and 'data-task="detection"' in html
+
+
+@SLOW
+def test_a_mixed_report_shows_the_retrieval_runs_galleries(runs: dict[str, Path], tmp_path: Path) -> None:
+    cls, det = _image_task_runs(tmp_path / "runs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedRunWarning)  # no trainer_state.json, no weights for cls/det
+        written = write_report([runs["teacher"].parent, cls, det], tmp_path / "rep", plots=False, cost=False,
+                               galleries=GalleryOptions(queries=2, k=2, seed=0, changed=0))
+    page = _parse(written["html"])
+    assert sorted({_folder_of(c["run"], runs) for c in page.cells}) == ["kd", "nokd", "teacher"]
+    assert len(page.cells) == 3 * 2 and all(len(c["hits"]) == 2 for c in page.cells)
+    assert [(Path(c["kd"]).name, Path(c["nokd"]).name) for c in page.changed] == [("kd", "nokd")]
+    assert set(written["tables"]) == {"retrieval", "detection", "classification"}

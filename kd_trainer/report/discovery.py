@@ -11,6 +11,7 @@ old metric names renamed first), so it lands in the table with its metrics' colu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -34,11 +35,15 @@ SPLITS = ("val", "test")
 
 @dataclass(frozen=True)
 class Selection:
-    """Which epoch a run kept as its final student, chosen by ``metric`` on ``split``."""
+    """Which epoch a run kept as its final student, chosen by ``metric`` on ``split``.
+
+    ``epoch`` is the Trainer's count into the last stage (steps / steps per epoch, rounded to 3
+    places): a fraction for a run shorter than an epoch or a stage counted in steps (0.056), an
+    int when whole (3), None when not recorded."""
 
     metric: str  # "r1", "mAP" ...
     split: Literal["val", "test"]
-    epoch: int | None
+    epoch: int | float | None
     source: Path  # the file that recorded it (for messages)
 
 
@@ -83,9 +88,12 @@ def _parse_selection(raw: Any, path: Path) -> Selection:
         raise ReportError(f"{path}: `selected.metric` must name a metric (e.g. \"r1\"), got {metric!r}")
     if split not in SPLITS:
         raise ReportError(f"{path}: `selected.split` must be one of {list(SPLITS)}, got {split!r}")
-    if epoch is not None and not (is_number(epoch) and float(epoch).is_integer()):
-        raise ReportError(f"{path}: `selected.epoch` must be a whole number of epochs, got {epoch!r}")
-    return Selection(metric=metric, split=split, epoch=None if epoch is None else int(epoch), source=path)
+    if epoch is not None and not (is_number(epoch) and math.isfinite(epoch) and epoch >= 0):
+        raise ReportError(f"{path}: `selected.epoch` must be a number of epochs, 0 or more (a fraction for a "
+                          f"run shorter than an epoch), got {epoch!r}")
+    if epoch is not None and float(epoch).is_integer():
+        epoch = int(epoch)  # 3.0 is shown as epoch 3; a fraction (0.056) as recorded
+    return Selection(metric=metric, split=split, epoch=epoch, source=path)
 
 
 def _selection_in_results(results: Mapping[str, Any], path: Path) -> Selection | None:

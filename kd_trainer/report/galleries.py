@@ -8,7 +8,8 @@ The ranking is the one ``kd-trainer eval`` scores: the test split loaded by
 ties by gallery order: the order :func:`~kd_trainer.evaluation.rank_metrics` scores). A gallery
 item is correct for a query when it shows the query's person (same pid), as in R@K.
 
-Roles, read from the recipes of the runs in the report:
+Roles, read from the recipes of the retrieval runs in the report (detection and classification
+runs have no retrieval gallery, so they get no role and name no teacher here):
 
 * **teacher**: a run whose folder another run in the report names as its teacher checkpoint
   (``teacher.checkpoint`` or one of ``teachers:``; a relative checkpoint path matches the folder
@@ -119,17 +120,23 @@ def _same_folder(path: str, folder: Path) -> bool:
 
 
 def _reads_teacher(recipe: Mapping[str, Any]) -> bool:
+    """Whether a retrieval recipe has a loss term that reads a teacher (a recipe of another task, which
+    has no such terms, reads as False)."""
     try:
-        terms = parse_recipe(dict(recipe)).all_terms
+        parsed = parse_recipe(dict(recipe))
     except RecipeError:  # a recipe today's schema refuses: read the term names as written
         stages = recipe.get("stages") or [{"loss": recipe.get("loss") or {}}]
-        terms = [t for s in stages for t in ((s.get("loss") or {}).get("terms") or [])]
+        terms = [t for s in stages if isinstance(s, Mapping)
+                 for t in ((s.get("loss") or {}).get("terms") or [])]
         return any(get_term(t["name"]).needs_teacher for t in terms if isinstance(t, Mapping) and "name" in t)
-    return any(get_term(t.name).needs_teacher for t in terms)
+    terms = getattr(parsed, "all_terms", None)  # only a RetrievalRecipe has loss terms
+    return terms is not None and any(get_term(t.name).needs_teacher for t in terms)
 
 
 def run_roles(runs: Sequence[RunSummary]) -> dict[Path, str]:
-    """``{run folder: role}``: teacher, no KD or KD (see the module docstring)."""
+    """``{run folder: role}`` of every retrieval run: teacher, no KD or KD (see the module docstring).
+    Detection and classification runs are left out: they have no retrieval gallery."""
+    runs = [r for r in runs if r.task == "retrieval"]
     named = [c for r in runs for c in _checkpoints(r.recipe)]
     roles = {}
     for r in runs:
