@@ -144,3 +144,12 @@ def test_the_tab_hint_only_where_the_file_has_a_tab(tmp_path, capsys):
     assert "is not valid YAML" in err and "tabs" not in err
     err = _run(tmp_path, capsys, "name: x\ndata:\n\tname: synth_pedes\n")
     assert "is not valid YAML" in err and "(YAML indents with spaces, never tabs)" in err
+
+
+def test_an_override_into_a_block_the_recipe_lacks_says_so(tmp_path, capsys):
+    err = _run(tmp_path, capsys, yaml.safe_dump(BASE), "teacher.checkpoint=runs/teacher")
+    assert "teacher.arch: Field required" in err
+    assert "the recipe has no `teacher:`; the override 'teacher.checkpoint=runs/teacher' made one" in err
+    # A block the recipe has: no such hint.
+    err = _run(tmp_path, capsys, yaml.safe_dump({**BASE, "teacher": {"arch": "micro"}}), "teacher.arch=nonesuch")
+    assert "the recipe has no" not in err

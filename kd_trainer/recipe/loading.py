@@ -139,9 +139,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"Recipe {str(path)!r} is not valid YAML{at}: {problem}{tabs}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"Recipe {str(path)!r} cannot be read: {e}") from None
+    made = _blocks_made_by(raw, overrides or [])
     if overrides:
         apply_overrides(raw, overrides)
-    return parse_recipe(raw, str(path))
+    try:
+        return parse_recipe(raw, str(path))
+    except RecipeError as e:
+        missing = [(block, item) for block, item in made if f"  - {block}." in str(e) and "Field required" in str(e)]
+        if not missing:
+            raise
+        hints = "".join(f"\n  (the recipe has no `{block}:`; the override {item!r} made one that holds only what the "
+                        "overrides give)" for block, item in missing)
+        raise RecipeError(f"{e}{hints}") from None
+
+
+def _blocks_made_by(raw: dict[str, Any], overrides: list[str]) -> list[tuple[str, str]]:
+    """The top-level blocks the recipe lacks that an override would create (``teacher.checkpoint=...``
+    on a recipe with no ``teacher:``), with the first override that does."""
+    made: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip().split(".")
+        if len(key) > 1 and isinstance(raw, dict) and raw.get(key[0]) is None and key[0] not in made:
+            made[key[0]] = item
+    return list(made.items())
 
 
 def dump_recipe(recipe: Recipe) -> str:
