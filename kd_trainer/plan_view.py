@@ -13,6 +13,7 @@ so the real ViT-B/16 plan prints in a second.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,7 +173,10 @@ def _arch(arch: Any) -> str:
 
 
 def _model_line(role: str, m: dict[str, Any]) -> str:
-    return (f"{role}: {_arch(m['arch'])}" + (f" from {m['checkpoint']}" if m["checkpoint"] else
+    where = m["checkpoint"]
+    # The plan may describe a run on another machine, so a checkpoint that is not here is a note, not an error.
+    missing = " (not found from here: the run refuses it)" if where and not Path(where).exists() else ""
+    return (f"{role}: {_arch(m['arch'])}" + (f" from {where}{missing}" if where else
                                              "" if m["inherit"] else " (no checkpoint: random weights)"))
 
 

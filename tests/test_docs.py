@@ -302,3 +302,26 @@ def test_the_walked_through_recipe_is_the_file_on_disk():
     after = page[page.index(f"`{name}`, the distillation step of the demo"):]
     shown = re.search(r"```yaml\n(.*?)```", after, re.S).group(1)
     assert yaml.safe_load(shown) == yaml.safe_load((ROOT / name).read_text())
+
+
+def test_the_plan_shown_in_the_methods_page_is_what_plan_prints():
+    """docs/methods.md shows `kd-trainer plan recipes/ours_3stage.yaml`; each line it shows is a line
+    of today's output (a line ending in ' ...' is the start of one; '...' stands for lines left out),
+    in the same order."""
+    from kd_trainer.plan_view import format_plan, plan_report
+    from kd_trainer.recipe import load_recipe
+
+    page = (DOCS / "methods.md").read_text()
+    shown = re.search(r"```\n\$ kd-trainer plan recipes/ours_3stage\.yaml\n(.*?)```", page, re.S).group(1)
+    printed = format_plan(plan_report(load_recipe(ROOT / "recipes" / "ours_3stage.yaml"))).splitlines()
+    at = 0
+    for line in shown.splitlines():
+        if line == "...":
+            continue
+        start = line[:-4] if line.endswith(" ...") else None
+        for i in range(at, len(printed)):
+            if printed[i] == line or (start is not None and printed[i].startswith(start)):
+                at = i + 1
+                break
+        else:
+            raise AssertionError(f"not printed by kd-trainer plan (in this order): {line!r}")

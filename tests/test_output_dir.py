@@ -124,3 +124,14 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted (Ctrl-C)") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_plan_notes_a_checkpoint_that_is_not_here(tmp_path):
+    from kd_trainer.plan_view import format_plan, plan_report
+
+    raw = {**BASE, "teacher": {"arch": "micro", "checkpoint": str(tmp_path / "gone")}}
+    raw["loss"] = {"terms": [{"name": "itc"}, {"name": "cross_kd"}]}
+    text = format_plan(plan_report(parse_recipe(raw)))
+    assert f"teacher model: micro from {tmp_path / 'gone'} (not found from here: the run refuses it)" in text
+    (tmp_path / "gone").mkdir()
+    assert "not found from here" not in format_plan(plan_report(parse_recipe(raw)))
