@@ -647,3 +647,28 @@ def test_seeds_of_a_chained_method_continue_from_their_own_upstream_run(tmp_path
     Path("up/s2/recipe.yaml").write_text(yaml.safe_dump(up2))
     with pytest.raises(ReportError, match=r"differ in student\.checkpoint\.run\.loss\.alpha"):
         results_table(collect_runs([Path("down")]))
+
+
+def test_runs_on_differently_generated_data_are_noted(tmp_path: Path) -> None:
+    """Two SynthPEDES draws share the column name but not the test set: the table says which runs drew
+    which (only the settings that differ), and says nothing when every run drew the same data."""
+    def synth(n: int, seed: int = 0) -> dict:
+        return {"data": {"name": "synth_pedes", "root": "./data",
+                         "synth": {"num_identities": n, "seed": seed, "image_size": [96, 48]}}}
+
+    write_run(tmp_path / "a", name="a", dataset="synth_pedes", method="A", results=metrics_json(10, 20, 30, 10, 5),
+              recipe_extra=synth(400))
+    write_run(tmp_path / "b", name="b", dataset="synth_pedes", method="B", results=metrics_json(11, 21, 31, 11, 6),
+              recipe_extra=synth(400))
+    table = results_table(collect_runs([tmp_path]))
+    assert "Data:" not in table
+    write_run(tmp_path / "c", name="c", dataset="synth_pedes", method="C", results=metrics_json(50, 60, 70, 50, 40),
+              recipe_extra=synth(30, seed=3))
+    write_run(tmp_path / "d", name="d", dataset="synth_pedes", method="D", results=metrics_json(9, 9, 9, 9, 9))
+    table = results_table(collect_runs([tmp_path]))
+    (note,) = [p for p in table.split("\n\n") if p.startswith("Data:")]
+    assert "the SynthPEDES runs generated their data with 2 different settings" in note
+    assert f"num_identities 400, seed 0: {tmp_path / 'a'}, {tmp_path / 'b'}" in note
+    assert f"num_identities 30, seed 3: {tmp_path / 'c'}." in note
+    assert "image_size" not in note, "only the settings that differ"
+    assert str(tmp_path / "d") not in note, "a run that read its data from disk is not compared"

@@ -25,6 +25,7 @@ Under the table, only when they apply:
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -192,6 +193,37 @@ def _separation_notes(rows: Sequence[str], cols: Sequence[str], cells: dict[tupl
 
 COST_COLUMNS = ("Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b1 (image / caption)")
 IMAGE_COST_COLUMNS = ("Params M", "GFLOPs per image", "CPU ms b1 per image")  # a classifier, a detector
+
+
+# The recipe block that generated a run's data, per task (a generated data set is only one test set
+# when every run drew it with the same settings).
+_GENERATOR_BLOCKS = ("synth", "shapes", "det")
+
+
+def _draw_notes(runs: Sequence[RunSummary], cols: Sequence[str]) -> list[str]:
+    """One note per dataset column whose runs generated their data with different settings (a 30-person
+    and a 400-person SynthPEDES share the column name but not the test set). Runs that read data from
+    disk (no generator block in their recipe) are left out of the comparison."""
+    notes = []
+    for d in cols:
+        draws: dict[str, list[RunSummary]] = {}
+        for r in runs:
+            data = r.recipe.get("data") if isinstance(r.recipe, Mapping) else None
+            block = next((data.get(b) for b in _GENERATOR_BLOCKS if isinstance(data, Mapping) and data.get(b)), None)
+            if r.dataset == d and block is not None:
+                draws.setdefault(json.dumps(block, sort_keys=True, default=str), []).append(r)
+        if len(draws) < 2:
+            continue
+        settings = [json.loads(k) for k in draws]
+        differ = sorted({k for a in settings for k in a if any(b.get(k) != a.get(k) for b in settings)})
+        parts = []
+        for setting, rs in zip(settings, draws.values()):
+            shown = ", ".join(display_folder(r.folder) for r in rs[:3]) + (f" and {len(rs) - 3} more" if len(rs) > 3 else "")
+            parts.append(", ".join(f"{k} {setting.get(k)}" for k in differ) + f": {shown}")
+        notes.append(f"Data: the {dataset_display_name(d)} runs generated their data with {len(draws)} different "
+                     f"settings, so they were not tested on one test set and their cells do not compare: "
+                     + "; ".join(parts) + ".")
+    return notes
 
 
 def _sig(x: float) -> str:
@@ -384,6 +416,7 @@ def table_cells(
         notes.append(text)
     if measured:
         notes.append(cost_note)
+    notes += _draw_notes(runs, cols)
     return TableCells(head=head, body=body, notes=notes)
 
 
