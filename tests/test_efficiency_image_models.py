@@ -194,3 +194,35 @@ def test_report_tables_show_the_cost_of_detectors_and_classifiers(image_runs: Pa
     assert "40 proposals per image" in md and "32x32 images" in md and "64x64 images" in md
     assert re.search(r"one process on .*torch threads", md) and "FlopCounterMode" in md
     assert "(image / text)" not in md, "one tower: no caption columns"
+
+
+def test_latency_spread_is_the_90th_percentile_over_the_median_and_a_noisy_run_is_said(monkeypatch) -> None:
+    """Ten timed calls of 1, 1, ..., 1, 1, 4 ms (by a fake clock): median 1 ms, 90th percentile (the
+    9th of 10 sorted) 1 ms, so spread 1.0; with two slow calls the 9th is 4 ms: spread 4.0. The cost
+    note says so above 1.5x, and not below."""
+    import itertools
+
+    from kd_trainer.report import efficiency
+    from kd_trainer.report.efficiency import Efficiency, timed_ms
+    from kd_trainer.report.tables import efficiency_columns
+
+    def clock(durations):
+        ticks = itertools.accumulate(itertools.chain.from_iterable((0.0, d) for d in durations))
+        return lambda: next(ticks)
+
+    def fake_run(durations) -> tuple[float, float]:
+        monkeypatch.setattr(efficiency.time, "perf_counter", clock(durations))
+        return timed_ms(lambda: None, latency=Latency(warmup=0, iters=len(durations)))
+
+    assert fake_run([1e-3] * 9 + [4e-3]) == pytest.approx((1.0, 1.0))
+    assert fake_run([1e-3] * 8 + [4e-3] * 2) == pytest.approx((1.0, 4.0))
+    monkeypatch.undo()
+
+    def eff(spread: float) -> Efficiency:
+        return Efficiency(params={"image": 10}, flops={"image": 20}, image_size=(8, 8), latency_ms={"image": 1.0},
+                          latency_spread={"image": spread})
+
+    _, quiet = efficiency_columns([eff(1.2), eff(1.0)], "a machine")
+    _, noisy = efficiency_columns([eff(1.2), eff(4.0)], "a machine")
+    assert "noisy" not in quiet
+    assert "the slowest tenth of one row's calls took 4.0x its median" in noisy

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -83,6 +84,8 @@ class Efficiency:
     image_size: tuple[int, int]  # (H, W) the FLOPs and latency were measured at
     context_length: int | None = None  # tokens per caption; None: no text tower
     latency_ms: dict[str, float] | None = None  # median ms at batch 1; None: not measured
+    # the 90th percentile over the median of the timed calls, per tower: near 1 on an idle machine
+    latency_spread: dict[str, float] | None = None
     proposals: int | None = None  # a detector: the proposals per image its box head ran on
 
     @property
@@ -131,6 +134,12 @@ def count_flops(fn: Callable[..., Any], *inputs: torch.Tensor) -> int:
 
 def measure_ms(fn: Callable[..., Any], *inputs: torch.Tensor, latency: Latency) -> float:
     """Median milliseconds of ``fn(*inputs)`` under ``torch.inference_mode``."""
+    return timed_ms(fn, *inputs, latency=latency)[0]
+
+
+def timed_ms(fn: Callable[..., Any], *inputs: torch.Tensor, latency: Latency) -> tuple[float, float]:
+    """Median milliseconds of ``fn(*inputs)`` under ``torch.inference_mode``, and the 90th percentile of
+    the timed calls over that median (how much the slow calls stray: other work on the CPU shows here)."""
     times = []
     with torch.inference_mode():
         for i in range(latency.warmup + latency.iters):
@@ -138,7 +147,9 @@ def measure_ms(fn: Callable[..., Any], *inputs: torch.Tensor, latency: Latency) 
             fn(*inputs)
             if i >= latency.warmup:
                 times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    median = statistics.median(times)
+    p90 = sorted(times)[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+    return 1000.0 * median, p90 / median if median > 0 else 1.0
 
 
 def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,22 +163,25 @@ def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
 Calls = Callable[[Any], dict[str, tuple[Callable[..., Any], torch.Tensor]]]
 
 
-def _flops_and_ms(model: Any, calls: Calls, latency: Latency | None) -> tuple[dict[str, int], dict[str, float] | None]:
+def _flops_and_ms(model: Any, calls: Calls, latency: Latency | None
+                  ) -> tuple[dict[str, int], dict[str, float] | None, dict[str, float] | None]:
     """FLOPs and (when ``latency`` is given) CPU latency of each tower of ``model``; ``calls(m)`` gives
     ``{tower: (function, one input)}`` for ``m``, ``model`` or its CPU copy. Latency is measured on the
-    CPU: a model elsewhere is measured on a CPU copy, so the numbers of every row mean the same thing."""
+    CPU: a model elsewhere is measured on a CPU copy, so the numbers of every row mean the same thing.
+    Returns the FLOPs, the median ms and the spread of the timed calls (:func:`timed_ms`) per tower."""
     was_training = model.training
     model.eval()
     try:
         flops = {t: count_flops(fn, x) for t, (fn, x) in calls(model).items()}
-        ms = None
+        ms = spread = None
         if latency is not None:
             on_cpu = next(model.parameters()).device.type == "cpu"
             cpu = model if on_cpu else _cpu_copy(model)
-            ms = {t: measure_ms(fn, x, latency=latency) for t, (fn, x) in calls(cpu).items()}
+            timed = {t: timed_ms(fn, x, latency=latency) for t, (fn, x) in calls(cpu).items()}
+            ms, spread = {t: m for t, (m, _) in timed.items()}, {t: s for t, (_, s) in timed.items()}
     finally:
         model.train(was_training)
-    return flops, ms
+    return flops, ms, spread
 
 
 def model_efficiency(model: Any, *, latency: Latency | None = None) -> Efficiency:
@@ -180,9 +194,9 @@ def model_efficiency(model: Any, *, latency: Latency | None = None) -> Efficienc
         image, caption = _inputs(m)
         return {"image": (m.encode_image, image), "text": (m.encode_text, caption)}
 
-    flops, ms = _flops_and_ms(model, calls, latency)
+    flops, ms, spread = _flops_and_ms(model, calls, latency)
     return Efficiency(params=tower_parameters(model), flops=flops, image_size=tuple(model.image_size),
-                      context_length=int(model.context_length), latency_ms=ms)
+                      context_length=int(model.context_length), latency_ms=ms, latency_spread=spread)
 
 
 @contextmanager
@@ -217,9 +231,9 @@ def image_model_efficiency(model: torch.nn.Module, image_size: tuple[int, int] |
 
     seen: list[int] = []
     with _every_proposal(model, seen):
-        flops, ms = _flops_and_ms(model, calls, latency)
+        flops, ms, spread = _flops_and_ms(model, calls, latency)
     return Efficiency(params={"image": sum(p.numel() for p in model.parameters())}, flops=flops, image_size=size,
-                      latency_ms=ms, proposals=seen[0] if seen else None)
+                      latency_ms=ms, latency_spread=spread, proposals=seen[0] if seen else None)
 
 
 def _cpu_copy(model: Any) -> Any:

@@ -248,6 +248,10 @@ def _size(e: Efficiency) -> str:
     return text if e.context_length is None else f"{text}, {e.context_length}-token captions"
 
 
+# Above this ratio of a row's 90th-percentile call to its median, the latency note says the timings were noisy.
+NOISY_SPREAD = 1.5
+
+
 def efficiency_columns(measured: Iterable[Efficiency], machine: str | None) -> tuple[list[str], str]:
     """The cost column headings and the note that says how they were measured. The models of one
     table have the same towers (a table is one task's)."""
@@ -277,6 +281,10 @@ def efficiency_columns(measured: Iterable[Efficiency], machine: str | None) -> t
         what = "one image / one caption" if dual else "one image"
         note += (f"; CPU ms b1 = median latency of {what} (batch 1), every row measured one "
                  f"after another in one process on {machine or 'this machine'}")
+        worst = max((s for e in measured for s in (e.latency_spread or {}).values()), default=1.0)
+        if worst > NOISY_SPREAD:
+            note += (f" (the timings were noisy: the slowest tenth of one row's calls took {worst:.1f}x its median, "
+                     "so other work was probably using the CPU; compare latencies from an idle machine)")
     columns = COST_COLUMNS if dual else IMAGE_COST_COLUMNS
     return list(columns[:3 if timed else 2]), note + f"; {MISSING} = no model weights in the run folder."
 
