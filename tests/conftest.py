@@ -41,3 +41,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def micro_folder(tmp_path_factory):
+    """A retrieval model eval and export-onnx can load: an open_clip folder of ``micro`` (seed 0)."""
+    from kd_trainer.models.export import export_open_clip
+    from kd_trainer.models.factory import create_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("micro") / "micro"
+    export_open_clip(create_model("micro"), folder)
+    return folder

@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from kd_trainer.models.export import export_open_clip
-from kd_trainer.models.factory import create_model
 from tiny import Ran, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,15 +41,6 @@ def _one_error_line(ran: Ran) -> str:
     assert ran.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), ran.stderr[-3000:]
     assert "Traceback" not in ran.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def micro_folder(tmp_path_factory) -> Path:
-    """A retrieval model eval can load (an open_clip folder of ``micro``)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("micro") / "micro"
-    export_open_clip(create_model("micro"), folder)
-    return folder
 
 
 @pytest.mark.parametrize("onnx", [False, True])

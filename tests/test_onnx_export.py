@@ -385,14 +385,6 @@ def test_damaged_unfinished_or_stale_folders_are_refused_naming_the_file(exporte
 
 
 @pytest.fixture(scope="module")
-def micro_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("micro") / "micro"
-    export_open_clip(create_model("micro"), folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def nan_folder(tmp_path_factory) -> Path:
     """A saved model with one NaN and one inf weight (open_clip folders keep whatever they are given)."""
     torch.manual_seed(0)
