@@ -24,6 +24,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
 from kd_trainer.data.formats import DATASETS
@@ -169,8 +171,6 @@ def _eval_dataset(name: str) -> str:
 def _refuse_non_retrieval_run(model: str) -> None:
     """MODEL is a run folder (or a file or checkpoint-N folder in one) whose saved recipe.yaml says a task
     other than retrieval: refuse it in one line naming the task and where its test metrics are."""
-    import yaml
-
     path = Path(model)
     start = path if path.is_dir() else path.parent
     # a checkpoint-N folder (or a file in one) belongs to the run folder above it
