@@ -188,7 +188,9 @@ def _data_line(data: dict[str, Any]) -> str:
 
 def _run_line(report: dict[str, Any]) -> str:
     a, h = report["accumulation"], report["hub"]
-    return (f"output folder: {report['output_dir']}; resume: {report['resume'] or 'no'}"
+    return (f"output folder: {report['output_dir']}"
+            + (" (replaces a run already there: training.overwrite_output_dir)" if report.get("overwrite_output_dir")
+               else "") + f"; resume: {report['resume'] or 'no'}"
             + (f"; hub: {h['repo_id']}" + (" (pushed at the end)" if h["push"] else "") if h else "")
             + f"\naccumulation: {a['mode']}, {a['micro_batches_per_step']} micro-batch(es) per step; "
             f"non-finite losses skipped before stopping: {report['nonfinite_skips']}")

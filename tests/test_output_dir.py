@@ -70,6 +70,11 @@ def test_resume_or_overwrite_may_write_there(tmp_path, caplog):
         resolved = resolve_run(_recipe(out, overwrite_output_dir=True))
         preflight(resolved)
     assert resolved.overwrite and resolved.describe()["overwrite_output_dir"] is True
+    from kd_trainer.plan_view import format_plan, plan_report
+
+    said = "(replaces a run already there: training.overwrite_output_dir)"
+    assert said in format_plan(plan_report(_recipe(out, overwrite_output_dir=True)))
+    assert said not in format_plan(plan_report(_recipe(out)))
     assert "replaces the run in" in caplog.text and "model.safetensors, checkpoint-2" in caplog.text
     # kd_trainer's own key: TrainingArguments never sees it.
     assert not hasattr(resolved.args, "overwrite_output_dir")
