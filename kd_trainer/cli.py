@@ -28,7 +28,7 @@ import yaml
 
 from kd_trainer.data import DatasetFormatError, canonical_dataset_name, load_pedes, with_retrieval_transforms
 from kd_trainer.data.collator import collate_retrieval
-from kd_trainer.data.formats import DATASETS
+from kd_trainer.data.formats import DATASETS, squash_dataset_name
 from kd_trainer.demo import SEEDS as DEMO_SEEDS
 from kd_trainer.demo import run_demo, train_teacher
 from kd_trainer.distill.resolved import resolve_run
@@ -158,7 +158,7 @@ _NON_RETRIEVAL_DATASETS = {"synthshapes": ("synth_shapes", "classification"),
 def _eval_dataset(name: str) -> str:
     """eval --dataset as its canonical retrieval-set name; an unknown name, or a classification or
     detection set, is a DatasetFormatError (one line, exit 2), raised before any model is loaded."""
-    other = _NON_RETRIEVAL_DATASETS.get("".join(c for c in name.lower() if c.isalnum()))
+    other = _NON_RETRIEVAL_DATASETS.get(squash_dataset_name(name))
     if other is not None:
         raise DatasetFormatError(f"--dataset {name!r} is a {other[1]} data set: eval ranks text-to-image "
                                  f"retrieval and needs a retrieval data set, one of {', '.join(DATASETS)}")

@@ -70,6 +70,7 @@ __all__ = [
     "last_skipped",
     "load_pedes",
     "open_image",
+    "squash_dataset_name",
     "summarize",
     "unwrap_worker_error",
 ]
@@ -123,16 +124,18 @@ DATASETS: dict[str, DatasetFormat] = {
 }
 
 
-def _squash(name: str) -> str:
+def squash_dataset_name(name: str) -> str:
+    """A data set name as the loaders compare it: lower case, letters and digits only ("CUHK-PEDES" -> "cuhkpedes")."""
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-_BY_SQUASHED = {_squash(k): k for k in DATASETS} | {_squash(f.display_name): k for k, f in DATASETS.items()}
+_BY_SQUASHED = {squash_dataset_name(k): k for k in DATASETS} | {
+    squash_dataset_name(f.display_name): k for k, f in DATASETS.items()}
 
 
 def canonical_dataset_name(name: str) -> str:
     """``"CUHK-PEDES"``, ``"cuhk-pedes"``, ``"cuhk_pedes"`` ... -> ``"cuhk_pedes"`` (case, ``-``, ``_`` ignored)."""
-    key = _BY_SQUASHED.get(_squash(str(name)))
+    key = _BY_SQUASHED.get(squash_dataset_name(str(name)))
     if key is None:
         valid = ", ".join(f"{k} ({f.display_name})" for k, f in DATASETS.items())
         raise ValueError(f"Unknown dataset {name!r}; valid names: {valid}")

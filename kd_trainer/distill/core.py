@@ -441,15 +441,21 @@ class DistillationTrainer(Trainer):
                 json.dump(content, f, indent=2)
 
 
-def last_complete_checkpoint(output_dir: str) -> str:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` whose save finished (it holds
-    :data:`COMPLETE_MARKER`); a folder left by a save that was killed is skipped, with a warning."""
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[str]:
+    """The names of the ``checkpoint-N`` folders in ``output_dir``, oldest step first (none when it is
+    not a folder)."""
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         step = name.removeprefix("checkpoint-")
         if name.startswith("checkpoint-") and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(step), name))
-    for step, name in sorted(found, reverse=True):
+    return [name for _, name in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` whose save finished (it holds
+    :data:`COMPLETE_MARKER`); a folder left by a save that was killed is skipped, with a warning."""
+    for name in reversed(checkpoint_folders(output_dir)):
         path = os.path.join(output_dir, name)
         if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
             logger.warning("skipping %s: its save did not finish (no %s); resuming from an earlier checkpoint",

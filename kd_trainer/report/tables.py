@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kd_trainer.distill.resolved import GENERATED
 from kd_trainer.report.dataset_names import dataset_display_name, dataset_key, dataset_rank
 from kd_trainer.report.discovery import RunSummary, Selection, display_folder
 from kd_trainer.report.efficiency import Efficiency
@@ -195,11 +196,6 @@ COST_COLUMNS = ("Params M (image / text)", "GFLOPs (image / caption)", "CPU ms b
 IMAGE_COST_COLUMNS = ("Params M", "GFLOPs per image", "CPU ms b1 per image")  # a classifier, a detector
 
 
-# The recipe block that generated a run's data, per task (a generated data set is only one test set
-# when every run drew it with the same settings).
-_GENERATOR_BLOCKS = ("synth", "shapes", "det")
-
-
 def _draw_notes(runs: Sequence[RunSummary], cols: Sequence[str]) -> list[str]:
     """One note per dataset column whose runs generated their data with different settings (a 30-person
     and a 400-person SynthPEDES share the column name but not the test set). Runs that read data from
@@ -209,7 +205,8 @@ def _draw_notes(runs: Sequence[RunSummary], cols: Sequence[str]) -> list[str]:
         draws: dict[str, list[RunSummary]] = {}
         for r in runs:
             data = r.recipe.get("data") if isinstance(r.recipe, Mapping) else None
-            block = next((data.get(b) for b in _GENERATOR_BLOCKS if isinstance(data, Mapping) and data.get(b)), None)
+            # the recipe block of generator arguments of this data set (distill.resolved.GENERATED)
+            block = data.get(GENERATED[d][0]) if d in GENERATED and isinstance(data, Mapping) else None
             if r.dataset == d and block is not None:
                 draws.setdefault(json.dumps(block, sort_keys=True, default=str), []).append(r)
         if len(draws) < 2:

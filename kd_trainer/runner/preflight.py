@@ -8,6 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import get_token
 
+from kd_trainer.distill.core import checkpoint_folders
 from kd_trainer.distill.resolved import ResolvedRun
 from kd_trainer.recipe import RecipeError
 
@@ -24,9 +25,7 @@ def earlier_run(folder: Path) -> list[str]:
     or its checkpoint-N folders (empty when there are none)."""
     if not folder.is_dir():
         return []
-    found = [name for name in RUN_MARKERS if (folder / name).is_file()]
-    checkpoints = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
-    return found + checkpoints
+    return [name for name in RUN_MARKERS if (folder / name).is_file()] + checkpoint_folders(folder)
 
 
 def preflight(run: ResolvedRun) -> None:
@@ -57,9 +56,8 @@ def preflight(run: ResolvedRun) -> None:
         if not path.is_dir():
             problems.append(f"training.resume_from_checkpoint: {resume} is not a folder (expected a checkpoint-N "
                             "folder written by an earlier run of this recipe, or true for the latest one)")
-        elif (path / "test_results.json").is_file() or any(path.glob("checkpoint-*")):
-            inside = sorted((p.name for p in path.glob("checkpoint-*") if p.is_dir()),
-                            key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else -1)
+        elif (path / "test_results.json").is_file() or checkpoint_folders(path):
+            inside = checkpoint_folders(path)
             which = (f"one of its checkpoint folders ({', '.join(inside[-3:])})" if inside else
                      "a checkpoint-N folder (this run saved none: training.save_strategy)")
             problems.append(f"training.resume_from_checkpoint: {resume} is a run folder, not a checkpoint; give "
